@@ -1,0 +1,21 @@
+#include "util/check.hpp"
+
+#include <cstdio>
+#include <new>
+
+namespace eplab {
+
+int run_main(const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of host memory (try fewer tokens or a smaller model)\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+  }
+  return 2;
+}
+
+}  // namespace eplab

@@ -1,0 +1,76 @@
+#include "util/report.hpp"
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "util/check.hpp"
+
+namespace eplab {
+
+std::string Table::str() const {
+  std::vector<size_t> width(header_.size(), 0);
+  auto widen = [&](const std::vector<std::string>& r) {
+    for (size_t c = 0; c < r.size() && c < width.size(); ++c) width[c] = std::max(width[c], r[c].size());
+  };
+  widen(header_);
+  for (const auto& r : rows_) widen(r);
+  std::string out;
+  auto line = [&](const std::vector<std::string>& r) {
+    for (size_t c = 0; c < width.size(); ++c) {
+      const std::string cell = c < r.size() ? r[c] : "";
+      const std::string pad(width[c] - std::min(width[c], cell.size()), ' ');
+      out += c == 0 ? cell + pad : "  " + pad + cell;
+    }
+    out += '\n';
+  };
+  line(header_);
+  size_t total = 0;
+  for (auto w : width) total += w + 2;
+  out += std::string(total >= 2 ? total - 2 : 0, '-') + '\n';
+  for (const auto& r : rows_) line(r);
+  return out;
+}
+
+void Table::print() const { std::cout << str(); }
+
+std::string strf(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char buf[1024];
+  int n = std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (n < 0) return {};
+  if (size_t(n) < sizeof buf) return std::string(buf, size_t(n));
+  std::string big(size_t(n) + 1, '\0');
+  va_start(ap, fmt);
+  std::vsnprintf(big.data(), big.size(), fmt, ap);
+  va_end(ap);
+  big.resize(size_t(n));
+  return big;
+}
+
+std::string human_bytes(double b) {
+  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024.0 && u < 4) { b /= 1024.0; ++u; }
+  return u == 0 ? strf("%.0f B", b) : strf("%.2f %s", b, unit[u]);
+}
+
+std::string human_count(double n) {
+  if (n >= 1e9) return strf("%.3f B", n / 1e9);
+  if (n >= 1e6) return strf("%.2f M", n / 1e6);
+  if (n >= 1e3) return strf("%.1f K", n / 1e3);
+  return strf("%.0f", n);
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  std::ofstream f(path);
+  require(bool(f), "cannot write JSON to ", path);
+  f << j.dump(2) << '\n';
+  require(bool(f), "failed while writing JSON to ", path);
+}
+
+}  // namespace eplab
