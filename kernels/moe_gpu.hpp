@@ -1,0 +1,73 @@
+// One MoE layer on one GPU: the host-facing API the chapters use. Implementation: moe_gpu.cu, which
+// strings together the topic kernels (router.cu, routing.cu, naive_moe.cu, permute.cu, grouped_experts.cu,
+// swiglu.cu, combine.cu).
+//
+// Precision: weights and activations bf16, accumulation fp32, router logits fp32, SwiGLU output h stored
+// in bf16 before the w2 GEMM, output y bf16.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "model/checkpoint.hpp"
+#include "moe/routing.hpp"
+
+namespace eplab {
+
+enum class MoePath {
+  Naive,    // chapter 01: one thread block per token loops over its k experts
+  Grouped,  // chapter 02: permute by expert, grouped GEMMs, fused SwiGLU, weighted unpermute
+};
+
+// Time split of one forward, filled when timing is requested (CUDA events, milliseconds).
+struct MoeTimings {
+  float router_ms = 0, routing_ms = 0, permute_ms = 0, experts_ms = 0, combine_ms = 0, total_ms = 0;
+};
+
+class GpuMoeLayer {
+ public:
+  // Uploads the gate and all experts of `w` (which must hold every expert of the layer).
+  GpuMoeLayer(const MoeLayerWeights& w, RouterKind router, int top_k, float jitter_eps);
+  // Random weights of the given shape generated on the GPU (for --bench at Phi-tiny size without a checkpoint).
+  GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
+              unsigned long long seed);
+  ~GpuMoeLayer();
+  GpuMoeLayer(const GpuMoeLayer&) = delete;
+  GpuMoeLayer& operator=(const GpuMoeLayer&) = delete;
+
+  struct Result {
+    std::vector<float> logits;  // [T, E]
+    Routing routing;            // ids/weights as the GPU computed them
+    std::vector<float> y;       // [T, H], the bf16 output widened to float
+    MoeTimings timings;
+  };
+  // Host in, host out: uploads x (bf16 [T, H]), runs, downloads. T = 0 is allowed (empty result).
+  Result forward(std::span<const bf16_bits> x, int T, MoePath path, bool time_stages = false);
+
+  // Device in, device out, on `stream`; no host synchronisation unless the path needs one.
+  // d_x: [T, H] bf16, d_y: [T, H] bf16. Scratch buffers grow as needed (allocate outside timed loops
+  // by calling once with the largest T first).
+  void forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path, cudaStream_t stream);
+
+  int hidden() const;
+  int inter() const;
+  int num_experts() const;
+  int top_k() const;
+  std::size_t weight_bytes() const;  // bytes of expert + gate weights on the GPU
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Measured ceilings for "% of roofline" (benchmark support).
+struct Ceilings {
+  double hbm_gbps = 0;          // device-to-device copy, (read + write) bytes / time
+  double bf16_tflops = 0;       // large cuBLAS bf16 GEMM, fp32 accumulate
+};
+Ceilings measure_ceilings();
+
+}  // namespace eplab
