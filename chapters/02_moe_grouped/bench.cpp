@@ -1,0 +1,145 @@
+// Timing method (see the chapter README): weights are random bf16 of Phi-tiny-MoE's layer shape; each
+// measured forward starts with a cold L2 (a buffer twice the L2 size is rewritten before it, outside the
+// timed region), because in a real model the next layer's weights are never in cache. Each point is the
+// median over many forwards timed one by one with CUDA events; inputs rotate over 8 seeded batches so
+// routing (and so which experts' weights are read) changes from forward to forward.
+#include "bench.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "cuda_check.hpp"
+#include "moe/layer_check.hpp"
+#include "moe_gpu.hpp"
+#include "util/report.hpp"
+#include "util/timer.hpp"
+
+namespace eplab {
+
+namespace {
+
+struct PeerTimes {
+  std::map<int, double> ms;  // T -> best HF time
+  std::string label;
+};
+
+PeerTimes load_peer(const std::string& path) {
+  PeerTimes p;
+  if (path.empty()) return p;
+  std::ifstream f(path);
+  require(bool(f), "--peer-json: cannot open ", path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    fail("--peer-json ", path, ": not valid JSON (", e.what(), ")");
+  }
+  // scripts/hf_moe_bench.py writes {"best": {"<T>": {"ms": .., "impl": ..}}, "device": ..}
+  require(j.contains("best") && j["best"].is_object(), "--peer-json ", path, ": no 'best' object");
+  for (auto& [t, v] : j["best"].items()) p.ms[std::stoi(t)] = v.is_object() ? v.value("ms", 0.0) : v.get<double>();
+  p.label = j.value("label", std::string("HF transformers"));
+  return p;
+}
+
+// Times fn() n times, each after an L2 flush, and returns the median in ms.
+template <typename Fn>
+double time_cold(int n, cudaStream_t s, void* flush, size_t flush_bytes, Fn&& fn) {
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<double> ms;
+  for (int i = 0; i < n; ++i) {
+    CUDA_CHECK(cudaMemsetAsync(flush, i & 0xff, flush_bytes, s));
+    CUDA_CHECK(cudaEventRecord(a, s));
+    fn(i);
+    CUDA_CHECK(cudaEventRecord(b, s));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CUDA_CHECK(cudaEventDestroy(a));
+  CUDA_CHECK(cudaEventDestroy(b));
+  return median(ms);
+}
+
+}  // namespace
+
+nlohmann::json run_gpu_bench(const BenchOptions& opt) {
+  const PeerTimes peer = load_peer(opt.peer_json);
+  const Ceilings ceil = measure_ceilings();
+  std::printf("measured ceilings: HBM copy %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", ceil.hbm_gbps, ceil.bf16_tflops);
+
+  const int H = opt.hidden, I = opt.inter, E = opt.experts, k = opt.top_k;
+  GpuMoeLayer layer(H, I, E, RouterKind::SparseMixer, k, 0.01f, opt.seed);
+  const int T_max = *std::max_element(opt.tokens.begin(), opt.tokens.end());
+  constexpr int kBatches = 8;
+
+  int dev = 0, l2 = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  const size_t flush_bytes = size_t(std::max(l2, 1 << 20)) * 2;
+  void* flush = nullptr;
+  CUDA_CHECK(cudaMalloc(&flush, flush_bytes));
+  __nv_bfloat16 *d_x = nullptr, *d_y = nullptr;
+  CUDA_CHECK(cudaMalloc(&d_x, size_t(kBatches) * T_max * H * sizeof(__nv_bfloat16)));
+  CUDA_CHECK(cudaMalloc(&d_y, size_t(T_max) * H * sizeof(__nv_bfloat16)));
+  cudaStream_t s;
+  CUDA_CHECK(cudaStreamCreate(&s));
+
+  Table table({"T", "grouped ms", "naive ms", "speedup", "TFLOP/s", "weights GB/s", "%bf16 peak", "%HBM",
+               "roofline ms", "% of roofline", "HF ms", "vs HF"});
+  nlohmann::json rows = nlohmann::json::array();
+  for (int T : opt.tokens) {
+    // Seeded inputs, uploaded once; routing of batch 0 tells how many experts a forward touches.
+    std::set<int> touched;
+    for (int b = 0; b < kBatches; ++b) {
+      auto x = random_activations(T, H, opt.seed * 1000 + b);
+      CUDA_CHECK(cudaMemcpy(d_x + size_t(b) * T_max * H, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+      if (b == 0) {
+        auto res = layer.forward(x, T, MoePath::Grouped);
+        touched.insert(res.routing.ids.begin(), res.routing.ids.end());
+      }
+    }
+    auto run = [&](MoePath path) {
+      return [&, path](int i) { layer.forward_device(d_x + size_t(i % kBatches) * T_max * H, T, d_y, path, s); };
+    };
+    layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);  // warm-up and workspace growth
+    layer.forward_device(d_x, T, d_y, MoePath::Naive, s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    const int iters = T <= 512 ? 200 : T <= 4096 ? 50 : 20;
+    const double g_ms = time_cold(iters, s, flush, flush_bytes, run(MoePath::Grouped));
+    const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, flush_bytes, run(MoePath::Naive));
+
+    const double flops = 2.0 * T * k * 3.0 * H * I + 2.0 * T * E * H;
+    const double weight_bytes = double(touched.size()) * 3.0 * H * I * 2 + double(E) * H * 2;
+    const double min_bytes = weight_bytes + 2.0 * T * H * 2;  // + x read once, y written once
+    const double roof_ms = std::max(flops / (ceil.bf16_tflops * 1e12), min_bytes / (ceil.hbm_gbps * 1e9)) * 1e3;
+    const double tflops = flops / (g_ms * 1e-3) / 1e12, gbps = weight_bytes / (g_ms * 1e-3) / 1e9;
+    const auto p = peer.ms.find(T);
+    table.add_row({std::to_string(T), strf("%.4f", g_ms), strf("%.4f", n_ms), strf("%.1fx", n_ms / g_ms),
+                   strf("%.1f", tflops), strf("%.0f", gbps), strf("%.1f%%", 100 * tflops / ceil.bf16_tflops),
+                   strf("%.1f%%", 100 * gbps / ceil.hbm_gbps), strf("%.4f", roof_ms),
+                   strf("%.0f%%", 100 * roof_ms / g_ms), p != peer.ms.end() ? strf("%.3f", p->second) : "-",
+                   p != peer.ms.end() ? strf("%.1fx", p->second / g_ms) : "-"});
+    rows.push_back({{"tokens", T}, {"grouped_ms", g_ms}, {"naive_ms", n_ms}, {"tflops", tflops},
+                    {"weights_gbps", gbps}, {"experts_touched", touched.size()}, {"roofline_ms", roof_ms},
+                    {"peer_ms", p != peer.ms.end() ? nlohmann::json(p->second) : nlohmann::json(nullptr)}});
+  }
+  std::printf("\n%s", table.str().c_str());
+  std::printf("(median of cold-L2 forwards; weights GB/s counts the experts a forward touches; roofline = max(FLOPs /"
+              " GEMM peak, bytes / HBM copy))\n");
+  CUDA_CHECK(cudaStreamDestroy(s));
+  CUDA_CHECK(cudaFree(flush));
+  CUDA_CHECK(cudaFree(d_x));
+  CUDA_CHECK(cudaFree(d_y));
+  return {{"ceilings", {{"hbm_gbps", ceil.hbm_gbps}, {"bf16_tflops", ceil.bf16_tflops}}},
+          {"shape", {{"hidden", H}, {"inter", I}, {"experts", E}, {"top_k", k}}}, {"rows", rows}};
+}
+
+}  // namespace eplab

@@ -1,0 +1,20 @@
+// Chapter 02's benchmark: the grouped layer against the naive one, the measured ceilings and a peer.
+#pragma once
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace eplab {
+
+struct BenchOptions {
+  std::vector<int> tokens{1, 8, 64, 512, 4096, 16384};
+  int hidden = 4096, inter = 448, experts = 16, top_k = 2;  // Phi-tiny-MoE's layer shape
+  std::string peer_json;  // output of scripts/hf_moe_bench.py --json, shown side by side
+  unsigned long long seed = 1;
+};
+
+// GPU benchmark (random weights of the given shape, generated on the GPU). Returns the table as JSON.
+nlohmann::json run_gpu_bench(const BenchOptions& opt);
+
+}  // namespace eplab
