@@ -18,6 +18,7 @@
 #include "moe/layer_check.hpp"
 #include "moe/layer_problem.hpp"
 #include "moe_gpu.hpp"
+#include "util/check.hpp"
 #include "util/cli.hpp"
 #include "util/report.hpp"
 #include "util/timer.hpp"
