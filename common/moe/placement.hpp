@@ -1,0 +1,58 @@
+// Expert placement: which rank (GPU) holds which expert of a layer, for expert parallelism.
+//
+// Two maps, as in vLLM's `determine_expert_map` / `--expert-placement-strategy`:
+//   linear       rank r holds a contiguous block of experts       E=8, N=4: r0 {0,1}  r1 {2,3}  r2 {4,5}  r3 {6,7}
+//   round-robin  expert e lives on rank e mod N                    E=8, N=4: r0 {0,4}  r1 {1,5}  r2 {2,6}  r3 {3,7}
+//
+// When N does not divide E we do what vLLM does: the first E mod N ranks take one expert more
+// (E=16, N=3, linear: r0 {0..5}, r1 {6..10}, r2 {11..15}; round-robin gives the same sizes by itself).
+// The busiest rank then sets the pace, so an uneven split costs about ceil(E/N)/(E/N) in expert time.
+// N > E is an error: a rank with no expert would have nothing to compute.
+//
+// A rank's experts are kept in ascending global id; an expert's *local index* is its position there.
+// The *slot* of an expert is its position in rank-major order (rank 0's experts, then rank 1's, ...):
+// sorting rows by slot groups them by destination rank, then by local expert, which is exactly the
+// order an all-to-all dispatch sends them in. For the linear map slot == expert id.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace eplab {
+
+enum class PlacementKind { Linear, RoundRobin };
+const char* placement_name(PlacementKind k);            // "linear" | "round-robin"
+PlacementKind parse_placement(const std::string& name);  // throws eplab::Error on anything else
+
+class Placement {
+ public:
+  // Throws eplab::Error when num_ranks > num_experts or either is < 1.
+  Placement(PlacementKind kind, int num_experts, int num_ranks);
+
+  PlacementKind kind() const { return kind_; }
+  int num_experts() const { return num_experts_; }
+  int num_ranks() const { return num_ranks_; }
+  bool even() const { return num_experts_ % num_ranks_ == 0; }
+
+  int owner(int expert) const;                      // the rank that holds `expert`
+  int local_index(int expert) const;                // its index among its owner's experts
+  const std::vector<int>& experts_of(int rank) const;  // ascending global ids
+  int num_local(int rank) const { return int(experts_of(rank).size()); }
+  int max_local() const;                            // experts on the busiest rank
+  int global_id(int rank, int local) const;         // inverse of (owner, local_index)
+
+  int slot(int expert) const;            // position in rank-major order (see above)
+  int first_slot(int rank) const;        // slot of the rank's local expert 0; first_slot(N) = E
+  int expert_at_slot(int slot) const;    // inverse of slot()
+
+  // "expert map (round-robin, 16 experts on 4 ranks, 4 per rank)" then one line per rank, then
+  // "expert -> rank" as a row, ready to print.
+  std::string str() const;
+
+ private:
+  PlacementKind kind_;
+  int num_experts_, num_ranks_;
+  std::vector<int> owner_, local_, slot_, at_slot_, first_slot_;
+  std::vector<std::vector<int>> experts_;
+};
+
+}  // namespace eplab
