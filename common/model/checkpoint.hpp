@@ -4,6 +4,7 @@
 // ({"weight_map": {"tensor name": "shard file"}}). Shards are opened (and validated) lazily, on first use,
 // so a rank that loads only its experts never maps the other shards' pages.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -26,6 +27,25 @@ std::string attn(int layer, const char* proj, const char* part);  // model.layer
 std::string layer_norm(int layer, const char* which, const char* part);  // {input,post_attention}_layernorm.{weight,bias}
 }  // namespace names
 
+// One tensor a PhiMoE checkpoint must hold, with the shape its config implies.
+struct TensorSpec {
+  std::string name;
+  std::vector<std::int64_t> shape;
+};
+// Every tensor PhiMoE needs for config `c`, in a fixed order: embedding, then per layer (norms, attention,
+// router, experts 0..E-1 as w1, w2, w3), final norm, lm_head. Honours attention_bias, lm_head_bias and
+// tie_word_embeddings. The model generator writes exactly this list; validate_against_config checks it.
+std::vector<TensorSpec> phimoe_tensor_specs(const ModelConfig& c);
+
+// What is on disk, summed over every tensor in every shard (numbers chapter 00 checks against the config).
+struct DiskCounts {
+  std::int64_t tensors = 0;
+  std::int64_t params = 0;         // sum of numel
+  std::int64_t expert_params = 0;  // numel of ...block_sparse_moe.experts.* tensors
+  std::uint64_t bytes = 0;         // tensor bytes (headers not included)
+  int shards = 0;
+};
+
 class Checkpoint {
  public:
   // Reads config.json and the index (or the single file). A missing shard named by the index is
@@ -45,6 +65,15 @@ class Checkpoint {
   std::vector<float> read_f32(const std::string& name, const std::vector<std::int64_t>& shape) const;
   std::vector<std::string> tensor_names() const;
   std::vector<std::string> shard_files() const;  // file names, relative to dir()
+
+  // Opens and validates every shard's header now (no tensor data is read).
+  void open_all_shards() const;
+  // Checks that every tensor in phimoe_tensor_specs(config()) exists with exactly that shape, and that no
+  // tensor belongs to a layer or expert the config does not have (a config with the wrong expert count).
+  // Throws eplab::Error naming the tensor, its file and the expected shape. Opens every shard.
+  void validate_against_config() const;
+  // Counts over all tensors listed by the index (opens every shard).
+  DiskCounts disk_counts() const;
 
  private:
   Checkpoint();

@@ -1,5 +1,7 @@
 #include "model/config.hpp"
 
+#include <charconv>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -39,6 +41,15 @@ void get_optional(const nlohmann::json& j, const char* key, T& out, const std::s
   } catch (const nlohmann::json::exception&) {
     fail(where, ": field '", key, "' has the wrong type (", it->type_name(), ")");
   }
+}
+
+// A float as the double with the same shortest decimal form, so 1e-5f is written as 1e-05 and not as
+// 9.999999747378752e-06 (which would read back as a different-looking config).
+double json_float(float f) {
+  char buf[32];
+  auto r = std::to_chars(buf, buf + sizeof buf - 1, f);
+  *r.ptr = '\0';
+  return std::strtod(buf, nullptr);
 }
 
 }  // namespace
@@ -114,11 +125,11 @@ nlohmann::json ModelConfig::to_json() const {
       {"vocab_size", vocab_size},
       {"max_position_embeddings", max_position_embeddings},
       {"sliding_window", sliding_window},
-      {"rms_norm_eps", rms_norm_eps},
-      {"rope_theta", rope_theta},
+      {"rms_norm_eps", json_float(rms_norm_eps)},
+      {"rope_theta", json_float(rope_theta)},
       {"rope_scaling", nullptr},
-      {"router_jitter_noise", router_jitter_noise},
-      {"input_jitter_noise", input_jitter_noise},
+      {"router_jitter_noise", json_float(router_jitter_noise)},
+      {"input_jitter_noise", json_float(input_jitter_noise)},
       {"attention_bias", attention_bias},
       {"lm_head_bias", lm_head_bias},
       {"tie_word_embeddings", tie_word_embeddings},

@@ -1,0 +1,194 @@
+// Synthetic PhiMoE checkpoint writer. Layout, determinism and initialisation: generator.hpp.
+#include "model/generator.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "model/checkpoint.hpp"
+#include "model/safetensors.hpp"
+#include "moe/cost_model.hpp"
+#include "util/bf16.hpp"
+#include "util/check.hpp"
+#include "util/report.hpp"
+#include "util/rng.hpp"
+
+namespace eplab {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::int64_t kChunk = 1 << 18;  // elements per independent RNG stream
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+std::uint64_t fnv1a(const std::string& s) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+// Unit-variance Irwin-Hall noise from one 64-bit draw (see generator.hpp).
+inline float unit_noise(Rng& rng) {
+  const std::uint64_t r = rng.next_u64();
+  const float s = float(r & 0xffff) + float((r >> 16) & 0xffff) + float((r >> 32) & 0xffff) + float(r >> 48);
+  // each 16-bit value has mean 32767.5; the sum of four uniforms on [0,1) has variance 4/12
+  constexpr float kScale = 1.7320508f / 65536.f;  // sqrt(3) / 65536
+  return (s - 4.f * 32767.5f) * kScale;
+}
+
+// Fills out[0, n) for one tensor, splitting the work over threads by chunk.
+void fill_tensor(std::vector<bf16_bits>& out, const std::string& name, InitSpec init, std::uint64_t seed, int threads) {
+  const std::int64_t n = std::int64_t(out.size());
+  const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+  const std::uint64_t name_hash = fnv1a(name);
+  std::atomic<std::int64_t> next{0};
+  auto work = [&] {
+    for (std::int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      Rng rng(seed ^ (name_hash * 0x9E3779B97F4A7C15ull) ^ (std::uint64_t(c) * 0xD1B54A32D192ED03ull));
+      const std::int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+      for (std::int64_t i = lo; i < hi; ++i) out[std::size_t(i)] = float_to_bf16(init.mean + init.std * unit_noise(rng));
+    }
+  };
+  const int t = int(std::min<std::int64_t>(threads, chunks));
+  if (t <= 1) {
+    work();
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int i = 0; i < t; ++i) pool.emplace_back(work);
+  for (auto& th : pool) th.join();
+}
+
+std::string shard_name(int i, int n) { return strf("model-%05d-of-%05d.safetensors", i + 1, n); }
+
+}  // namespace
+
+ModelConfig generator_preset(const std::string& name) {
+  if (name == "phi-tiny") return phi_tiny_moe_config();
+  require(name == "mini", "unknown preset '", name, "' (expected mini or phi-tiny)");
+  ModelConfig c = phi_tiny_moe_config();  // same family and fields; smaller everywhere but vocab and experts
+  c.hidden_size = 256;
+  c.intermediate_size = 128;
+  c.num_hidden_layers = 4;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 2;
+  c.head_dim = 32;
+  c.num_local_experts = 16;
+  c.num_experts_per_tok = 2;
+  c.vocab_size = 32064;
+  c.max_position_embeddings = 4096;
+  c.sliding_window = 2047;
+  c.rope_theta = 1e4f;
+  c.router_jitter_noise = 0.01f;
+  c.rms_norm_eps = 1e-5f;
+  return c;
+}
+
+std::uint64_t generator_default_shard_mb(const std::string& preset) {
+  // mini: 16 MB gives 3 shards (embedding | layers + norm | lm_head); phi-tiny: ~8 shards of 1 GB,
+  // which bounds the generator's memory to about one shard.
+  return preset == "phi-tiny" ? 1024 : 16;
+}
+
+InitSpec init_spec(const std::string& name, const ModelConfig& c) {
+  const float H = float(c.hidden_size), I = float(c.intermediate_size);
+  const float Q = float(c.num_attention_heads) * float(c.head_dim);
+  if (name == names::embed_tokens()) return {0.f, 1.f};
+  if (contains(name, "layernorm.") || name.rfind("model.norm.", 0) == 0)
+    return ends_with(name, ".weight") ? InitSpec{1.f, 0.05f} : InitSpec{0.f, 0.02f};
+  if (ends_with(name, ".bias")) return {0.f, 0.02f};
+  if (contains(name, ".block_sparse_moe.gate.")) return {0.f, 1.f / std::sqrt(H)};
+  if (ends_with(name, ".w2.weight")) return {0.f, 1.f / std::sqrt(I)};
+  if (ends_with(name, ".w1.weight") || ends_with(name, ".w3.weight")) return {0.f, 1.f / std::sqrt(H)};
+  if (contains(name, ".o_proj.")) return {0.f, 1.f / std::sqrt(Q)};
+  if (contains(name, "_proj.") || name == names::lm_head("weight")) return {0.f, 1.f / std::sqrt(H)};
+  fail("generator: no initialisation rule for tensor '", name, "'");
+}
+
+GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& config, const GeneratorOptions& opt) {
+  config.validate("generator config");
+  require(opt.shard_bytes > 0, "generator: shard size must be > 0");
+  const int threads = opt.threads > 0 ? opt.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  require(!ec && fs::is_directory(out_dir), "cannot create output directory '", out_dir, "' (", ec.message(), ")");
+  // Remove an earlier model's files so a smaller shard count does not leave stale shards behind.
+  for (const auto& entry : fs::directory_iterator(out_dir)) {
+    const std::string f = entry.path().filename().string();
+    if (f == "config.json" || f == "model.safetensors.index.json" ||
+        (f.rfind("model", 0) == 0 && ends_with(f, ".safetensors")))
+      fs::remove(entry.path());
+  }
+
+  // Plan: pack tensors in canonical order into shards of at most shard_bytes.
+  const std::vector<TensorSpec> specs = phimoe_tensor_specs(config);
+  std::vector<int> shard_of(specs.size());
+  int nshards = 0;
+  std::uint64_t in_current = 0;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    std::uint64_t bytes = 2;
+    for (auto d : specs[i].shape) bytes *= std::uint64_t(d);
+    if (nshards == 0 || (in_current > 0 && in_current + bytes > opt.shard_bytes)) {
+      ++nshards;
+      in_current = 0;
+    }
+    in_current += bytes;
+    shard_of[i] = nshards - 1;
+  }
+
+  GeneratedModel result;
+  result.shards = nshards;
+  nlohmann::json weight_map = nlohmann::json::object();
+  std::size_t i = 0;
+  for (int s = 0; s < nshards; ++s) {
+    SafetensorsWriter w;
+    w.set_metadata("format", "pt");
+    for (; i < specs.size() && shard_of[i] == s; ++i) {
+      const TensorSpec& t = specs[i];
+      std::int64_t numel = 1;
+      for (auto d : t.shape) numel *= d;
+      std::vector<bf16_bits> buf(static_cast<std::size_t>(numel));
+      fill_tensor(buf, t.name, init_spec(t.name, config), opt.seed, threads);
+      w.add(t.name, Dtype::BF16, t.shape, std::as_bytes(std::span<const bf16_bits>(buf)));
+      weight_map[t.name] = shard_name(s, nshards);
+      result.tensors += 1;
+      result.params += numel;
+    }
+    const std::string path = (fs::path(out_dir) / shard_name(s, nshards)).string();
+    w.write(path);
+    result.bytes += w.data_bytes();
+    if (opt.log) opt.log(strf("  wrote %s (%s)", shard_name(s, nshards).c_str(), human_bytes(double(w.data_bytes())).c_str()));
+  }
+
+  nlohmann::json index = {{"metadata", {{"total_size", result.bytes}}}, {"weight_map", weight_map}};
+  const std::string index_path = (fs::path(out_dir) / "model.safetensors.index.json").string();
+  {
+    std::ofstream f(index_path);
+    f << index.dump(2) << '\n';
+    require(bool(f), index_path, ": write failed");
+  }
+  // config.json last: its presence marks a complete model (the Makefile tests for it).
+  nlohmann::json cj = config.to_json();
+  cj["_name_or_path"] = opt.name_or_path;
+  const std::string config_path = (fs::path(out_dir) / "config.json").string();
+  {
+    std::ofstream f(config_path);
+    f << cj.dump(2) << '\n';
+    require(bool(f), config_path, ": write failed");
+  }
+  return result;
+}
+
+}  // namespace eplab

@@ -1,0 +1,77 @@
+#include "moe/cost_model.hpp"
+
+#include "util/check.hpp"
+
+namespace eplab {
+
+ParamCounts count_params(const ModelConfig& c) {
+  using i64 = std::int64_t;
+  const i64 H = c.hidden_size, I = c.intermediate_size, E = c.num_local_experts, L = c.num_hidden_layers;
+  const i64 V = c.vocab_size, K = c.num_experts_per_tok;
+  const i64 q_out = i64(c.num_attention_heads) * c.head_dim;
+  const i64 kv_out = i64(c.num_key_value_heads) * c.head_dim;
+  const i64 bias = c.attention_bias ? 1 : 0;
+
+  ParamCounts p;
+  p.per_expert = 3 * H * I;
+  p.experts_per_layer = E * p.per_expert;
+  p.experts_total = L * p.experts_per_layer;
+  p.router_per_layer = E * H;
+  p.router_total = L * p.router_per_layer;
+  p.attention_per_layer = (q_out * H + bias * q_out)       // q_proj
+                          + 2 * (kv_out * H + bias * kv_out)  // k_proj, v_proj
+                          + (H * q_out + bias * H);        // o_proj
+  p.attention_total = L * p.attention_per_layer;
+  p.norms_per_layer = 2 * (2 * H);
+  p.norms_total = L * p.norms_per_layer + 2 * H;
+  p.embeddings = V * H;
+  p.lm_head = (c.tie_word_embeddings ? 0 : V * H) + (c.lm_head_bias ? V : 0);
+  p.non_expert = p.router_total + p.attention_total + p.norms_total + p.embeddings + p.lm_head;
+  p.total = p.non_expert + p.experts_total;
+  p.active_per_token = p.non_expert + L * K * p.per_expert;
+  p.active_per_token_no_embed = p.active_per_token - p.embeddings;
+  return p;
+}
+
+EpMemory ep_memory(const ModelConfig& c, int ep_size, double bytes_per_param) {
+  require(ep_size >= 1, "EP size must be >= 1, got ", ep_size);
+  const ParamCounts p = count_params(c);
+  const int E = c.num_local_experts;
+  EpMemory m;
+  m.ep_size = ep_size;
+  m.experts_per_gpu_max = (E + ep_size - 1) / ep_size;
+  m.experts_per_gpu_min = E / ep_size;
+  m.even = E % ep_size == 0;
+  m.expert_params_per_gpu = std::int64_t(m.experts_per_gpu_max) * c.num_hidden_layers * p.per_expert;
+  m.expert_bytes_per_gpu = double(m.expert_params_per_gpu) * bytes_per_param;
+  m.replicated_bytes = double(p.non_expert) * bytes_per_param;
+  m.total_bytes_per_gpu = m.expert_bytes_per_gpu + m.replicated_bytes;
+  return m;
+}
+
+ModelConfig phi_tiny_moe_config() {
+  ModelConfig c;
+  c.model_type = "phimoe";
+  c.hidden_size = 4096;
+  c.intermediate_size = 448;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 16;
+  c.num_key_value_heads = 4;
+  c.head_dim = 128;
+  c.num_local_experts = 16;
+  c.num_experts_per_tok = 2;
+  c.vocab_size = 32064;
+  c.max_position_embeddings = 4096;
+  c.sliding_window = 2047;
+  c.rms_norm_eps = 1e-5f;
+  c.rope_theta = 10000.f;
+  c.router_jitter_noise = 0.01f;
+  c.input_jitter_noise = 0.01f;
+  c.attention_bias = true;
+  c.lm_head_bias = true;
+  c.tie_word_embeddings = false;
+  c.router = RouterKind::SparseMixer;
+  return c;
+}
+
+}  // namespace eplab
