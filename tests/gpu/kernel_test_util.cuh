@@ -1,0 +1,131 @@
+// Small helpers for the kernel tests (routing, dispatch, combine, naive MoE): device buffers that are
+// poisoned before every kernel, a non-blocking stream, random inputs, and mismatch reports that say
+// exactly which element is wrong.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda_check.hpp"
+#include "util/bf16.hpp"
+#include "util/rng.hpp"
+
+namespace eplab::test {
+
+using bf16 = __nv_bfloat16;
+
+// A device array of n T's. Host data goes through std::vector; bf16 travels as eplab::bf16_bits.
+template <typename T>
+class DevBuf {
+ public:
+  DevBuf() = default;
+  explicit DevBuf(size_t n) : n_(n) {
+    if (n_) CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(T)));
+  }
+  explicit DevBuf(const std::vector<T>& h) : DevBuf(h.size()) { upload(h); }
+  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  ~DevBuf() {
+    if (p_) cudaFree(p_);
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  void upload(const std::vector<T>& h) {
+    require(h.size() == n_, "DevBuf::upload: size mismatch");
+    if (n_) CUDA_CHECK(cudaMemcpy(p_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  // Every byte 0xFF: NaN for float and bf16, -1 for int. An element a kernel forgets to write fails.
+  void poison() {
+    if (n_) CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T)));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n_);
+    if (n_) CUDA_CHECK(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+inline bf16* as_bf16(const DevBuf<bf16_bits>& b) { return reinterpret_cast<bf16*>(b.get()); }
+
+// A non-blocking stream: kernels that ignore their stream argument would race with the test's
+// synchronisation and show up as failures instead of passing by accident.
+class Stream {
+ public:
+  Stream() { CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  operator cudaStream_t() const { return s_; }
+  // Waits for the stream and surfaces asynchronous kernel errors (illegal address, ...).
+  void sync() const {
+    CUDA_CHECK(cudaStreamSynchronize(s_));
+    CUDA_CHECK(cudaGetLastError());
+  }
+
+ private:
+  cudaStream_t s_{};
+};
+
+// Poisoning uses cudaMemset on the legacy stream; make sure it is done before work on a non-blocking
+// stream starts.
+inline void device_sync() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+inline std::vector<float> random_normal(Rng& rng, size_t n, float scale = 1.f, float offset = 0.f) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = offset + scale * rng.normal();
+  return v;
+}
+
+// Random bf16 values and their exact float values (what the GPU sees).
+struct Bf16Data {
+  std::vector<bf16_bits> bits;
+  std::vector<float> f;
+};
+inline Bf16Data random_bf16(Rng& rng, size_t n, float scale = 1.f) {
+  Bf16Data d;
+  d.bits.resize(n);
+  d.f.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    d.bits[i] = float_to_bf16(scale * rng.normal());
+    d.f[i] = bf16_to_float(d.bits[i]);
+  }
+  return d;
+}
+
+// Compares two int arrays exactly; on failure returns "<what>: N mismatches, first at i: got g, want w ...".
+inline std::string int_mismatches(const char* what, const std::vector<int>& got, const std::vector<int>& want,
+                                  size_t* count = nullptr) {
+  std::ostringstream os;
+  size_t bad = 0;
+  if (got.size() != want.size()) {
+    os << what << ": size " << got.size() << " vs " << want.size();
+    bad = 1;
+  } else {
+    for (size_t i = 0; i < got.size(); ++i)
+      if (got[i] != want[i]) {
+        if (bad < 5) os << (bad ? "; " : "") << what << "[" << i << "] got " << got[i] << " want " << want[i];
+        ++bad;
+      }
+    if (bad) os << " (" << bad << " of " << got.size() << " differ)";
+  }
+  if (count) *count = bad;
+  return os.str();
+}
+
+}  // namespace eplab::test
