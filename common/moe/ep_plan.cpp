@@ -14,28 +14,57 @@ Routing routing_in_slots(const Routing& r, const Placement& p) {
   return s;
 }
 
-EpPlan make_ep_send_plan(const Routing& routing, const Placement& p, int rank) {
-  require(rank >= 0 && rank < p.num_ranks(), "ep plan: rank ", rank, " out of range [0, ", p.num_ranks(), ")");
-  require(routing.ids.size() == size_t(routing.tokens) * routing.k, "ep plan: routing has ", routing.ids.size(),
-          " ids for ", routing.tokens, " tokens x k=", routing.k);
+namespace {
+
+// Send counts, offsets and segments from the rows per slot alone.
+void set_send_side(EpPlan& plan, const Placement& p) {
   const int N = p.num_ranks(), E = p.num_experts();
-  EpPlan plan;
-  plan.rank = rank;
-  plan.ranks = N;
-  plan.tokens = routing.tokens;
-  plan.k = routing.k;
-  plan.num_experts = E;
-  plan.num_local = p.num_local(rank);
-  // Sorting by slot = sorting by (destination rank, local expert); make_dispatch_plan's stable scatter
-  // keeps token order inside each slot.
-  plan.by_slot = make_dispatch_plan(routing_in_slots(routing, p), E);
-  plan.slot_counts = plan.by_slot.counts;
+  std::vector<int> slot_offsets(E + 1, 0);
+  for (int s = 0; s < E; ++s) slot_offsets[s + 1] = slot_offsets[s] + plan.slot_counts[s];
   plan.send_counts.assign(N, 0);
   plan.send_offsets.assign(N + 1, 0);
+  plan.send_segments.clear();
   for (int d = 0; d < N; ++d) {
-    plan.send_offsets[d + 1] = plan.by_slot.offsets[p.first_slot(d + 1)];
+    plan.send_offsets[d + 1] = slot_offsets[p.first_slot(d + 1)];
     plan.send_counts[d] = plan.send_offsets[d + 1] - plan.send_offsets[d];
+    for (int s = p.first_slot(d); s < p.first_slot(d + 1); ++s)
+      if (plan.slot_counts[s] > 0) plan.send_segments.push_back({d, slot_offsets[s], plan.slot_counts[s]});
   }
+}
+
+EpPlan empty_plan(const Placement& p, int rank) {
+  require(rank >= 0 && rank < p.num_ranks(), "ep plan: rank ", rank, " out of range [0, ", p.num_ranks(), ")");
+  EpPlan plan;
+  plan.rank = rank;
+  plan.ranks = p.num_ranks();
+  plan.num_experts = p.num_experts();
+  plan.num_local = p.num_local(rank);
+  return plan;
+}
+
+}  // namespace
+
+EpPlan make_ep_send_plan(const Routing& routing, const Placement& p, int rank) {
+  require(routing.ids.size() == size_t(routing.tokens) * routing.k, "ep plan: routing has ", routing.ids.size(),
+          " ids for ", routing.tokens, " tokens x k=", routing.k);
+  EpPlan plan = empty_plan(p, rank);
+  plan.tokens = routing.tokens;
+  plan.k = routing.k;
+  // Sorting by slot = sorting by (destination rank, local expert); make_dispatch_plan's stable scatter
+  // keeps token order inside each slot.
+  plan.by_slot = make_dispatch_plan(routing_in_slots(routing, p), p.num_experts());
+  plan.slot_counts = plan.by_slot.counts;
+  set_send_side(plan, p);
+  return plan;
+}
+
+EpPlan make_ep_counts_plan(const Placement& p, int rank, std::span<const int> slot_counts) {
+  require(slot_counts.size() == size_t(p.num_experts()), "ep plan: expected ", p.num_experts(), " slot counts, got ",
+          slot_counts.size());
+  EpPlan plan = empty_plan(p, rank);
+  plan.slot_counts.assign(slot_counts.begin(), slot_counts.end());
+  for (int c : plan.slot_counts) require(c >= 0, "ep plan: negative row count ", c);
+  set_send_side(plan, p);
   return plan;
 }
 
@@ -72,15 +101,19 @@ void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all) 
   plan.recv_to_grouped.resize(R);
   plan.grouped_to_recv.resize(R);
   std::vector<int> cursor(plan.local_offsets.begin(), plan.local_offsets.end() - 1);
+  plan.recv_segments.clear();
   int i = 0;
   for (int s = 0; s < N; ++s)
-    for (int le = 0; le < L; ++le)
-      for (int c = 0; c < all[size_t(s) * E + my0 + le]; ++c, ++i) {
+    for (int le = 0; le < L; ++le) {
+      const int rows = all[size_t(s) * E + my0 + le];
+      if (rows > 0) plan.recv_segments.push_back({s, cursor[le], rows});
+      for (int c = 0; c < rows; ++c, ++i) {
         const int g = cursor[le]++;
         plan.recv_local_expert[i] = le;
         plan.recv_to_grouped[i] = g;
         plan.grouped_to_recv[g] = i;
       }
+    }
   plan.finished = true;
 }
 

@@ -18,6 +18,13 @@
 //   grouped row g    = recv row grouped_to_recv[g]; local expert e owns [local_offsets[e], local_offsets[e+1])
 //   combine          the reverse all-to-all returns row i to the same place in the send buffer, so the
 //                    output of (token t, choice j) is returned row by_slot.row_of[t*k + j]
+//
+// Segments (the "direct" layout). The send buffer is cut at every (destination rank, local expert)
+// boundary, and rank s's rows for my local expert e have a known place in my expert-grouped buffer
+// (stable order: source rank, then the source's order). Sending one message per non-empty segment and
+// receiving each straight into that place gives the grouped buffer with no local permute; the combine
+// sends the segments back the same way. Messages between one pair of ranks are matched in the order
+// they are posted (NCCL and MPI both guarantee this), so both sides list segments in local-expert order.
 #pragma once
 #include <span>
 #include <vector>
@@ -28,6 +35,12 @@
 namespace eplab {
 
 struct EpPlan {
+  struct Segment {
+    int peer = 0;    // the other rank
+    int offset = 0;  // first row in this rank's buffer (send buffer / expert-grouped buffer)
+    int rows = 0;    // > 0: empty segments are left out on both sides
+  };
+
   int rank = 0, ranks = 0, tokens = 0, k = 0, num_experts = 0, num_local = 0;
 
   // --- step 1: the send side
@@ -45,6 +58,8 @@ struct EpPlan {
   std::vector<int> local_offsets;      // [n_local+1]
   std::vector<int> recv_to_grouped;    // [R] received row -> row of the expert-grouped buffer
   std::vector<int> grouped_to_recv;    // [R] the inverse
+  std::vector<Segment> send_segments;  // send buffer, by (destination, local expert); peer = destination
+  std::vector<Segment> recv_segments;  // grouped buffer, by (source, local expert); peer = source
   bool finished = false;
 
   int send_rows() const { return tokens * k; }
@@ -58,6 +73,10 @@ struct EpPlan {
 Routing routing_in_slots(const Routing& routing, const Placement& placement);
 
 EpPlan make_ep_send_plan(const Routing& routing, const Placement& placement, int rank);
+
+// Step 1 when the dispatch plan over slots was built elsewhere (on the GPU, by build_dispatch_plan on
+// slot ids): only the rows per slot are known here. by_slot stays empty; everything else is the same.
+EpPlan make_ep_counts_plan(const Placement& placement, int rank, std::span<const int> slot_counts);
 
 // all_slot_counts: [N * E], rank s's slot_counts at [s*E, (s+1)*E) (an allgather of slot_counts).
 // Throws eplab::Error if the counts disagree with this rank's own (a sign of ranks out of step).

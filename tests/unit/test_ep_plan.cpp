@@ -128,6 +128,27 @@ void check_world(const World& w) {
         const Tag& tg = grouped[g];
         CHECK(w.routing[tg.rank].id(tg.token, tg.choice) == p.global_id(d, le));
       }
+    // The direct layout: segments sent straight into the grouped buffer must build the same buffer.
+    std::vector<Tag> direct(pl.recv_rows(), Tag{-1, -1, -1});
+    for (int s = 0; s < N; ++s) {
+      std::vector<EpPlan::Segment> out, in;
+      for (const auto& sg : w.plan[s].send_segments)
+        if (sg.peer == d) out.push_back(sg);
+      for (const auto& sg : pl.recv_segments)
+        if (sg.peer == s) in.push_back(sg);
+      REQUIRE(out.size() == in.size());  // matched in posting order, one to one
+      for (size_t m = 0; m < out.size(); ++m) {
+        REQUIRE(out[m].rows == in[m].rows);
+        CHECK(out[m].rows > 0);
+        for (int r = 0; r < out[m].rows; ++r) direct[in[m].offset + r] = send[s][out[m].offset + r];
+      }
+    }
+    CHECK(direct == grouped);
+    // counts alone (the GPU path) give the same send side
+    const EpPlan counts_only = make_ep_counts_plan(p, d, pl.slot_counts);
+    CHECK(counts_only.send_counts == pl.send_counts);
+    CHECK(counts_only.send_offsets == pl.send_offsets);
+    CHECK(counts_only.send_segments.size() == pl.send_segments.size());
     // "experts" = identity on tags; unpermute back to receive order.
     back[d].resize(pl.recv_rows());
     for (int i = 0; i < pl.recv_rows(); ++i) back[d][i] = grouped[pl.recv_to_grouped[i]];
