@@ -270,16 +270,18 @@ void Checkpoint::validate_against_config() const {
           " but the checkpoint holds layer ", max_layer, " (tensor '", layer_example,
           "'): config.json does not match the weights");
 
-  // Then every tensor PhiMoE needs, with the shape the config implies.
-  for (const TensorSpec& s : phimoe_tensor_specs(c)) {
+  // Then every tensor PhiMoE needs: first that it exists (a missing expert says more than the router's
+  // shape would), then that it has the shape the config implies.
+  const std::vector<TensorSpec> specs = phimoe_tensor_specs(c);
+  for (const TensorSpec& s : specs) {
+    if (impl_->weight_map.count(s.name)) continue;
+    TensorInfo want;
+    want.shape = s.shape;
+    fail("checkpoint ", impl_->dir, " lacks tensor '", s.name, "' ", want.shape_str(), " that ", cfg, " implies (",
+         c.num_hidden_layers, " layers, ", c.num_local_experts, " experts): wrong config or incomplete checkpoint");
+  }
+  for (const TensorSpec& s : specs) {
     auto it = impl_->weight_map.find(s.name);
-    if (it == impl_->weight_map.end()) {
-      TensorInfo want;
-      want.shape = s.shape;
-      fail("checkpoint ", impl_->dir, " lacks tensor '", s.name, "' ", want.shape_str(), " that ", cfg,
-           " implies (", c.num_hidden_layers, " layers, ", c.num_local_experts,
-           " experts): wrong config or incomplete checkpoint");
-    }
     const TensorInfo& t = info(s.name);
     if (t.shape != s.shape) {
       TensorInfo want;
