@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "model/checkpoint.hpp"
@@ -21,6 +22,16 @@ enum class MoePath {
   Naive,    // chapter 01: one thread block per token loops over its k experts
   Grouped,  // chapter 02: permute by expert, grouped GEMMs, fused SwiGLU, weighted unpermute
 };
+
+// How the grouped path computes the experts (kernels/grouped_experts.cuh explains each one).
+//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max), else CublasGrouped
+//   WeightStream  custom kernels that stream each weight once and read the offsets on the GPU (no host sync)
+//   CublasGrouped cublasGemmGroupedBatchedEx: one call for all experts' w1|w3, one for all w2
+//   CublasLoop    cublasGemmEx per expert, one stream
+//   CublasStreams cublasGemmEx per expert, spread over 4 streams
+enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams };
+const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
+ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
 
 // Time split of one forward, filled when timing is requested (CUDA events, milliseconds).
 struct MoeTimings {
@@ -52,11 +63,21 @@ class GpuMoeLayer {
   // by calling once with the largest T first).
   void forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path, cudaStream_t stream);
 
+  // Benchmark knobs for the grouped path. Defaults: Auto with small_rows_max = 64, or what the environment
+  // says: EPLAB_EXPERTS=<strategy name>, EPLAB_SMALL_ROWS=<rows>.
+  void set_expert_strategy(ExpertStrategy s, int small_rows_max = 64);
+  ExpertStrategy last_expert_strategy() const;  // what the last grouped forward actually ran
+  // Forwards that need no host synchronisation (the naive path; the grouped path with WeightStream) are
+  // captured into a CUDA graph the second time the same (T, path, d_x, d_y) is seen, and replayed after
+  // that: one launch instead of ~10. Default on; EPLAB_GRAPHS=0 turns it off.
+  void set_use_graphs(bool on);
+
   int hidden() const;
   int inter() const;
   int num_experts() const;
   int top_k() const;
-  std::size_t weight_bytes() const;  // bytes of expert + gate weights on the GPU
+  std::size_t weight_bytes() const;  // bytes of expert + gate weights on the GPU (the naive path keeps a
+                                     // second copy of w1/w3, made on its first use, not counted here)
 
  private:
   struct Impl;

@@ -1,0 +1,472 @@
+// Grouped expert computation; the strategies, thread mappings and reasons are in grouped_experts.cuh.
+//
+// Kernel versions in this file:
+//   w13_swiglu_stream  small rows: stream w1|w3 rows once, all of an expert's rows per pass, fused SwiGLU
+//   w2_stream          small rows: stream w2 rows once, 8 lanes per output feature
+//   fill_group_pointers  large rows: per-expert A/B/C pointers for cublasGemmGroupedBatchedEx, from d_offsets
+// plus the cuBLAS drivers (grouped call, per-expert loop, per-expert loop over 4 streams).
+#include "grouped_experts.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda_check.hpp"
+#include "swiglu.cuh"
+
+namespace eplab::gpu {
+
+namespace {
+
+// Rows of one expert handled per pass of the streaming kernels (fp32 accumulators per lane: 2 x 8 in the
+// w13 kernel, 8 in the w2 kernel). An expert with more rows takes more passes; later passes re-read
+// weights that the first pass just pulled into L2.
+constexpr int kRowsPerPass = 8;
+
+// w13 kernel: 4 warps per block, one intermediate index per warp, 8 16-byte loads per weight row in flight.
+constexpr int k13Warps = 4;
+constexpr int k13Unroll = 8;
+
+// w2 kernel: 8 warps per block, 8 lanes per output feature -> 4 features per warp, 32 per block.
+constexpr int k2Warps = 8;
+constexpr int k2Lanes = 8;
+constexpr int k2FeatPerWarp = 32 / k2Lanes;
+constexpr int k2FeatPerBlock = k2Warps * k2FeatPerWarp;
+constexpr int k2Unroll = 8;
+
+constexpr int kMaxExperts = 8192;  // fill_group_pointers keeps the offsets in shared memory
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// The global id of the slot-th expert (ascending ids) that has at least one row, or -1 when fewer experts
+// have rows. Called by every full warp at kernel start (all lanes get the same answer). Lets the grid's y
+// dimension be min(n, rows) instead of n: no block is launched for nothing at T = 1.
+__device__ int nth_nonempty_expert(const int* __restrict__ off, int n, int slot) {
+  const int lane = threadIdx.x & 31;
+  int seen = 0;
+  for (int base = 0; base < n; base += 32) {
+    const int e = base + lane;
+    const bool nonempty = e < n && off[e + 1] > off[e];
+    unsigned m = __ballot_sync(0xffffffffu, nonempty);
+    const int c = __popc(m);
+    if (slot < seen + c) {
+      for (int j = slot - seen; j > 0; --j) m &= m - 1;  // clear the lowest set bits before ours
+      return base + __ffs(m) - 1;
+    }
+    seen += c;
+  }
+  return -1;
+}
+
+// h[row, i] = bf16(silu(w1_e[i]·x_row) * (w3_e[i]·x_row)) for every row of expert e.
+// grid (ceil(I / k13Warps), min(n, rows)), block k13Warps * 32. Requires H % 8 == 0, 16-byte alignment.
+__global__ void __launch_bounds__(k13Warps * 32)
+    w13_swiglu_stream(const bf16* __restrict__ w13, const bf16* __restrict__ xp, const int* __restrict__ off, int n,
+                      int H, int I, bf16* __restrict__ h) {
+  const int e = nth_nonempty_expert(off, n, int(blockIdx.y));
+  if (e < 0) return;
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  const int i = int(blockIdx.x) * k13Warps + warp;
+  if (i >= I) return;  // whole warp leaves; no block-level synchronisation below
+  const int beg = off[e], cnt = off[e + 1] - beg;
+  const bf16* r1 = w13 + (std::size_t(e) * 2 * I + i) * H;  // row i of w1_e
+  const bf16* r3 = r1 + std::size_t(I) * H;                  // row i of w3_e
+  const int chunks = H / 8;                                   // 16-byte vectors per row
+
+  for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
+    const int R = min(kRowsPerPass, cnt - r0);
+    const bf16* x0 = xp + std::size_t(beg + r0) * H;
+    float a[kRowsPerPass], b[kRowsPerPass];
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) a[r] = b[r] = 0.f;
+
+    for (int cb = lane; cb < chunks; cb += 32 * k13Unroll) {
+      // Issue all weight loads of this batch first (2 x k13Unroll x 16 B per lane in flight) ...
+      uint4 u1[k13Unroll], u3[k13Unroll];
+#pragma unroll
+      for (int u = 0; u < k13Unroll; ++u) {
+        const int c = cb + 32 * u;
+        if (c < chunks) {
+          u1[u] = ldg_bf16x8(r1 + std::size_t(c) * 8);
+          u3[u] = ldg_bf16x8(r3 + std::size_t(c) * 8);
+        } else {
+          u1[u] = u3[u] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      // ... then apply each weight vector to every row of this pass (x comes from L1/L2).
+#pragma unroll
+      for (int u = 0; u < k13Unroll; ++u) {
+        const int c = cb + 32 * u;
+        if (c < chunks) {
+          float f1[8], f3[8];
+          unpack_bf16x8(u1[u], f1);
+          unpack_bf16x8(u3[u], f3);
+#pragma unroll
+          for (int r = 0; r < kRowsPerPass; ++r) {
+            if (r < R) {
+              float xv[8];
+              unpack_bf16x8(ldg_bf16x8(x0 + std::size_t(r) * H + std::size_t(c) * 8), xv);
+#pragma unroll
+              for (int q = 0; q < 8; ++q) {
+                a[r] = fmaf(f1[q], xv[q], a[r]);
+                b[r] = fmaf(f3[q], xv[q], b[r]);
+              }
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      if (r < R) {  // warp-uniform
+        const float va = warp_sum(a[r]), vb = warp_sum(b[r]);
+        if (lane == 0) h[std::size_t(beg + r0 + r) * I + i] = __float2bfloat16_rn(swiglu_silu(va) * vb);
+      }
+    }
+  }
+}
+
+// yp[row, o] = bf16(w2_e[o]·h_row) for every row of expert e.
+// grid (ceil(H / k2FeatPerBlock), min(n, rows)), block k2Warps * 32. Requires I % 8 == 0, 16-byte alignment.
+__global__ void __launch_bounds__(k2Warps * 32)
+    w2_stream(const bf16* __restrict__ w2, const bf16* __restrict__ h, const int* __restrict__ off, int n, int H, int I,
+              bf16* __restrict__ yp) {
+  const int e = nth_nonempty_expert(off, n, int(blockIdx.y));
+  if (e < 0) return;
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  const int g = lane % k2Lanes;  // position inside the 8-lane group of one feature
+  const int o = int(blockIdx.x) * k2FeatPerBlock + warp * k2FeatPerWarp + lane / k2Lanes;
+  const bool active = o < H;  // inactive lanes still take part in the shuffles, with zero weights
+  const int beg = off[e], cnt = off[e + 1] - beg;
+  const bf16* wrow = w2 + (std::size_t(e) * H + (active ? o : 0)) * I;
+  const int chunks = I / 8;
+
+  for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
+    const int R = min(kRowsPerPass, cnt - r0);
+    const bf16* h0 = h + std::size_t(beg + r0) * I;
+    float acc[kRowsPerPass];
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) acc[r] = 0.f;
+
+    for (int cb = g; cb < chunks; cb += k2Lanes * k2Unroll) {
+      uint4 wv[k2Unroll];
+#pragma unroll
+      for (int u = 0; u < k2Unroll; ++u) {
+        const int c = cb + k2Lanes * u;
+        wv[u] = (active && c < chunks) ? ldg_bf16x8(wrow + std::size_t(c) * 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < k2Unroll; ++u) {
+        const int c = cb + k2Lanes * u;
+        if (c < chunks) {
+          float fw[8];
+          unpack_bf16x8(wv[u], fw);
+#pragma unroll
+          for (int r = 0; r < kRowsPerPass; ++r) {
+            if (r < R) {
+              float hv[8];
+              unpack_bf16x8(ldg_bf16x8(h0 + std::size_t(r) * I + std::size_t(c) * 8), hv);
+#pragma unroll
+              for (int q = 0; q < 8; ++q) acc[r] = fmaf(fw[q], hv[q], acc[r]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      if (r < R) {  // warp-uniform
+        float v = acc[r];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        if (g == 0 && active) yp[std::size_t(beg + r0 + r) * H + o] = __float2bfloat16_rn(v);
+      }
+    }
+  }
+}
+
+// For the grouped cuBLAS call: slot s = rank of expert e among the non-empty experts (ascending ids, the
+// same order the host builds its group arrays in). ptrs holds 6 arrays of n pointers:
+// [A1 = w13_e, B1 = xp_e, C1 = gate_up_e, A2 = w2_e, B2 = h_e, C2 = yp_e]. One block.
+__global__ void fill_group_pointers(const int* __restrict__ off, int n, const bf16* w13, const bf16* w2,
+                                    const bf16* xp, bf16* gate_up, bf16* h, bf16* yp, int H, int I, void** ptrs) {
+  extern __shared__ int s_off[];  // [n + 1]
+  for (int j = int(threadIdx.x); j <= n; j += int(blockDim.x)) s_off[j] = off[j];
+  __syncthreads();
+  for (int e = int(threadIdx.x); e < n; e += int(blockDim.x)) {
+    const int beg = s_off[e];
+    if (s_off[e + 1] <= beg) continue;
+    int slot = 0;
+    for (int j = 0; j < e; ++j) slot += s_off[j + 1] > s_off[j];
+    ptrs[0 * n + slot] = const_cast<bf16*>(w13 + std::size_t(e) * 2 * I * H);
+    ptrs[1 * n + slot] = const_cast<bf16*>(xp + std::size_t(beg) * H);
+    ptrs[2 * n + slot] = gate_up + std::size_t(beg) * 2 * I;
+    ptrs[3 * n + slot] = const_cast<bf16*>(w2 + std::size_t(e) * H * I);
+    ptrs[4 * n + slot] = h + std::size_t(beg) * I;
+    ptrs[5 * n + slot] = yp + std::size_t(beg) * H;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+// Restores the handle's pointer mode on scope exit (we pass alpha/beta from the host).
+struct HostPointerMode {
+  cublasHandle_t h;
+  cublasPointerMode_t old = CUBLAS_POINTER_MODE_HOST;
+  explicit HostPointerMode(cublasHandle_t handle) : h(handle) {
+    CUBLAS_CHECK(cublasGetPointerMode(h, &old));
+    CUBLAS_CHECK(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST));
+  }
+  ~HostPointerMode() { cublasSetPointerMode(h, old); }
+};
+
+// gate_up_e[c, 2I] = xp_e[c, H] · w13_eᵀ   (column-major view: m = 2I, n = c, k = H, "TN")
+void gemm_w13(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* xp, bf16* gate_up, int e, int beg,
+              int c) {
+  const float one = 1.f, zero = 0.f;
+  CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, 2 * w.I, c, w.H, &one,
+                            w.w13 + std::size_t(e) * 2 * w.I * w.H, CUDA_R_16BF, w.H, xp + std::size_t(beg) * w.H,
+                            CUDA_R_16BF, w.H, &zero, gate_up + std::size_t(beg) * 2 * w.I, CUDA_R_16BF, 2 * w.I,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// yp_e[c, H] = h_e[c, I] · w2_eᵀ   (column-major view: m = H, n = c, k = I, "TN")
+void gemm_w2(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* h, bf16* yp, int e, int beg, int c) {
+  const float one = 1.f, zero = 0.f;
+  CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, w.H, c, w.I, &one, w.w2 + std::size_t(e) * w.H * w.I,
+                            CUDA_R_16BF, w.I, h + std::size_t(beg) * w.I, CUDA_R_16BF, w.I, &zero,
+                            yp + std::size_t(beg) * w.H, CUDA_R_16BF, w.H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+template <typename T>
+void device_grow(T*& p, std::size_t& cap, std::size_t need, unsigned& generation) {
+  if (need <= cap) return;
+  if (p) CUDA_CHECK(cudaFree(p));
+  p = nullptr;
+  cap = 0;
+  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), need * sizeof(T)));
+  cap = need;
+  ++generation;
+}
+
+}  // namespace
+
+// Extra streams, handles (default host pointer mode) and events for CublasStreams (created on first use).
+struct GroupedWorkspace::Aux {
+  static constexpr int kStreams = 4;
+  cudaStream_t stream[kStreams] = {};
+  cublasHandle_t handle[kStreams] = {};
+  cudaEvent_t fork = nullptr, join[kStreams] = {};
+  std::vector<int> order, stream_of;
+  Aux() {
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    for (int i = 0; i < kStreams; ++i) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&stream[i], cudaStreamNonBlocking));
+      CUBLAS_CHECK(cublasCreate(&handle[i]));
+      CUBLAS_CHECK(cublasSetStream(handle[i], stream[i]));
+      CUDA_CHECK(cudaEventCreateWithFlags(&join[i], cudaEventDisableTiming));
+    }
+  }
+  ~Aux() {
+    for (int i = 0; i < kStreams; ++i) {
+      if (handle[i]) cublasDestroy(handle[i]);
+      if (stream[i]) cudaStreamDestroy(stream[i]);
+      if (join[i]) cudaEventDestroy(join[i]);
+    }
+    if (fork) cudaEventDestroy(fork);
+  }
+  // Every aux stream waits for the work enqueued so far on s.
+  void fork_from(cudaStream_t s) {
+    CUDA_CHECK(cudaEventRecord(fork, s));
+    for (int i = 0; i < kStreams; ++i) CUDA_CHECK(cudaStreamWaitEvent(stream[i], fork, 0));
+  }
+  // s waits for everything enqueued on the aux streams.
+  void join_into(cudaStream_t s) {
+    for (int i = 0; i < kStreams; ++i) {
+      CUDA_CHECK(cudaEventRecord(join[i], stream[i]));
+      CUDA_CHECK(cudaStreamWaitEvent(s, join[i], 0));
+    }
+  }
+};
+
+GroupedWorkspace::GroupedWorkspace() = default;
+
+GroupedWorkspace::~GroupedWorkspace() {
+  // Destructors must not throw: errors here (e.g. a dead context at exit) are ignored.
+  delete aux;
+  if (gate_up) cudaFree(gate_up);
+  if (h) cudaFree(h);
+  if (ptrs) cudaFree(ptrs);
+  if (h_offsets) cudaFreeHost(h_offsets);
+}
+
+const char* grouped_strategy_name(GroupedStrategy s) {
+  switch (s) {
+    case GroupedStrategy::Auto: return "auto";
+    case GroupedStrategy::WeightStream: return "weight-stream";
+    case GroupedStrategy::CublasGrouped: return "cublas-grouped";
+    case GroupedStrategy::CublasLoop: return "cublas-loop";
+    case GroupedStrategy::CublasStreams: return "cublas-streams";
+  }
+  return "?";
+}
+
+GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows,
+                                        const bf16* d_xp, const bf16* d_yp) {
+  // The custom kernels and the grouped API both want every row 16-byte aligned.
+  const bool vec_ok = w.H % 8 == 0 && w.I % 8 == 0 && aligned16(d_xp) && aligned16(d_yp) && aligned16(w.w13) &&
+                      aligned16(w.w2);
+  GroupedStrategy st = ws.strategy;
+  if (st == GroupedStrategy::Auto)
+    st = rows <= ws.small_rows_max ? GroupedStrategy::WeightStream : GroupedStrategy::CublasGrouped;
+#if CUBLAS_VERSION < 120500
+  if (st == GroupedStrategy::CublasGrouped) st = GroupedStrategy::CublasStreams;  // no grouped API before 12.5
+#endif
+  if ((st == GroupedStrategy::WeightStream || st == GroupedStrategy::CublasGrouped) && !vec_ok)
+    st = GroupedStrategy::CublasLoop;
+  return st;
+}
+
+bool grouped_strategy_needs_host_offsets(GroupedStrategy s) {
+  return s == GroupedStrategy::CublasGrouped || s == GroupedStrategy::CublasLoop ||
+         s == GroupedStrategy::CublasStreams;
+}
+
+void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows) {
+  require(rows >= 0, "grouped_experts: rows must be >= 0, got ", rows);
+  require(w.n >= 1 && w.n <= kMaxExperts, "grouped_experts: expert count ", w.n, " outside [1, ", kMaxExperts, "]");
+  device_grow(ws.gate_up, ws.gate_up_cap, std::size_t(rows) * 2 * w.I, ws.generation);
+  device_grow(ws.h, ws.h_cap, std::size_t(rows) * w.I, ws.generation);
+  std::size_t ptr_cap = std::size_t(ws.ptrs_cap) * 6;
+  device_grow(ws.ptrs, ptr_cap, std::size_t(w.n) * 6, ws.generation);
+  ws.ptrs_cap = int(ptr_cap / 6);
+  if (ws.h_offsets_cap < w.n + 1) {
+    if (ws.h_offsets) CUDA_CHECK(cudaFreeHost(ws.h_offsets));
+    ws.h_offsets = nullptr;
+    ws.h_offsets_cap = 0;
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&ws.h_offsets), std::size_t(w.n + 1) * sizeof(int)));
+    ws.h_offsets_cap = w.n + 1;
+  }
+  const std::size_t n = std::size_t(w.n);
+  for (auto* v : {&ws.m1, &ws.n1, &ws.k1, &ws.lda1, &ws.ldb1, &ws.ldc1, &ws.m2, &ws.k2, &ws.lda2, &ws.ldb2, &ws.ldc2,
+                  &ws.group_size})
+    if (v->size() < n) v->resize(n);
+  if (ws.alpha.size() < n) ws.alpha.assign(n, 1.f);
+  if (ws.beta.size() < n) ws.beta.assign(n, 0.f);
+  if (ws.opT.size() < n) ws.opT.assign(n, CUBLAS_OP_T);
+  if (ws.opN.size() < n) ws.opN.assign(n, CUBLAS_OP_N);
+}
+
+void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
+                     const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s) {
+  require(w.H > 0 && w.I > 0, "grouped_experts: bad expert shape H=", w.H, " I=", w.I);
+  require(rows >= 0, "grouped_experts: rows must be >= 0, got ", rows);
+  const GroupedStrategy st = choose_grouped_strategy(ws, w, rows, d_xp, d_yp);
+  ws.last_used = st;
+  if (rows == 0) return;
+  reserve_grouped_workspace(ws, w, rows);
+  const int n = w.n, H = w.H, I = w.I;
+
+  if (st == GroupedStrategy::WeightStream) {
+    const unsigned ny = unsigned(std::min(n, rows));  // at most `rows` experts can have rows
+    const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), ny);
+    w13_swiglu_stream<<<g13, k13Warps * 32, 0, s>>>(w.w13, d_xp, d_offsets, n, H, I, ws.h);
+    CUDA_CHECK_LAUNCH();
+    const dim3 g2(unsigned((H + k2FeatPerBlock - 1) / k2FeatPerBlock), ny);
+    w2_stream<<<g2, k2Warps * 32, 0, s>>>(w.w2, ws.h, d_offsets, n, H, I, d_yp);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+
+  // cuBLAS strategies: GEMM sizes come from the host.
+  if (!h_offsets) {
+    CUDA_CHECK(cudaMemcpyAsync(ws.h_offsets, d_offsets, std::size_t(n + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    h_offsets = ws.h_offsets;
+  }
+  require(h_offsets[0] == 0 && h_offsets[n] == rows, "grouped_experts: offsets [0]=", h_offsets[0], " [n]=",
+          h_offsets[n], " disagree with rows=", rows, " (the dispatch plan and the row count must match)");
+  for (int e = 0; e < n; ++e)
+    require(h_offsets[e + 1] >= h_offsets[e], "grouped_experts: offsets decrease at expert ", e);
+
+  CUBLAS_CHECK(cublasSetStream(handle, s));
+  const HostPointerMode mode(handle);
+
+  if (st == GroupedStrategy::CublasGrouped) {
+#if CUBLAS_VERSION >= 120500
+    int G = 0;
+    for (int e = 0; e < n; ++e) {
+      const int c = h_offsets[e + 1] - h_offsets[e];
+      if (c == 0) continue;
+      ws.m1[G] = 2 * I, ws.n1[G] = c, ws.k1[G] = H, ws.lda1[G] = H, ws.ldb1[G] = H, ws.ldc1[G] = 2 * I;
+      ws.m2[G] = H, ws.k2[G] = I, ws.lda2[G] = I, ws.ldb2[G] = I, ws.ldc2[G] = H;
+      ws.group_size[G] = 1;
+      ++G;
+    }
+    fill_group_pointers<<<1, 256, std::size_t(n + 1) * sizeof(int), s>>>(d_offsets, n, w.w13, w.w2, d_xp, ws.gate_up,
+                                                                          ws.h, d_yp, H, I, ws.ptrs);
+    CUDA_CHECK_LAUNCH();
+    void** P = ws.ptrs;
+    auto cptr = [&](int j) { return const_cast<const void* const*>(P + std::size_t(j) * n); };
+    // w13 GEMMs of all non-empty experts: each its own group (n = rows of that expert).
+    CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m1.data(), ws.n1.data(),
+                                            ws.k1.data(), ws.alpha.data(), cptr(0), CUDA_R_16BF, ws.lda1.data(),
+                                            cptr(1), CUDA_R_16BF, ws.ldb1.data(), ws.beta.data(), P + 2 * n,
+                                            CUDA_R_16BF, ws.ldc1.data(), G, ws.group_size.data(), CUBLAS_COMPUTE_32F));
+    swiglu(ws.gate_up, rows, I, ws.h, s);
+    // w2 GEMMs: same groups, n = rows of that expert again.
+    CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m2.data(), ws.n1.data(),
+                                            ws.k2.data(), ws.alpha.data(), cptr(3), CUDA_R_16BF, ws.lda2.data(),
+                                            cptr(4), CUDA_R_16BF, ws.ldb2.data(), ws.beta.data(), P + 5 * n,
+                                            CUDA_R_16BF, ws.ldc2.data(), G, ws.group_size.data(), CUBLAS_COMPUTE_32F));
+    return;
+#endif
+  }
+
+  if (st == GroupedStrategy::CublasStreams) {
+    if (!ws.aux) ws.aux = new GroupedWorkspace::Aux();
+    auto& A = *ws.aux;
+    constexpr int S = GroupedWorkspace::Aux::kStreams;
+    // Largest experts first, each onto the stream with the fewest rows so far.
+    A.order.clear();
+    for (int e = 0; e < n; ++e)
+      if (h_offsets[e + 1] > h_offsets[e]) A.order.push_back(e);
+    std::stable_sort(A.order.begin(), A.order.end(), [&](int a, int b) {
+      return h_offsets[a + 1] - h_offsets[a] > h_offsets[b + 1] - h_offsets[b];
+    });
+    A.stream_of.assign(std::size_t(n), 0);
+    long long load[S] = {};
+    for (int e : A.order) {
+      const int i = int(std::min_element(load, load + S) - load);
+      A.stream_of[std::size_t(e)] = i;
+      load[i] += h_offsets[e + 1] - h_offsets[e];
+    }
+    A.fork_from(s);
+    for (int e : A.order)
+      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up, e, h_offsets[e], h_offsets[e + 1] - h_offsets[e]);
+    A.join_into(s);
+    swiglu(ws.gate_up, rows, I, ws.h, s);
+    A.fork_from(s);
+    for (int e : A.order)
+      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h, d_yp, e, h_offsets[e], h_offsets[e + 1] - h_offsets[e]);
+    A.join_into(s);
+    return;
+  }
+
+  // CublasLoop (and CublasGrouped without the grouped API): per-expert GEMMs on s.
+  for (int e = 0; e < n; ++e) {
+    const int c = h_offsets[e + 1] - h_offsets[e];
+    if (c > 0) gemm_w13(handle, w, d_xp, ws.gate_up, e, h_offsets[e], c);
+  }
+  swiglu(ws.gate_up, rows, I, ws.h, s);
+  for (int e = 0; e < n; ++e) {
+    const int c = h_offsets[e + 1] - h_offsets[e];
+    if (c > 0) gemm_w2(handle, w, ws.h, d_yp, e, h_offsets[e], c);
+  }
+}
+
+}  // namespace eplab::gpu

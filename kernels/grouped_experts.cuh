@@ -1,0 +1,140 @@
+// Grouped expert computation: every expert's SwiGLU MLP over the rows routed to it, in one go.
+//
+// What: xp [rows, H] holds the token rows permuted by expert (expert e owns rows [off[e], off[e+1]),
+// from build_dispatch_plan + permute_rows). For each expert e with c_e = off[e+1] - off[e] rows:
+//     gate_up = xp_e · w13_eᵀ          [c_e, 2I]   w13_e = [w1_e ; w3_e] stacked: [2I, H]
+//     h       = bf16(silu(a) * b)       [c_e, I]    a = gate_up[:, :I], b = gate_up[:, I:]
+//     yp_e    = h · w2_eᵀ               [c_e, H]    w2_e: [H, I]
+// bf16 in and out, fp32 accumulation, h rounded to bf16 (the reference's round_h_to_bf16 = true).
+// yp is NOT weighted by the router multipliers; unpermute_combine does that.
+//
+// Why two strategies. The work is 6·rows·H·I flops against 6·n_touched·H·I bytes of weights, so the
+// arithmetic intensity is ~rows / n_touched flops per byte (2 flops per multiply-add, 2 bytes per bf16).
+// H100/H200 need ~300 flops/byte before bf16 tensor cores are the limit, so:
+//
+//  (1) WeightStream, small rows (decode; default rows <= 64): the layer is a pure weight stream. At T = 1
+//      (Phi-tiny: 2 experts x 5.5 M params x 2 B = 22 MB) the floor is ~5 us at 4.8 TB/s, and anything
+//      that needs the host (copying offsets back, sizing GEMMs on the CPU) costs more than that. So two
+//      custom kernels read d_offsets ON THE DEVICE, with no host synchronisation and no per-expert launch
+//      (the whole MoE forward can then be one CUDA graph):
+//        w13+SwiGLU kernel: grid (ceil(I/4), min(n, rows)), 128 threads. blockIdx.y picks the y-th
+//          expert that HAS rows (a warp ballot over d_offsets), so no block is wasted on empty experts:
+//          at T = 1 the grid is 112 x 2. Each warp owns one intermediate index i: it streams row i of
+//          w1_e and row i of w3_e (H bf16 each) with coalesced 16-byte loads, 8 loads per row in flight
+//          per lane (32 KB per block), and applies each loaded weight vector to ALL of the expert's rows
+//          (up to 8 rows per pass, fp32 accumulators in registers; more rows -> another pass, whose weight
+//          reads hit L2). A warp reduction gives a and b for each row; lane 0 writes bf16(silu(a)·b).
+//          SwiGLU is fused, so gate_up never exists in memory on this path.
+//        w2 kernel: grid (ceil(H/32), min(n, rows)), 256 threads; 8 lanes share one output feature o and
+//          stride over row o of w2_e (I bf16 = 896 B for Phi-tiny, 7 16-byte loads per lane); a warp
+//          covers 4 consecutive features, a block 32. Same reuse of each weight vector over all rows,
+//          3-step shuffle reduction within the 8 lanes.
+//      Each weight byte is read from HBM exactly once per forward (per 8 rows of an expert at most once
+//      more, from L2), fp32 FMAs on CUDA cores (the FLOPs are negligible at these sizes).
+//      Needs H % 8 == 0, I % 8 == 0 and 16-byte aligned xp/yp; otherwise the CublasLoop path is used.
+//
+//  (2) cuBLAS, large rows (prefill, rows > 64): tensor cores. The GEMM sizes come from the HOST copy of the
+//      offsets (cuBLAS takes m/n/k on the host), so this path costs one device->host copy of n+1 ints and
+//      a wait for it; GpuMoeLayer hides that wait behind permute_rows. Three variants:
+//        CublasGrouped (default): cublasGemmGroupedBatchedEx (cuBLAS >= 12.5), one call for the w13 GEMMs
+//          of all non-empty experts and one for the w2 GEMMs, each expert its own group (group_size 1,
+//          n = c_e). Chosen because the per-expert GEMMs are small (Phi-tiny at T = 4096: ~512 x 896 x
+//          4096 per expert, i.e. ~28 128x128 tiles, a fifth of an H100) and only a single launch over
+//          all experts fills the GPU; it also keeps the launch count at 3 (+1 tiny pointer kernel)
+//          independent of E. bf16 A/B/C with CUBLAS_COMPUTE_32F is a documented combination (the bf16
+//          form has no fp32-C variant, hence gate_up in bf16). The per-matrix pointer arrays must live in
+//          device memory: a one-block kernel writes them from d_offsets (no host->device copy, no race
+//          with a previous call on a host staging buffer).
+//        CublasLoop: cublasGemmEx per non-empty expert (2 GEMMs each) on the caller's stream. Works for any
+//          shape and alignment; the fallback when the grouped API cannot be used (odd H or I).
+//        CublasStreams: the same per-expert GEMMs spread over 4 forked streams (own cuBLAS handles),
+//          largest experts first. NVIDIA's Transformer Engine measured this beating the grouped API on
+//          some MoE shapes, so the benchmark can compare both (EPLAB_EXPERTS env var in moe_gpu.cu).
+//      Row-major vs column-major: cuBLAS is column-major, and a row-major [R, C] matrix is the same bytes
+//      as a column-major [C, R] one. We compute gate_upᵀ [2I, c_e] = w13_e(as [H, 2I] col-major)ᵀ ·
+//      xp_eᵀ (as [H, c_e] col-major): transa = T, transb = N, m = 2I, n = c_e, k = H, lda = ldb = H,
+//      ldc = 2I ("TN", the layout cuBLAS is fastest at). w2 likewise: m = H, n = c_e, k = I, lda = ldb = I,
+//      ldc = H.
+//
+// Threshold: small_rows_max = 64 rows (T = 32 at top-2). Below it WeightStream reads every weight once
+// and has no host round trip; above it the CUDA-core FMAs (6·rows·H·I) and per-8-row passes start to
+// cost more than the host round trip plus tensor-core GEMMs. It is a knob of the workspace, tune it with
+// 02_moe_grouped --bench.
+//
+// Empty experts are skipped by every strategy; rows = 0 returns without launching anything.
+// The workspace (gate_up, h, pointer arrays, pinned offsets, extra streams) grows on demand and never
+// shrinks, so after one call at the largest rows nothing is allocated again.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <vector>
+
+namespace eplab::gpu {
+
+using bf16 = __nv_bfloat16;
+
+struct ExpertWeightsDevice {
+  const bf16* w13;  // [n, 2I, H]: per expert I rows of w1 then I rows of w3
+  const bf16* w2;   // [n, H, I]
+  int n, H, I;
+};
+
+enum class GroupedStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams };
+const char* grouped_strategy_name(GroupedStrategy s);
+
+class GroupedWorkspace {
+ public:
+  GroupedWorkspace();
+  ~GroupedWorkspace();
+  GroupedWorkspace(const GroupedWorkspace&) = delete;
+  GroupedWorkspace& operator=(const GroupedWorkspace&) = delete;
+
+  // Knobs. Auto = WeightStream when rows <= small_rows_max, else CublasGrouped. A forced strategy that
+  // cannot run for a shape (WeightStream or CublasGrouped with H or I not a multiple of 8, or unaligned
+  // xp/yp) quietly becomes CublasLoop, which runs everything.
+  GroupedStrategy strategy = GroupedStrategy::Auto;
+  int small_rows_max = 64;
+
+  // What the last grouped_experts call actually ran (Auto resolved), for benchmarks.
+  GroupedStrategy last_used = GroupedStrategy::Auto;
+  // Bumped whenever a device buffer is (re)allocated: CUDA graphs that captured the old pointers are stale.
+  unsigned generation = 0;
+
+  // Internal state (used by grouped_experts.cu).
+  bf16* gate_up = nullptr;  // [rows, 2I]
+  bf16* h = nullptr;        // [rows, I]
+  std::size_t gate_up_cap = 0, h_cap = 0;  // elements
+  void** ptrs = nullptr;        // device: 6 arrays of n pointers (A1, B1, C1, A2, B2, C2)
+  int ptrs_cap = 0;             // n
+  int* h_offsets = nullptr;     // pinned host copy of the offsets [n+1]
+  int h_offsets_cap = 0;
+  struct Aux;                   // extra streams + handles for CublasStreams
+  Aux* aux = nullptr;
+  // Host-side argument arrays for the grouped cuBLAS call (kept to avoid reallocating them per call).
+  std::vector<int> m1, n1, k1, lda1, ldb1, ldc1, m2, k2, lda2, ldb2, ldc2, group_size;
+  std::vector<float> alpha, beta;
+  std::vector<cublasOperation_t> opT, opN;
+};
+
+// The strategy grouped_experts(ws, w, ..., rows, xp, yp) would run (Auto and impossible choices resolved).
+GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows,
+                                        const bf16* d_xp, const bf16* d_yp);
+// True when that strategy needs the offsets on the host (then grouped_experts waits for them unless the
+// caller passes h_offsets).
+bool grouped_strategy_needs_host_offsets(GroupedStrategy s);
+
+// Grows every buffer grouped_experts needs for `rows` rows now, so a later call allocates nothing (call it
+// before capturing a CUDA graph or entering a timed loop).
+void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows);
+
+// d_xp [rows, H] permuted by expert, d_offsets [n+1] on the device (offsets[n] == rows), h_offsets: the same
+// offsets on the host, or nullptr (then a cuBLAS strategy copies them back itself and waits for them;
+// WeightStream never needs them). Writes d_yp [rows, H]. Enqueued on stream s; the handle's stream is
+// set to s. Host-synchronous only when a cuBLAS strategy runs with h_offsets == nullptr.
+void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
+                     const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s);
+
+}  // namespace eplab::gpu

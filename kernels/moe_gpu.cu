@@ -1,0 +1,481 @@
+// GpuMoeLayer: one MoE layer on one GPU, stringing the topic kernels together (API in moe_gpu.hpp).
+//
+//   naive:   router_logits -> route_topk -> naive_moe
+//   grouped: router_logits -> route_topk -> build_dispatch_plan -> permute_rows -> grouped_experts
+//            -> unpermute_combine
+//
+// Weights on the GPU: gate [E, H]; w13 [E, 2I, H] (expert e: I rows of w1, then I rows of w3, the layout
+// grouped_experts reads, so its first GEMM is ONE GEMM per expert with N = 2I); w2 [E, H, I]. naive_moe
+// takes w1 and w3 as separate [E, I, H] tensors, so the naive path gets its own copies, split from w13 on
+// the GPU the first time it runs (one layer of Phi-tiny: +117 MB; chapters that never run it pay nothing).
+//
+// Host synchronisation: none on the naive path, none on the grouped path while grouped_experts streams
+// weights (small batches). The cuBLAS strategies need the per-expert row counts on the host: the offsets
+// are copied back right after the dispatch plan, permute_rows is enqueued, and only then does the host
+// wait for the copy, so the GPU permutes while the host waits and then enqueues the GEMMs.
+//
+// Launch overhead: a small-batch forward is ~10 short kernels, and at T = 1 the whole layer is ~20 us
+// of GPU time, so launching them one by one from the host would cost as much as running them. Forwards
+// without a host sync are therefore captured into a CUDA graph (on a private stream, in thread-local
+// capture mode so that any forbidden call fails the capture instead of running outside it) the second
+// time the same (T, path, x, y, buffers) comes by, and replayed with one cudaGraphLaunch after that. If a
+// capture fails, the layer says so once on stderr and runs without graphs.
+//
+// Buffers grow to the largest T seen and are never shrunk: after one forward at the largest T (and one
+// more for the graph capture) forward_device allocates nothing.
+#include "moe_gpu.hpp"
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "combine.cuh"
+#include "cuda_check.hpp"
+#include "grouped_experts.cuh"
+#include "naive_moe.cuh"
+#include "permute.cuh"
+#include "random_init.cuh"
+#include "router.cuh"
+#include "routing.cuh"
+
+namespace eplab {
+
+using gpu::bf16;
+static_assert(sizeof(bf16) == sizeof(bf16_bits), "bf16_bits and __nv_bfloat16 must have the same layout");
+
+namespace {
+
+template <typename T>
+void grow(T*& p, std::size_t& cap, std::size_t need) {
+  if (need <= cap && p) return;
+  if (p) CUDA_CHECK(cudaFree(p));
+  p = nullptr;
+  cap = 0;
+  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
+  cap = need;
+}
+
+template <typename T>
+void dev_free(T*& p) {
+  if (p) cudaFree(p);  // destructor path: errors ignored
+  p = nullptr;
+}
+
+gpu::GroupedStrategy to_gpu(ExpertStrategy s) {
+  switch (s) {
+    case ExpertStrategy::Auto: return gpu::GroupedStrategy::Auto;
+    case ExpertStrategy::WeightStream: return gpu::GroupedStrategy::WeightStream;
+    case ExpertStrategy::CublasGrouped: return gpu::GroupedStrategy::CublasGrouped;
+    case ExpertStrategy::CublasLoop: return gpu::GroupedStrategy::CublasLoop;
+    case ExpertStrategy::CublasStreams: return gpu::GroupedStrategy::CublasStreams;
+  }
+  return gpu::GroupedStrategy::Auto;
+}
+
+ExpertStrategy from_gpu(gpu::GroupedStrategy s) {
+  switch (s) {
+    case gpu::GroupedStrategy::Auto: return ExpertStrategy::Auto;
+    case gpu::GroupedStrategy::WeightStream: return ExpertStrategy::WeightStream;
+    case gpu::GroupedStrategy::CublasGrouped: return ExpertStrategy::CublasGrouped;
+    case gpu::GroupedStrategy::CublasLoop: return ExpertStrategy::CublasLoop;
+    case gpu::GroupedStrategy::CublasStreams: return ExpertStrategy::CublasStreams;
+  }
+  return ExpertStrategy::Auto;
+}
+
+constexpr int kMaxGraphs = 16;  // e.g. the benchmark rotates over 8 input batches
+
+}  // namespace
+
+const char* expert_strategy_name(ExpertStrategy s) { return gpu::grouped_strategy_name(to_gpu(s)); }
+
+ExpertStrategy parse_expert_strategy(const std::string& name) {
+  for (ExpertStrategy s : {ExpertStrategy::Auto, ExpertStrategy::WeightStream, ExpertStrategy::CublasGrouped,
+                           ExpertStrategy::CublasLoop, ExpertStrategy::CublasStreams})
+    if (name == expert_strategy_name(s)) return s;
+  fail("unknown expert strategy '", name,
+       "': use auto, weight-stream, cublas-grouped, cublas-loop or cublas-streams");
+}
+
+struct GpuMoeLayer::Impl {
+  int H = 0, I = 0, E = 0, k = 0;
+  RouterKind router = RouterKind::SparseMixer;
+  float eps = 0.f;
+
+  cublasHandle_t blas = nullptr;
+  cudaStream_t stream = nullptr;   // forward()'s stream
+  cudaStream_t capture = nullptr;  // private stream that graph captures are recorded on
+  cudaEvent_t ev[6] = {};          // stage boundaries for time_stages
+  cudaEvent_t ev_offsets = nullptr;
+
+  bf16 *d_gate = nullptr, *d_w13 = nullptr, *d_w2 = nullptr;
+  bf16 *d_w1 = nullptr, *d_w3 = nullptr;  // naive path only, split from w13 on first use
+
+  // Per-token scratch, sized for cap_T tokens.
+  int cap_T = 0;
+  std::size_t c_logits = 0, c_ids = 0, c_wts = 0, c_counts = 0, c_offsets = 0, c_row_of = 0, c_assign = 0, c_xp = 0,
+              c_yp = 0, c_xio = 0, c_yio = 0;
+  float* d_logits = nullptr;
+  int* d_ids = nullptr;
+  float* d_weights = nullptr;
+  int *d_counts = nullptr, *d_offsets = nullptr, *d_row_of = nullptr, *d_assignment = nullptr;
+  bf16 *d_xp = nullptr, *d_yp = nullptr;
+  bf16 *d_xio = nullptr, *d_yio = nullptr;  // forward()'s device copies of x and y
+  int* h_offsets = nullptr;                 // pinned [E+1]
+
+  gpu::GroupedWorkspace ws;
+  unsigned generation = 0;  // bumped when a layer buffer is reallocated
+
+  // CUDA graphs.
+  struct Key {
+    int T = 0;
+    MoePath path = MoePath::Naive;
+    const void* x = nullptr;
+    void* y = nullptr;
+    unsigned long long gen = 0;
+    bool operator==(const Key& o) const {
+      return T == o.T && path == o.path && x == o.x && y == o.y && gen == o.gen;
+    }
+  };
+  struct Graph {
+    Key key;
+    cudaGraphExec_t exec = nullptr;
+  };
+  bool use_graphs = true, graphs_broken = false;
+  std::vector<Graph> graphs;                      // oldest first
+  std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
+  unsigned long long graphs_gen = ~0ull;
+
+  Impl(int hidden, int inter, int experts, RouterKind r, int top_k, float jitter_eps) {
+    require(hidden > 0 && inter > 0, "GpuMoeLayer: hidden and inter must be > 0, got ", hidden, " and ", inter);
+    require(experts >= 1, "GpuMoeLayer: need at least one expert, got ", experts);
+    require(top_k >= 1 && top_k <= experts, "GpuMoeLayer: top-k must be in [1, ", experts, "], got ", top_k);
+    require(r != RouterKind::SparseMixer || top_k == 2, "GpuMoeLayer: sparsemixer routes exactly 2 experts, got top-k ",
+            top_k);
+    H = hidden, I = inter, E = experts, k = top_k, router = r, eps = jitter_eps;
+    CUBLAS_CHECK(cublasCreate(&blas));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
+    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    CUDA_CHECK(cudaEventCreateWithFlags(&ev_offsets, cudaEventDisableTiming));
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&h_offsets), std::size_t(E + 1) * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_gate), std::size_t(E) * H * sizeof(bf16)));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w13), std::size_t(E) * 2 * I * H * sizeof(bf16)));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w2), std::size_t(E) * H * I * sizeof(bf16)));
+    read_environment();
+  }
+
+  ~Impl() {
+    clear_graphs();
+    dev_free(d_gate), dev_free(d_w13), dev_free(d_w2), dev_free(d_w1), dev_free(d_w3);
+    dev_free(d_logits), dev_free(d_ids), dev_free(d_weights), dev_free(d_counts), dev_free(d_offsets);
+    dev_free(d_row_of), dev_free(d_assignment), dev_free(d_xp), dev_free(d_yp), dev_free(d_xio), dev_free(d_yio);
+    if (h_offsets) cudaFreeHost(h_offsets);
+    for (auto& e : ev)
+      if (e) cudaEventDestroy(e);
+    if (ev_offsets) cudaEventDestroy(ev_offsets);
+    if (capture) cudaStreamDestroy(capture);
+    if (stream) cudaStreamDestroy(stream);
+    if (blas) cublasDestroy(blas);
+  }
+
+  void read_environment() {
+    if (const char* s = std::getenv("EPLAB_EXPERTS"); s && *s) ws.strategy = to_gpu(parse_expert_strategy(s));
+    if (const char* s = std::getenv("EPLAB_SMALL_ROWS"); s && *s) {
+      char* end = nullptr;
+      const long v = std::strtol(s, &end, 10);
+      require(end && *end == '\0' && v >= 0 && v < (1L << 30), "EPLAB_SMALL_ROWS must be a row count >= 0, got '", s,
+              "'");
+      ws.small_rows_max = int(v);
+    }
+    if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
+  }
+
+  gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
+
+  // ---- buffers -------------------------------------------------------------------------------------
+
+  void ensure_tokens(int T) {
+    if (T <= cap_T) return;
+    const std::size_t t = std::size_t(T), rows = t * k;
+    grow(d_logits, c_logits, t * E);
+    grow(d_ids, c_ids, rows);
+    grow(d_weights, c_wts, rows);
+    grow(d_counts, c_counts, std::size_t(E));
+    grow(d_offsets, c_offsets, std::size_t(E) + 1);
+    grow(d_row_of, c_row_of, rows);
+    grow(d_assignment, c_assign, rows);
+    grow(d_xp, c_xp, rows * H);
+    grow(d_yp, c_yp, rows * H);
+    cap_T = T;
+    ++generation;
+  }
+
+  void ensure_naive_weights() {
+    if (d_w1) return;
+    const std::size_t per = std::size_t(I) * H;
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w1), std::size_t(E) * per * sizeof(bf16)));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w3), std::size_t(E) * per * sizeof(bf16)));
+    for (int e = 0; e < E; ++e) {
+      CUDA_CHECK(cudaMemcpyAsync(d_w1 + e * per, d_w13 + 2 * e * per, per * sizeof(bf16), cudaMemcpyDeviceToDevice,
+                                 stream));
+      CUDA_CHECK(cudaMemcpyAsync(d_w3 + e * per, d_w13 + (2 * e + 1) * per, per * sizeof(bf16),
+                                 cudaMemcpyDeviceToDevice, stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    ++generation;
+  }
+
+  // Everything a forward of T tokens on `path` needs, allocated now (never inside a capture).
+  void prepare(int T, MoePath path) {
+    ensure_tokens(T);
+    if (path == MoePath::Naive) ensure_naive_weights();
+    if (path == MoePath::Grouped) gpu::reserve_grouped_workspace(ws, experts(), T * k);
+    const unsigned long long g = (static_cast<unsigned long long>(generation) << 32) | ws.generation;
+    if (g != graphs_gen) {  // some buffer moved: every captured graph points at freed memory
+      clear_graphs();
+      warm.clear();
+      graphs_gen = g;
+    }
+  }
+
+  // ---- the forward ---------------------------------------------------------------------------------
+
+  // Enqueues one forward on s. ev != nullptr: records the 6 stage-boundary events.
+  void enqueue(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, cudaEvent_t* evs) {
+    auto mark = [&](int i) {
+      if (evs) CUDA_CHECK(cudaEventRecord(evs[i], s));
+    };
+    const int rows = T * k;
+    mark(0);
+    gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
+    mark(1);
+    gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
+    mark(2);
+    if (path == MoePath::Naive) {
+      mark(3);
+      gpu::naive_moe(d_x, d_ids, d_weights, T, k, H, I, d_w1, d_w3, d_w2, d_y, s);
+      mark(4);
+      mark(5);
+      return;
+    }
+    gpu::build_dispatch_plan(d_ids, T, k, E, d_counts, d_offsets, d_row_of, d_assignment, s);
+    const gpu::GroupedStrategy st = gpu::choose_grouped_strategy(ws, experts(), rows, d_xp, d_yp);
+    const bool need_host = gpu::grouped_strategy_needs_host_offsets(st);
+    if (need_host) {  // start the copy now, wait for it only after permute_rows is enqueued
+      CUDA_CHECK(cudaMemcpyAsync(h_offsets, d_offsets, std::size_t(E + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
+      CUDA_CHECK(cudaEventRecord(ev_offsets, s));
+    }
+    gpu::permute_rows(d_x, d_assignment, rows, k, H, d_xp, s);
+    mark(3);
+    if (need_host) CUDA_CHECK(cudaEventSynchronize(ev_offsets));
+    gpu::grouped_experts(blas, experts(), d_xp, d_offsets, need_host ? h_offsets : nullptr, rows, d_yp, ws, s);
+    mark(4);
+    gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
+    mark(5);
+  }
+
+  bool graphable(int T, MoePath path) const {
+    if (!use_graphs || graphs_broken) return false;
+    if (path == MoePath::Naive) return true;
+    return gpu::choose_grouped_strategy(ws, experts(), T * k, d_xp, d_yp) == gpu::GroupedStrategy::WeightStream;
+  }
+
+  bool is_warm(int T, MoePath path) const {
+    return std::find(warm.begin(), warm.end(), std::make_pair(T, path)) != warm.end();
+  }
+
+  void clear_graphs() {
+    for (auto& g : graphs)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
+    graphs.clear();
+  }
+
+  void give_up_graphs(const char* why, cudaError_t err) {
+    (void)cudaGetLastError();  // capture errors are not sticky; clear them so the eager run starts clean
+    graphs_broken = true;
+    std::fprintf(stderr, "note: GpuMoeLayer: CUDA graph capture failed (%s: %s); running without graphs\n", why,
+                 cudaGetErrorString(err));
+  }
+
+  // Records one forward into a graph (nothing runs). Returns the executable graph or nullptr.
+  cudaGraphExec_t capture_graph(const bf16* d_x, int T, bf16* d_y, MoePath path) {
+    CUDA_CHECK(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
+    std::string error;
+    try {
+      enqueue(d_x, T, d_y, path, capture, nullptr);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(capture, &graph);
+    if (!error.empty() || end != cudaSuccess || !graph) {
+      if (graph) cudaGraphDestroy(graph);
+      give_up_graphs(error.empty() ? "cudaStreamEndCapture" : error.c_str(), end);
+      return nullptr;
+    }
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (inst != cudaSuccess) {
+      give_up_graphs("cudaGraphInstantiate", inst);
+      return nullptr;
+    }
+    return exec;
+  }
+
+  void forward_device(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s) {
+    require(T >= 0, "GpuMoeLayer::forward_device: tokens must be >= 0, got ", T);
+    if (T == 0) return;
+    prepare(T, path);
+    if (graphable(T, path)) {
+      const Key key{T, path, d_x, d_y, graphs_gen};
+      if (path == MoePath::Grouped) ws.last_used = gpu::GroupedStrategy::WeightStream;  // what the graph runs
+      for (auto& g : graphs)
+        if (g.key == key) {
+          CUDA_CHECK(cudaGraphLaunch(g.exec, s));
+          return;
+        }
+      if (is_warm(T, path)) {
+        if (cudaGraphExec_t exec = capture_graph(d_x, T, d_y, path)) {
+          if (int(graphs.size()) >= kMaxGraphs) {
+            cudaGraphExecDestroy(graphs.front().exec);
+            graphs.erase(graphs.begin());
+          }
+          graphs.push_back({key, exec});
+          CUDA_CHECK(cudaGraphLaunch(exec, s));
+          return;
+        }
+      }
+    }
+    enqueue(d_x, T, d_y, path, s, nullptr);
+    if (!is_warm(T, path)) warm.emplace_back(T, path);
+  }
+};
+
+GpuMoeLayer::GpuMoeLayer(const MoeLayerWeights& w, RouterKind router, int top_k, float jitter_eps) {
+  const int E = w.num_experts, H = w.hidden, I = w.inter;
+  require(w.num_held() == E, "GpuMoeLayer: the layer weights hold ", w.num_held(), " of ", E,
+          " experts; the one-GPU layer needs all of them");
+  for (int e = 0; e < E; ++e)
+    require(w.expert_ids[e] == e, "GpuMoeLayer: expert ids must be 0..", E - 1, " in order (position ", e, " holds ",
+            w.expert_ids[e], ")");
+  const std::size_t per = std::size_t(I) * H;
+  require(w.gate.size() == std::size_t(E) * H, "GpuMoeLayer: gate has ", w.gate.size(), " values, expected E*H = ",
+          std::size_t(E) * H);
+  require(w.w1.size() == E * per && w.w3.size() == E * per && w.w2.size() == E * per,
+          "GpuMoeLayer: expert weights do not have E*I*H = ", E * per, " values each");
+  impl_ = std::make_unique<Impl>(H, I, E, router, top_k, jitter_eps);
+  Impl& m = *impl_;
+  CUDA_CHECK(cudaMemcpy(m.d_gate, w.gate.data(), w.gate.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+  for (int e = 0; e < E; ++e) {  // w13_e = [w1_e ; w3_e]
+    CUDA_CHECK(cudaMemcpy(m.d_w13 + 2 * e * per, w.w1.data() + e * per, per * sizeof(bf16), cudaMemcpyHostToDevice));
+    CUDA_CHECK(
+        cudaMemcpy(m.d_w13 + (2 * e + 1) * per, w.w3.data() + e * per, per * sizeof(bf16), cudaMemcpyHostToDevice));
+  }
+  CUDA_CHECK(cudaMemcpy(m.d_w2, w.w2.data(), w.w2.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+}
+
+GpuMoeLayer::GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
+                         unsigned long long seed) {
+  impl_ = std::make_unique<Impl>(hidden, inter, num_experts, router, top_k, jitter_eps);
+  Impl& m = *impl_;
+  const std::size_t E = std::size_t(num_experts), H = std::size_t(hidden), I = std::size_t(inter);
+  // std 1/sqrt(fan_in): logits and expert activations keep unit scale for unit-scale x.
+  gpu::fill_random_bf16(m.d_gate, E * H, 1.f / std::sqrt(float(H)), seed * 3 + 0, m.stream);
+  gpu::fill_random_bf16(m.d_w13, E * 2 * I * H, 1.f / std::sqrt(float(H)), seed * 3 + 1, m.stream);
+  gpu::fill_random_bf16(m.d_w2, E * H * I, 1.f / std::sqrt(float(I)), seed * 3 + 2, m.stream);
+  CUDA_CHECK(cudaStreamSynchronize(m.stream));
+}
+
+GpuMoeLayer::~GpuMoeLayer() = default;
+
+GpuMoeLayer::Result GpuMoeLayer::forward(std::span<const bf16_bits> x, int T, MoePath path, bool time_stages) {
+  Impl& m = *impl_;
+  require(T >= 0, "GpuMoeLayer::forward: tokens must be >= 0, got ", T);
+  require(x.size() == std::size_t(T) * m.H, "GpuMoeLayer::forward: x has ", x.size(), " values, expected T*H = ",
+          std::size_t(T) * m.H);
+  Result r;
+  r.routing.tokens = T;
+  r.routing.k = m.k;
+  if (T == 0) return r;
+
+  const std::size_t xn = std::size_t(T) * m.H;
+  const std::size_t xio_before = m.c_xio, yio_before = m.c_yio;
+  grow(m.d_xio, m.c_xio, xn);
+  grow(m.d_yio, m.c_yio, xn);
+  if (m.c_xio != xio_before || m.c_yio != yio_before) ++m.generation;
+  CUDA_CHECK(cudaMemcpyAsync(m.d_xio, x.data(), xn * sizeof(bf16), cudaMemcpyHostToDevice, m.stream));
+  if (time_stages) {
+    m.prepare(T, path);
+    m.enqueue(m.d_xio, T, m.d_yio, path, m.stream, m.ev);
+  } else {
+    m.forward_device(m.d_xio, T, m.d_yio, path, m.stream);
+  }
+
+  r.logits.resize(std::size_t(T) * m.E);
+  r.routing.ids.resize(std::size_t(T) * m.k);
+  r.routing.weights.resize(std::size_t(T) * m.k);
+  std::vector<bf16_bits> y(xn);
+  CUDA_CHECK(cudaMemcpyAsync(r.logits.data(), m.d_logits, r.logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                             m.stream));
+  CUDA_CHECK(cudaMemcpyAsync(r.routing.ids.data(), m.d_ids, r.routing.ids.size() * sizeof(int), cudaMemcpyDeviceToHost,
+                             m.stream));
+  CUDA_CHECK(cudaMemcpyAsync(r.routing.weights.data(), m.d_weights, r.routing.weights.size() * sizeof(float),
+                             cudaMemcpyDeviceToHost, m.stream));
+  CUDA_CHECK(cudaMemcpyAsync(y.data(), m.d_yio, xn * sizeof(bf16), cudaMemcpyDeviceToHost, m.stream));
+  CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  r.y = bf16_to_float(std::span<const bf16_bits>(y));
+
+  if (time_stages) {
+    auto ms = [&](int a, int b) {
+      float t = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&t, m.ev[a], m.ev[b]));
+      return t;
+    };
+    r.timings.router_ms = ms(0, 1);
+    r.timings.routing_ms = ms(1, 2);
+    r.timings.permute_ms = ms(2, 3);
+    r.timings.experts_ms = ms(3, 4);
+    r.timings.combine_ms = ms(4, 5);
+    r.timings.total_ms = ms(0, 5);
+  }
+  return r;
+}
+
+void GpuMoeLayer::forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
+                                 cudaStream_t stream) {
+  impl_->forward_device(d_x, T, d_y, path, stream);
+}
+
+void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {
+  require(small_rows_max >= 0, "set_expert_strategy: small_rows_max must be >= 0, got ", small_rows_max);
+  impl_->ws.strategy = to_gpu(s);
+  impl_->ws.small_rows_max = small_rows_max;
+  impl_->clear_graphs();  // a captured graph has the old strategy baked in
+  impl_->warm.clear();
+}
+
+ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return from_gpu(impl_->ws.last_used); }
+
+void GpuMoeLayer::set_use_graphs(bool on) {
+  impl_->use_graphs = on;
+  if (!on) impl_->clear_graphs();
+}
+
+int GpuMoeLayer::hidden() const { return impl_->H; }
+int GpuMoeLayer::inter() const { return impl_->I; }
+int GpuMoeLayer::num_experts() const { return impl_->E; }
+int GpuMoeLayer::top_k() const { return impl_->k; }
+
+std::size_t GpuMoeLayer::weight_bytes() const {
+  const std::size_t E = std::size_t(impl_->E), H = std::size_t(impl_->H), I = std::size_t(impl_->I);
+  return (E * H + E * 2 * I * H + E * H * I) * sizeof(bf16);
+}
+
+}  // namespace eplab
