@@ -179,9 +179,10 @@ TEST_CASE("router_logits: x · gate^T within the fp32 dot-product bound of the d
     const std::vector<float> got = d_logits.download();
 
     // Any fp32 summation order satisfies |fl(x·g) - x·g| <= gamma_H * sum |x_i g_i|, gamma_H = H u / (1 - H u),
-    // u = 2^-24 (plus the final rounding of the double reference to float, another u * |x·g|).
-    // A wrong layout or transpose is off by O(|x·g|), far outside.
-    const double u = std::ldexp(1.0, -24), gamma = c.H * u / (1 - c.H * u);
+    // u = 2^-24, for round-to-nearest adds. Tensor cores may truncate (round toward zero) when they
+    // accumulate, which doubles the per-add error: use 2 gamma_H, plus the final rounding of the double
+    // reference to float (u |x·g|). A wrong layout or transpose is off by O(|x·g|), far outside.
+    const double u = std::ldexp(1.0, -24), gamma = 2 * c.H * u / (1 - c.H * u);
     int bad = 0;
     std::ostringstream first;
     for (int t = 0; t < c.T; ++t)
@@ -196,7 +197,9 @@ TEST_CASE("router_logits: x · gate^T within the fp32 dot-product bound of the d
         }
       }
     CHECK_MESSAGE(bad == 0, bad << " logits outside the bound:" << first.str());
-    if (c.T > 0) CHECK(rel_l2(got, want) <= 1e-5);
+    // Typical error is far below the worst-case bound: ~1e-6 relative (1e-4 leaves room for truncating
+    // tensor-core accumulation over H = 4096).
+    if (c.T > 0) CHECK(rel_l2(got, want) <= 1e-4);
   }
 }
 
