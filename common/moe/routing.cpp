@@ -109,9 +109,9 @@ float routing_margin(RouterKind kind, std::span<const float> logits, int t, int 
   std::sort(v.begin(), v.end(), std::greater<float>());
   float scale = 1e-6f;
   for (float x : v) scale = std::max(scale, std::fabs(x));
-  // The order of the top few logits decides the ids.
+  // The order of the top few logits decides the ids (top-k up to 8 needs the top 9).
   float margin = std::numeric_limits<float>::max();
-  for (int i = 0; i + 1 < std::min(E, 4); ++i) margin = std::min(margin, (v[i] - v[i + 1]) / scale);
+  for (int i = 0; i + 1 < std::min(E, 9); ++i) margin = std::min(margin, (v[i] - v[i + 1]) / scale);
   if (kind == RouterKind::SparseMixer) {
     // The 2*eps threshold decides which logits enter each multiplier's softmax.
     for (int top : {0, 1})
