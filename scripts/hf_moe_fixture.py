@@ -18,7 +18,10 @@ What it does, in order:
     records, per layer, from hooks on the MoE block and its router: the block input, the router logits, the
     selected experts, the multipliers and the block output; plus the embedding output, each decoder layer's
     output, the final norm output and the logits (for the full-model chapters).
- 4. Refuses fragile inputs: token ids are drawn again (deterministically) until no decision of sparsemixer
+ 4. Also feeds a few hand-made router-logit rows straight to transformers' `sparsemixer` function and records
+    its choices: rows that tell sparsemixer apart from plausible misreadings of it (mask factor clamped
+    elementwise, 2*eps, second-pass threshold, ties, zero logits), which random inputs almost never do.
+ 5. Refuses fragile inputs: token ids are drawn again (deterministically) until no decision of sparsemixer
     (expert order, 2*eps mask threshold) is within a relative 1e-4 of flipping, so fp32 summation order in an
     independent implementation cannot change an expert id. It also requires that the masks really mask some
     experts and keep several in others (both sparsemixer passes), with positive and negative top logits.
@@ -206,6 +209,39 @@ def check_routing(rec, cfg):
     return ok, worst, cov
 
 
+def crafted_router_rows(E):
+    """Router logits made by hand, fed straight to transformers' own `sparsemixer` (no GEMM in between, so both
+    sides see the very same fp32 numbers and every decision is exact IEEE arithmetic on both sides). Each row
+    separates sparsemixer from a plausible misreading of it; the deciding ratio sits 2e-4 or more from 2*eps."""
+    far = [-4.0 - 0.25 * i for i in range(E)]  # distinct, far below every top used here: always masked
+
+    def row(**vals):
+        r = list(far)
+        for k, v in vals.items():
+            r[int(k[1:])] = v
+        return r
+    rows = [
+        # negative top: factor = max(|s_j|, top) elementwise keeps s_5 (0.0202/1.0202 = 0.0198 <= 0.02);
+        # a factor of |top| would mask it (0.0202 > 0.02)
+        row(e2=-1.0, e5=-1.0202),
+        # positive top: 2*eps keeps 1.97 (0.015), masks 1.9 (0.05); eps alone would mask 1.97 too
+        row(e0=1.9, e7=2.0, e9=1.97),
+        # second pass: its threshold is the second logit (1.0), not the first (3.0): 0.985 is kept there
+        row(e1=3.0, e4=1.0, e11=0.985),
+        # positive first, negative second: the elementwise clamp decides the second pass
+        row(e3=0.5, e6=-1.0, e12=-1.0202),
+        # many kept: five logits within 2% of the top in both passes (multipliers well below 1/2)
+        row(e8=10.0, e9=9.95, e10=9.9, e13=9.85, e14=9.82, e15=9.81),
+        # exact ties resolve to the lowest index in both passes (torch.max on the CPU)
+        row(e3=2.0, e9=2.0, e10=2.0),
+        # all equal: every expert kept, w1 = 1/16, w2 = 1/15
+        [0.75] * E,
+        # zero top: 0/0 is NaN, and NaN > 2 eps is false, so the zero logits stay in the softmax
+        row(e0=0.0, e6=0.0, e7=-0.5),
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def state_dict_of(path):
     out = {}
     for f in sorted(os.listdir(path)):
@@ -289,7 +325,7 @@ def main():
             raise SystemExit(f"error: {n} on disk differs from the generated weights")
     print(f"checkpoint: {len(on_disk)} tensors, all bf16 and equal to the generated weights")
 
-    # 3-4: run fixed token ids, re-drawing them until the routing is robust and covers the cases
+    # 3, 5: run fixed token ids, re-drawing them until the routing is robust and covers the cases
     model = load(args.out, torch.float32)
     g = torch.Generator().manual_seed(SEED + 1)
     for attempt in range(MAX_ATTEMPTS):
@@ -326,6 +362,13 @@ def main():
 
     tensors = {"input_ids": ids.reshape(-1).to(torch.float32)}
     tensors.update({k: v.contiguous() for k, v in rec.items()})
+    crafted = crafted_router_rows(cfg.num_local_experts)
+    cw, cids = modeling_phimoe.sparsemixer(crafted, jitter_eps=cfg.router_jitter_noise, training=False)
+    tensors["sparsemixer.logits"] = crafted
+    tensors["sparsemixer.ids"] = cids.to(torch.float32).contiguous()
+    tensors["sparsemixer.weights"] = cw.to(torch.float32).contiguous()
+    print(f"crafted sparsemixer rows: ids {cids.tolist()}")
+    print(f"                      weights {[[round(v, 4) for v in r] for r in cw.tolist()]}")
     meta = {
         "what": "HF transformers phimoe reference for EP Lab (scripts/hf_moe_fixture.py); all tensors F32, "
                 "batch dimension dropped; ids stored as exact integers in F32",
@@ -349,6 +392,9 @@ def main():
             "layers.{l}.out": "[T, H] decoder layer output (residual stream)",
             "norm_out": "[T, H] final LayerNorm output",
             "logits": "[T, V] lm_head output",
+            "sparsemixer.logits": "[R, E] hand-made router logits (scripts/hf_moe_fixture.py: crafted_router_rows)",
+            "sparsemixer.ids": "[R, 2] transformers' sparsemixer on them: experts",
+            "sparsemixer.weights": "[R, 2] and multipliers",
         },
     }
     fx = os.path.join(args.out, "fixture.safetensors")
