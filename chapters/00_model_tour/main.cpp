@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
     add_common_options(app, opt);
     app.add_option("--ep-sizes", ep_sizes, "EP sizes (GPUs sharing the experts) for the memory table")
         ->delimiter(',')
-        ->check(CLI::PositiveNumber)
+        ->check(CLI::Range(1, 4096))
         ->capture_default_str();
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
 
@@ -137,6 +137,9 @@ int main(int argc, char** argv) {
                 "      (their own 3.76 B total contradicts 55 M x 16 x 32 = 28 B). They also put SiLU on both\n"
                 "      expert branches; PhiMoE applies it to the w1 branch only.\n",
                 human_count(double(pp.per_expert)).c_str());
+    std::printf("      'Active per token' depends on what you count: %s with the embedding table, %s without it\n"
+                "      (it is a row lookup, not a GEMM); Phi-tiny-MoE's model card quotes 1.1 B.\n",
+                human_count(double(pp.active_per_token)).c_str(), human_count(double(pp.active_per_token_no_embed)).c_str());
 
     // 3. Memory per GPU under expert parallelism: experts are split, everything else is replicated.
     std::printf("\nweights per GPU under EP, loaded model (bf16; activations, KV cache and workspaces not included):\n");

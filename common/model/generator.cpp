@@ -12,7 +12,6 @@
 #include <nlohmann/json.hpp>
 
 #include "model/checkpoint.hpp"
-#include "model/safetensors.hpp"
 #include "moe/cost_model.hpp"
 #include "util/bf16.hpp"
 #include "util/check.hpp"
@@ -151,25 +150,48 @@ GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& con
   GeneratedModel result;
   result.shards = nshards;
   nlohmann::json weight_map = nlohmann::json::object();
+  std::vector<bf16_bits> buf;  // one tensor at a time, reused: memory stays at the largest tensor
   std::size_t i = 0;
   for (int s = 0; s < nshards; ++s) {
-    SafetensorsWriter w;
-    w.set_metadata("format", "pt");
-    for (; i < specs.size() && shard_of[i] == s; ++i) {
-      const TensorSpec& t = specs[i];
+    const std::size_t first = i;
+    while (i < specs.size() && shard_of[i] == s) ++i;
+    const std::string name = shard_name(s, nshards);
+    const std::string path = (fs::path(out_dir) / name).string();
+    // Stream the shard: the header first (every shape is known up front), then each tensor generated
+    // into `buf` and written straight out. The bytes are what SafetensorsWriter would write for the
+    // same tensors (sorted-key header, offsets in order, padded to 8); test_generator checks that.
+    nlohmann::json header = nlohmann::json::object();
+    header["__metadata__"] = {{"format", "pt"}};
+    std::uint64_t off = 0;
+    for (std::size_t k = first; k < i; ++k) {
+      std::uint64_t bytes = 2;
+      for (auto d : specs[k].shape) bytes *= std::uint64_t(d);
+      header[specs[k].name] = {{"dtype", "BF16"}, {"shape", specs[k].shape}, {"data_offsets", {off, off + bytes}}};
+      off += bytes;
+    }
+    std::string h = header.dump();
+    while ((8 + h.size()) % 8 != 0) h += ' ';
+    char len[8];
+    for (int b = 0; b < 8; ++b) len[b] = char((std::uint64_t(h.size()) >> (8 * b)) & 0xff);
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    require(bool(f), path, ": cannot open for writing");
+    f.write(len, 8);
+    f.write(h.data(), std::streamsize(h.size()));
+    for (std::size_t k = first; k < i; ++k) {
+      const TensorSpec& t = specs[k];
       std::int64_t numel = 1;
       for (auto d : t.shape) numel *= d;
-      std::vector<bf16_bits> buf(static_cast<std::size_t>(numel));
+      buf.resize(static_cast<std::size_t>(numel));
       fill_tensor(buf, t.name, init_spec(t.name, config), opt.seed, threads);
-      w.add(t.name, Dtype::BF16, t.shape, std::as_bytes(std::span<const bf16_bits>(buf)));
-      weight_map[t.name] = shard_name(s, nshards);
+      f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size() * sizeof(bf16_bits)));
+      weight_map[t.name] = name;
       result.tensors += 1;
       result.params += numel;
     }
-    const std::string path = (fs::path(out_dir) / shard_name(s, nshards)).string();
-    w.write(path);
-    result.bytes += w.data_bytes();
-    if (opt.log) opt.log(strf("  wrote %s (%s)", shard_name(s, nshards).c_str(), human_bytes(double(w.data_bytes())).c_str()));
+    f.close();
+    require(!f.fail(), path, ": write failed (disk full?)");
+    result.bytes += off;
+    if (opt.log) opt.log(strf("  wrote %s (%s)", name.c_str(), human_bytes(double(off)).c_str()));
   }
 
   nlohmann::json index = {{"metadata", {{"total_size", result.bytes}}}, {"weight_map", weight_map}};

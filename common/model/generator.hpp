@@ -61,8 +61,9 @@ struct GeneratedModel {
 };
 
 // Writes the model into out_dir (created if needed). Files of an earlier model there (config.json,
-// the index, model*.safetensors) are removed first; nothing else is touched. Holds at most one shard
-// in memory at a time.
+// the index, model*.safetensors) are removed first; nothing else is touched. Streams: each shard's
+// header is written first, then its tensors one at a time from one reused buffer, so memory stays at
+// the largest tensor (the 263 MB embedding for phi-tiny), whatever the model or shard size.
 GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& config, const GeneratorOptions& opt);
 
 }  // namespace eplab
