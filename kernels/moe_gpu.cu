@@ -468,6 +468,8 @@ void GpuMoeLayer::set_use_graphs(bool on) {
   if (!on) impl_->clear_graphs();
 }
 
+int GpuMoeLayer::cached_graphs() const { return int(impl_->graphs.size()); }
+
 int GpuMoeLayer::hidden() const { return impl_->H; }
 int GpuMoeLayer::inter() const { return impl_->I; }
 int GpuMoeLayer::num_experts() const { return impl_->E; }

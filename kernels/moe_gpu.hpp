@@ -71,6 +71,7 @@ class GpuMoeLayer {
   // captured into a CUDA graph the second time the same (T, path, d_x, d_y) is seen, and replayed after
   // that: one launch instead of ~10. Default on; EPLAB_GRAPHS=0 turns it off.
   void set_use_graphs(bool on);
+  int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
 
   int hidden() const;
   int inter() const;
