@@ -62,6 +62,8 @@ class Communicator {
   virtual std::vector<std::int64_t> allgather(std::span<const std::int64_t> mine) = 0;
   std::vector<int> allgather_int(std::span<const int> mine);
   virtual void bcast(void* host_buffer, std::size_t bytes, int root) = 0;
+  // Host memory: every rank sends `bytes` bytes; root receives size()*bytes, rank r's at [r*bytes, ...).
+  virtual void gather(const void* send, std::size_t bytes, void* recv_at_root, int root) = 0;
   virtual double max(double v) = 0;  // over all ranks
   virtual double sum(double v) = 0;
 

@@ -82,6 +82,9 @@ class MpiCommunicator final : public Communicator {
   void bcast(void* buf, std::size_t bytes, int root) override {
     MPI_CHECK(MPI_Bcast(buf, to_int(bytes, "bcast bytes"), MPI_BYTE, root, comm_));
   }
+  void gather(const void* send, std::size_t bytes, void* recv, int root) override {
+    MPI_CHECK(MPI_Gather(send, to_int(bytes, "gather bytes"), MPI_BYTE, recv, int(bytes), MPI_BYTE, root, comm_));
+  }
   double max(double v) override {
     double r = 0;
     MPI_CHECK(MPI_Allreduce(&v, &r, 1, MPI_DOUBLE, MPI_MAX, comm_));

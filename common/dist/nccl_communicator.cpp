@@ -136,6 +136,9 @@ class NcclCommunicator final : public Communicator {
   void barrier() override { host_comm_->barrier(); }
   std::vector<std::int64_t> allgather(std::span<const std::int64_t> mine) override { return host_comm_->allgather(mine); }
   void bcast(void* buf, std::size_t bytes, int root) override { host_comm_->bcast(buf, bytes, root); }
+  void gather(const void* send, std::size_t bytes, void* recv, int root) override {
+    host_comm_->gather(send, bytes, recv, root);
+  }
   double max(double v) override { return host_comm_->max(v); }
   double sum(double v) override { return host_comm_->sum(v); }
 

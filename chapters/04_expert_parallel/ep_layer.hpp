@@ -1,0 +1,87 @@
+// One expert-parallel MoE layer on one rank: this rank's tokens, this rank's experts, and the two
+// exchanges that connect them. Two implementations with the same steps:
+//   CPU  (ep_cpu.cpp)  MPI backend, host buffers, the CPU grouped experts (fp32)
+//   GPU  (ep_gpu.cu)   NCCL backend, device buffers, the kernels of kernels/ (bf16, fp32 accumulation)
+//
+//   route     logits = x·gateᵀ (gate replicated on every rank) -> ids, multipliers          [T, k]
+//   dispatch  ids -> slots (rank-major expert order) -> dispatch plan -> send buffer grouped by
+//             (destination rank, local expert) -> allgather of the per-slot counts -> exchange
+//             -> rows in expert-grouped order on their expert's rank
+//   experts   grouped SwiGLU experts over the received rows (only the local experts are loaded)
+//   combine   exchange back (the same messages, reversed) -> y[t] = Σ_j w[t,j] · row(t,j)
+//
+// Two layouts of the exchange (--layout):
+//   permute  one all-to-all-v per direction (rows per peer), then a local permute by local expert on
+//            the receiver (and its inverse before the combine): the textbook flow
+//   direct   one message per (peer, local expert) segment, received straight into expert order: no
+//            local permute at all (see ep_plan.hpp, "Segments")
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "dist/communicator.hpp"
+#include "model/checkpoint.hpp"
+#include "moe/ep_plan.hpp"
+#include "moe/placement.hpp"
+#include "moe/routing.hpp"
+
+namespace eplab {
+
+enum class EpLayout { Permute, Direct };
+const char* layout_name(EpLayout l);
+EpLayout parse_layout(const std::string& s);
+
+struct RouterCfg {
+  RouterKind kind = RouterKind::SparseMixer;
+  int top_k = 2;
+  float jitter_eps = 0.01f;
+};
+
+// Wall-clock milliseconds of one forward on this rank; each stage ends when its results are in place
+// (GPU: the stream has drained). Waiting for a slower peer shows up in dispatch and combine.
+struct EpTimes {
+  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
+  double total_ms() const { return route_ms + dispatch_ms + experts_ms + combine_ms; }
+};
+
+class EpLayer {
+ public:
+  virtual ~EpLayer() = default;
+  virtual EpTimes forward() = 0;                  // one forward over this rank's tokens
+  virtual const EpPlan& plan() const = 0;         // the last forward's plan (counts, traffic, segments)
+  virtual Routing routing() = 0;                  // the last forward's routing, on the host
+  virtual std::vector<float> output() = 0;        // the last forward's y [T, H], on the host
+  virtual std::size_t dispatch_row_bytes() const = 0;  // bytes per row on the wire, each direction
+  virtual std::size_t combine_row_bytes() const = 0;
+  // A plain all-to-all-v of exactly the last forward's byte counts (dispatch direction, then combine
+  // direction), nothing else: the ceiling dispatch and combine are compared with. Milliseconds, this rank.
+  virtual std::pair<double, double> raw_exchange_ms() = 0;
+};
+
+// x: this rank's tokens [T, H] (bf16, as every path receives them); mine: this rank's experts of the layer.
+std::unique_ptr<EpLayer> make_cpu_ep_layer(dist::Communicator& comm, const Placement& placement,
+                                           const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
+                                           const RouterCfg& router, EpLayout layout);
+
+// GPU from checkpoint weights (uploaded; w1/w3 packed into the [n, 2I, H] layout grouped_experts reads).
+std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Placement& placement,
+                                           const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
+                                           const RouterCfg& router, EpLayout layout);
+
+// GPU with random weights and tokens made on the device (the benchmark: no checkpoint needed). Every
+// value is a function of (seed, tensor, expert) or (seed, rank), so the benchmark can rebuild any
+// expert or token on any rank to check the answer (random_expert_weights, random_tokens).
+struct RandomLayerSpec {
+  int hidden = 4096, inter = 448, experts = 16;  // Phi-tiny-MoE's layer shape
+  std::uint64_t seed = 1;
+};
+std::unique_ptr<EpLayer> make_gpu_ep_layer_random(dist::Communicator& comm, const Placement& placement,
+                                                  const RandomLayerSpec& spec, int T, const RouterCfg& router,
+                                                  EpLayout layout);
+// The same values on the host, made on this rank's GPU and copied back (for the benchmark's check).
+MoeLayerWeights random_layer_weights(const RandomLayerSpec& spec);          // gate + every expert
+std::vector<bf16_bits> random_tokens(const RandomLayerSpec& spec, int rank, int T);
+
+}  // namespace eplab
