@@ -99,7 +99,8 @@ float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
 
 // Everything one GPU g owns: its experts, its stream, and the hub-side stream that feeds it.
 struct Spoke {
-  int id = 0;
+  int id = 0;   // logical device g (the placement's rank)
+  int gpu = 0;  // the physical GPU it runs on (== id, unless --share-gpu puts every spoke on GPU 0)
   std::vector<int> experts;
   cudaStream_t hub_stream = nullptr;  // on GPU 0: gather + copy out for this GPU
   cudaStream_t stream = nullptr;      // on GPU g: experts + copy back
@@ -136,14 +137,18 @@ struct HubGpu::Impl {
 };
 
 HubGpu::HubGpu(std::span<const bf16_bits> gate, const std::vector<MoeLayerWeights>& dev_weights, RouterKind router,
-               int top_k, float jitter_eps)
+               int top_k, float jitter_eps, std::vector<int> gpu_of)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.N = int(dev_weights.size());
   require(m.N >= 1, "HubGpu needs at least one GPU");
+  if (gpu_of.empty())
+    for (int g = 0; g < m.N; ++g) gpu_of.push_back(g);
+  require(int(gpu_of.size()) == m.N && gpu_of[0] == 0, "HubGpu: device 0 must be GPU 0 (the hub)");
   int present = 0;
   CUDA_CHECK(cudaGetDeviceCount(&present));
-  require(m.N <= present, "--gpus ", m.N, " but only ", present, " GPUs are present");
+  for (int p : gpu_of) require(p >= 0 && p < present, "--gpus ", m.N, " needs GPU ", p, " but only ", present,
+                               " GPU(s) present");
   m.H = dev_weights[0].hidden;
   m.I = dev_weights[0].inter;
   m.E = dev_weights[0].num_experts;
@@ -170,6 +175,7 @@ HubGpu::HubGpu(std::span<const bf16_bits> gate, const std::vector<MoeLayerWeight
     require(w.hidden == m.H && w.inter == m.I && w.num_experts == m.E, "GPU ", g, "'s expert weights have another shape");
     auto d = std::make_unique<Spoke>();
     d->id = g;
+    d->gpu = gpu_of[g];
     d->experts = w.expert_ids;
     const std::size_t n = w.expert_ids.size(), IH = std::size_t(m.I) * m.H;
     std::vector<bf16_bits> w13(n * 2 * IH);
@@ -182,12 +188,12 @@ HubGpu::HubGpu(std::span<const bf16_bits> gate, const std::vector<MoeLayerWeight
       CUDA_CHECK(cudaStreamCreateWithFlags(&d->hub_stream, cudaStreamNonBlocking));
       for (cudaEvent_t* e : {&d->gather0, &d->gather1, &d->out1}) CUDA_CHECK(cudaEventCreate(e));
     }
-    DeviceScope on(g);
+    DeviceScope on(d->gpu);
     CUDA_CHECK(cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&d->blas));
     for (cudaEvent_t* e : {&d->experts0, &d->experts1, &d->back1}) CUDA_CHECK(cudaEventCreate(e));
-    d->w13.reserve(g, w13.size());
-    d->w2.reserve(g, w.w2.size());
+    d->w13.reserve(d->gpu, w13.size());
+    d->w2.reserve(d->gpu, w.w2.size());
     CUDA_CHECK(cudaMemcpy(d->w13.get(), w13.data(), w13.size() * 2, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(d->w2.get(), w.w2.data(), w.w2.size() * 2, cudaMemcpyHostToDevice));
     d->weights = {d->w13.get(), d->w2.get(), int(n), m.H, m.I};
@@ -195,7 +201,15 @@ HubGpu::HubGpu(std::span<const bf16_bits> gate, const std::vector<MoeLayerWeight
   }
 
   // Peer access between the hub and every other GPU, both ways (the copies go both ways).
-  for (int g = 1; g < m.N; ++g) {
+  std::vector<int> others(gpu_of.begin() + 1, gpu_of.end());
+  std::sort(others.begin(), others.end());
+  others.erase(std::unique(others.begin(), others.end()), others.end());
+  if (!others.empty() && others.front() == 0) {
+    others.erase(others.begin());
+    m.notes.push_back(strf("--share-gpu: %d logical GPUs on physical GPU 0; the \"peer\" copies are copies inside "
+                           "GPU 0 and the times say nothing about a real multi-GPU machine", m.N));
+  }
+  for (int g : others) {
     int hub_to_g = 0, g_to_hub = 0;
     CUDA_CHECK(cudaDeviceCanAccessPeer(&hub_to_g, 0, g));
     CUDA_CHECK(cudaDeviceCanAccessPeer(&g_to_hub, g, 0));
@@ -221,7 +235,7 @@ HubGpu::~HubGpu() {
   if (!impl_) return;
   Impl& m = *impl_;
   for (auto& d : m.spokes) {
-    cudaSetDevice(d->id);
+    cudaSetDevice(d->gpu);
     if (d->stream) cudaStreamSynchronize(d->stream);
     for (cudaEvent_t e : {d->experts0, d->experts1, d->back1})
       if (e) cudaEventDestroy(e);
@@ -231,7 +245,7 @@ HubGpu::~HubGpu() {
     for (cudaEvent_t e : {d->gather0, d->gather1, d->out1})
       if (e) cudaEventDestroy(e);
     if (d->hub_stream) cudaStreamDestroy(d->hub_stream);
-    cudaSetDevice(d->id);
+    cudaSetDevice(d->gpu);
     d.reset();  // buffers and workspace go while their GPU is current
   }
   cudaSetDevice(0);
@@ -265,7 +279,7 @@ std::vector<float> HubGpu::output() const {
 // What GPU g's host thread does. It only enqueues work: gather and copy-out on the hub's stream for g,
 // experts and copy-back on g's own stream, chained by events, so the GPUs run concurrently.
 void HubGpu::Impl::spoke_forward(Spoke& d, const DeviceSlice& s) {
-  const int g = d.id, rows = s.rows();
+  const int g = d.id, dev = d.gpu, rows = s.rows();
   const std::size_t bytes = std::size_t(rows) * H * sizeof(bf16);
   // GPU 0's own experts read and write the hub's buffers directly: its rows never travel.
   bf16* gathered = g == 0 ? d.xp.get() : send.get() + std::size_t(s.base) * H;
@@ -276,17 +290,17 @@ void HubGpu::Impl::spoke_forward(Spoke& d, const DeviceSlice& s) {
   CUDA_CHECK(cudaEventRecord(d.gather0, d.hub_stream));
   gpu::permute_rows(x.get(), index.get() + s.base, rows, k, H, gathered, d.hub_stream);
   CUDA_CHECK(cudaEventRecord(d.gather1, d.hub_stream));
-  if (g != 0 && bytes) CUDA_CHECK(cudaMemcpyPeerAsync(d.xp.get(), g, gathered, 0, bytes, d.hub_stream));
+  if (g != 0 && bytes) CUDA_CHECK(cudaMemcpyPeerAsync(d.xp.get(), dev, gathered, 0, bytes, d.hub_stream));
   CUDA_CHECK(cudaEventRecord(d.out1, d.hub_stream));
 
-  CUDA_CHECK(cudaSetDevice(g));
+  CUDA_CHECK(cudaSetDevice(dev));
   CUDA_CHECK(cudaStreamWaitEvent(d.stream, d.out1, 0));  // g's rows have arrived
   CUDA_CHECK(cudaEventRecord(d.experts0, d.stream));
   if (rows) gpu::grouped_experts(d.blas, d.weights, d.xp.get(), d.offsets.get(), s.offsets.data(), rows, result, d.ws,
                                  d.stream);
   CUDA_CHECK(cudaEventRecord(d.experts1, d.stream));
   if (g != 0 && bytes)
-    CUDA_CHECK(cudaMemcpyPeerAsync(recv.get() + std::size_t(s.base) * H, 0, result, g, bytes, d.stream));
+    CUDA_CHECK(cudaMemcpyPeerAsync(recv.get() + std::size_t(s.base) * H, 0, result, dev, bytes, d.stream));
   CUDA_CHECK(cudaEventRecord(d.back1, d.stream));
 }
 
@@ -339,10 +353,10 @@ HubRun HubGpu::forward() {
   for (int g = 0; g < N; ++g) {
     Spoke& d = *m.spokes[g];
     const DeviceSlice& s = L.dev[g];
-    d.xp.reserve(g, std::size_t(s.rows()) * H);
-    d.yp.reserve(g, std::size_t(s.rows()) * H);
-    d.offsets.reserve(g, s.offsets.size());
-    DeviceScope on(g);
+    d.xp.reserve(d.gpu, std::size_t(s.rows()) * H);
+    d.yp.reserve(d.gpu, std::size_t(s.rows()) * H);
+    d.offsets.reserve(d.gpu, s.offsets.size());
+    DeviceScope on(d.gpu);
     // Pageable source: cudaMemcpyAsync returns once it has staged the bytes, so s.offsets may change later.
     CUDA_CHECK(cudaMemcpyAsync(d.offsets.get(), s.offsets.data(), s.offsets.size() * 4, cudaMemcpyHostToDevice,
                                d.stream));
@@ -383,7 +397,7 @@ HubRun HubGpu::forward() {
     DeviceTimes& t = run.times.dev[g];
     t.gather_ms = elapsed_ms(d.gather0, d.gather1);
     t.copy_out_ms = elapsed_ms(d.gather1, d.out1);
-    DeviceScope on(g);  // events are compared on the GPU that recorded them
+    DeviceScope on(d.gpu);  // events are compared on the GPU that recorded them
     t.experts_ms = elapsed_ms(d.experts0, d.experts1);
     t.copy_back_ms = elapsed_ms(d.experts1, d.back1);
   }

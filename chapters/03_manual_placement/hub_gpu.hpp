@@ -21,9 +21,11 @@ namespace eplab::ch03 {
 
 class HubGpu {
  public:
-  // gate: [E, H] (uploaded to GPU 0); dev_weights[g]: the experts GPU g holds (uploaded to GPU g).
+  // gate: [E, H] (uploaded to GPU 0); dev_weights[g]: the experts device g holds (uploaded to its GPU).
+  // gpu_of[g]: the physical GPU of device g; empty = device g on GPU g. All zeros (--share-gpu) runs every
+  // device on GPU 0, which exercises the multi-GPU code path (layout, copies, events) on a one-GPU machine.
   HubGpu(std::span<const bf16_bits> gate, const std::vector<MoeLayerWeights>& dev_weights, RouterKind router,
-         int top_k, float jitter_eps);
+         int top_k, float jitter_eps, std::vector<int> gpu_of = {});
   ~HubGpu();
   HubGpu(const HubGpu&) = delete;
   HubGpu& operator=(const HubGpu&) = delete;

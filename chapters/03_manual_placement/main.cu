@@ -186,15 +186,15 @@ MoeLayerWeights phi_tiny_random_layer(std::uint64_t seed) {
 
 // --- the GPU benchmark ----------------------------------------------------------------------------------
 
-int run_bench(int N, PlacementKind kind, const std::vector<int>& sizes, int iters, std::uint64_t seed,
-              const std::string& json_path, const std::string& device) {
+int run_bench(int N, const std::vector<int>& gpu_of, PlacementKind kind, const std::vector<int>& sizes, int iters,
+              std::uint64_t seed, const std::string& json_path, const std::string& device) {
   std::printf("--bench: Phi-tiny-MoE layer shape (H=4096, I=448, E=16, top-2 sparsemixer), random bf16 weights\n");
   const MoeLayerWeights all = phi_tiny_random_layer(seed);
   const Placement pl(kind, all.num_experts, N);
   print_placement(pl, "GPU");
   std::vector<MoeLayerWeights> dev_w;
   for (int g = 0; g < N; ++g) dev_w.push_back(take_experts(all, pl.experts_of(g)));
-  HubGpu hub(all.gate, dev_w, RouterKind::SparseMixer, 2, 0.01f);
+  HubGpu hub(all.gate, dev_w, RouterKind::SparseMixer, 2, 0.01f, gpu_of);
   for (const std::string& n : hub.notes()) std::printf("%s\n", n.c_str());
 
   // The first size is also checked against the CPU reference (small, so the reference is quick).
@@ -256,7 +256,7 @@ int main(int argc, char** argv) {
     LayerOptions lopt;
     int gpus = 0, iters = 5;
     std::string placement = "linear";
-    bool bench = false;
+    bool bench = false, share_gpu = false;
     std::vector<int> bench_tokens{128, 1024, 4096, 16384};
     add_common_options(app, opt);
     add_layer_options(app, lopt);
@@ -267,6 +267,8 @@ int main(int argc, char** argv) {
     app.add_option("--iters", iters, "timed runs (the time split is their median)")->capture_default_str();
     app.add_flag("--bench", bench, "GPU: time the hub at Phi-tiny-MoE's layer shape for several token counts");
     app.add_option("--bench-tokens", bench_tokens, "token counts for --bench");
+    app.add_flag("--share-gpu", share_gpu,
+                 "GPU: put all --gpus N devices on GPU 0 (tests the multi-GPU path on one GPU; times meaningless)");
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
     const bool gpus_given = app.count("--gpus") > 0;
     require(!gpus_given || gpus >= 1, "--gpus must be >= 1, got ", gpus);
@@ -276,22 +278,30 @@ int main(int argc, char** argv) {
     const DeviceChoice dev = choose_device(opt.device);
     const bool on_gpu = dev.backend == Backend::Gpu;
     const char* unit = on_gpu ? "GPU" : "device";
-    require(!on_gpu || !gpus_given || gpus <= dev.gpu_count, "--gpus ", gpus, ": only ", dev.gpu_count,
+    require(!on_gpu || share_gpu || !gpus_given || gpus <= dev.gpu_count, "--gpus ", gpus, ": only ", dev.gpu_count,
             " GPU(s) present; use --gpus ", dev.gpu_count, " or fewer, or --device cpu to simulate ", gpus, " devices");
+    require(!share_gpu || on_gpu, "--share-gpu needs a GPU (on the CPU every device is simulated anyway)");
+    // Devices per GPU: g on GPU g, or all on GPU 0 with --share-gpu.
+    auto gpu_map = [&](int N) {
+      std::vector<int> m(N, 0);
+      for (int g = 0; g < N && !share_gpu; ++g) m[g] = g;
+      return m;
+    };
+    const int default_n = on_gpu && !share_gpu ? dev.gpu_count : 4;
 
     if (bench) {
       require(on_gpu, "--bench times the GPU path; no GPU here (", dev.description,
               "). Without --bench the CPU run prints the same time split");
       for (int t : bench_tokens) require(t >= 1, "--bench-tokens must be >= 1, got ", t);
-      const int N = gpus_given ? gpus : std::min(dev.gpu_count, 16);
+      const int N = gpus_given ? gpus : std::min(default_n, 16);
       require(N <= 16, "--gpus ", N, ": the Phi-tiny layer has only 16 experts; use --gpus 16 or fewer");
       std::printf("device: %s, %d GPU(s) present\n", dev.description.c_str(), dev.gpu_count);
-      return run_bench(N, kind, bench_tokens, iters, opt.seed, opt.json, dev.description);
+      return run_bench(N, gpu_map(N), kind, bench_tokens, iters, opt.seed, opt.json, dev.description);
     }
 
     const Checkpoint ckpt = Checkpoint::open(opt.model);
     const int E = ckpt.config().num_local_experts;
-    const int N = gpus_given ? gpus : std::min(on_gpu ? dev.gpu_count : 4, E);
+    const int N = gpus_given ? gpus : std::min(default_n, E);
     require(N <= E, "--gpus ", N, ": the layer has only ", E, " experts, so some ", unit,
             " would hold none; use --gpus ", E, " or fewer");
 
@@ -303,7 +313,8 @@ int main(int argc, char** argv) {
     for (int g = 0; g < N; ++g) dev_w.push_back(load_moe_layer(ckpt, lopt.layer, pl.experts_of(g)));
 
     std::printf("device: %s\n", dev.description.c_str());
-    if (on_gpu) std::printf("%d GPU(s) in one process, GPU 0 is the hub\n", N);
+    if (on_gpu && share_gpu) std::printf("%d logical GPUs, all on GPU 0 (--share-gpu), device 0 is the hub\n", N);
+    else if (on_gpu) std::printf("%d GPU(s) in one process, GPU 0 is the hub\n", N);
     else std::printf("%d simulated devices: one host thread each, memcpy stands in for peer copies\n", N);
     std::printf("model %s: layer %d, H=%d, I=%d, E=%d, router %s, top-%d, T=%d\n", opt.model.c_str(), lopt.layer, H,
                 p.weights.inter, E, router_name(p.router), p.top_k, T);
@@ -317,7 +328,7 @@ int main(int argc, char** argv) {
     std::vector<float> y;
     double tolerance;
     if (on_gpu) {
-      HubGpu hub(p.weights.gate, dev_w, p.router, p.top_k, p.jitter_eps);
+      HubGpu hub(p.weights.gate, dev_w, p.router, p.top_k, p.jitter_eps, gpu_map(N));
       for (const std::string& n : hub.notes()) std::printf("%s\n", n.c_str());
       hub.set_input(p.x_bf16, T);
       hub.forward();  // warm-up: cuBLAS handles, buffers, peer mappings

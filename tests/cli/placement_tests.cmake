@@ -51,6 +51,7 @@ eplab_expect_error(NAME ${_ch}_negative_tokens REGEX "--tokens must be >= 0"
 eplab_expect_error(NAME ${_ch}_bad_layer REGEX "--layer 99 is out of range" COMMAND ${_bin} ${_m} --device cpu --layer 99)
 eplab_expect_error(NAME ${_ch}_missing_model REGEX "does not exist" COMMAND ${_bin} --model /nonexistent/model --device cpu)
 eplab_expect_error(NAME ${_ch}_bench_on_cpu REGEX "--bench times the GPU path" COMMAND ${_bin} --device cpu --bench)
+eplab_expect_error(NAME ${_ch}_share_gpu_on_cpu REGEX "--share-gpu needs a GPU" COMMAND ${_bin} --device cpu --share-gpu)
 list(APPEND _needs_model ${_ch}_gpus_0 ${_ch}_gpus_17 ${_ch}_bad_placement ${_ch}_negative_tokens ${_ch}_bad_layer)
 
 set_tests_properties(${_needs_model} PROPERTIES FIXTURES_REQUIRED eplab_mini_model)
@@ -65,6 +66,20 @@ foreach(p linear round-robin)
   eplab_gpu_test(NAME ${_ch}_gpu_one_${p} REGEX "CHECK PASS 03_manual_placement: 1 GPU"
                  COMMAND ${_bin} ${_m} --device gpu --gpus 1 --placement ${p} --tokens 333)
 endforeach()
+# The multi-GPU code path (layout, peer copies, per-device streams and events) on any GPU count:
+# --share-gpu runs N logical devices on GPU 0, so a one-GPU machine still exercises g != 0.
+foreach(n 2 3 4)
+  foreach(p linear round-robin)
+    eplab_gpu_test(NAME ${_ch}_gpu_share_n${n}_${p} REGEX "CHECK PASS 03_manual_placement: ${n} GPUs"
+                   COMMAND ${_bin} ${_m} --device gpu --share-gpu --gpus ${n} --placement ${p} --tokens 1000)
+  endforeach()
+endforeach()
+foreach(T 0 1 7)
+  eplab_gpu_test(NAME ${_ch}_gpu_share_n3_T${T} REGEX "CHECK PASS"
+                 COMMAND ${_bin} ${_m} --device gpu --share-gpu --gpus 3 --placement round-robin --tokens ${T})
+endforeach()
+eplab_gpu_test(NAME ${_ch}_gpu_share_n16 REGEX "CHECK PASS"
+               COMMAND ${_bin} ${_m} --device gpu --share-gpu --gpus 16 --tokens 64)
 eplab_gpu_test(NAME ${_ch}_gpu_softmax_top4 REGEX "CHECK PASS"
                COMMAND ${_bin} ${_m} --device gpu --router softmax --top-k 4 --tokens 333)
 # More GPUs than present: a clear error, whatever the machine (64 is more than any node has).
