@@ -28,6 +28,7 @@
 #include "moe/reference.hpp"
 #include "moe/routing.hpp"
 #include "moe_gpu.hpp"
+#include "random_init.cuh"
 #include "swiglu.cuh"
 
 using namespace eplab;
@@ -59,6 +60,12 @@ MoeLayerWeights random_layer(int H, int I, int E, std::uint64_t seed) {
   fill(w.w1, size_t(E) * I * H, sh);
   fill(w.w3, size_t(E) * I * H, sh);
   fill(w.w2, size_t(E) * H * I, si);
+  return w;
+}
+
+// Phi-tiny-MoE's layer shape, generated once for the tests that need it (~88 M random values).
+const MoeLayerWeights& phi_layer() {
+  static const MoeLayerWeights w = random_layer(4096, 448, 16, 26);
   return w;
 }
 
@@ -367,12 +374,90 @@ TEST_CASE("grouped_experts: H and I not multiples of 8 fall back to the per-expe
 }
 
 TEST_CASE("grouped_experts at the Phi-tiny expert shape (H=4096, I=448), every strategy") {
-  const MoeLayerWeights w = random_layer(4096, 448, 16, 26);
+  const MoeLayerWeights& w = phi_layer();
   Rng rng(27);
   for (int rows : {2, 64, 96}) {
     CAPTURE(rows);
     check_grouped_all_strategies(w, random_counts(rng, rows, 16), 300 + rows);
   }
+}
+
+TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 16384): agreement, and timings") {
+  // Every strategy on the same rows: sampled rows against expert_forward_cpu, all rows against
+  // weight-stream. The median times are printed for the record (choosing the large-rows default).
+  const MoeLayerWeights& w = phi_layer();
+  const int H = w.hidden, I = w.inter, E = w.num_experts;
+  const DeviceExperts dev(w);
+  const Cublas blas;
+  Rng rng(81);
+  cudaEvent_t ev0, ev1;
+  CUDA_CHECK(cudaEventCreate(&ev0));
+  CUDA_CHECK(cudaEventCreate(&ev1));
+  for (int rows : {8192, 32768}) {
+    CAPTURE(rows);
+    std::vector<int> counts(size_t(E), 0);
+    for (int r = 0; r < rows; ++r) ++counts[size_t(rng.next_u64() % unsigned(E))];
+    const std::vector<int> off = offsets_of(counts);
+    Stream s;
+    DevBuf<bf16_bits> d_xp(size_t(rows) * H), d_yp(size_t(rows) * H);
+    DevBuf<int> d_off(off);
+    gpu::fill_random_bf16(as_bf16(d_xp), size_t(rows) * H, 1.f, 1234 + rows, s);
+    s.sync();
+    const std::vector<float> xp = bf16_to_float(std::span<const bf16_bits>(d_xp.download()));
+    // Sampled rows: the first and last row of every expert, plus every 257th row.
+    std::vector<std::pair<int, int>> sample;  // (row, expert)
+    for (int e = 0; e < E; ++e)
+      for (int r = off[size_t(e)]; r < off[size_t(e) + 1]; ++r)
+        if (r == off[size_t(e)] || r == off[size_t(e) + 1] - 1 || r % 257 == 0) sample.emplace_back(r, e);
+    std::vector<float> want(sample.size() * H);
+    for (size_t i = 0; i < sample.size(); ++i)
+      expert_forward_cpu(w, sample[i].second, &xp[size_t(sample[i].first) * H], &want[i * H], true);
+
+    gpu::GroupedWorkspace ws;
+    std::vector<float> stream_y;
+    for (gpu::GroupedStrategy st : {gpu::GroupedStrategy::WeightStream, gpu::GroupedStrategy::CublasGrouped,
+                                    gpu::GroupedStrategy::CublasLoop, gpu::GroupedStrategy::CublasStreams}) {
+      INFO("strategy " << gpu::grouped_strategy_name(st));
+      ws.strategy = st;
+      auto run = [&] {
+        gpu::grouped_experts(blas.h, dev.view, as_bf16(d_xp), d_off.get(), off.data(), rows, as_bf16(d_yp), ws, s);
+      };
+      d_yp.poison();
+      device_sync();
+      run();  // warm-up: workspace growth, cuBLAS heuristics
+      s.sync();
+      CHECK(ws.last_used == st);
+      std::vector<float> ms;
+      for (int rep = 0; rep < 5; ++rep) {
+        CUDA_CHECK(cudaEventRecord(ev0, s));
+        run();
+        CUDA_CHECK(cudaEventRecord(ev1, s));
+        CUDA_CHECK(cudaEventSynchronize(ev1));
+        float t = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&t, ev0, ev1));
+        ms.push_back(t);
+      }
+      s.sync();
+      std::sort(ms.begin(), ms.end());
+      const double flops = 6.0 * rows * H * I;
+      MESSAGE("grouped_experts rows=", rows, " ", gpu::grouped_strategy_name(st), ": median ", ms[2], " ms, ",
+              flops / (ms[2] * 1e-3) / 1e12, " TFLOP/s");
+      const std::vector<float> y = bf16_to_float(std::span<const bf16_bits>(d_yp.download()));
+      std::vector<float> got(sample.size() * H);
+      for (size_t i = 0; i < sample.size(); ++i)
+        std::copy_n(&y[size_t(sample[i].first) * H], H, &got[i * H]);
+      const double rel = rel_l2(got, want);
+      CHECK_MESSAGE(rel <= kYTol, "sampled rows: rel-L2 vs expert_forward_cpu = ", rel);
+      if (stream_y.empty()) {
+        stream_y = y;
+      } else {
+        const double d = rel_l2(y, stream_y);
+        CHECK_MESSAGE(d <= kYTol, "all rows: rel-L2 vs weight-stream = ", d);
+      }
+    }
+  }
+  cudaEventDestroy(ev0);
+  cudaEventDestroy(ev1);
 }
 
 TEST_CASE("GpuMoeLayer vs moe_layer_reference: naive and grouped paths, sparsemixer and softmax-top-k") {
@@ -395,7 +480,7 @@ TEST_CASE("GpuMoeLayer: H and I not multiples of 8 (scalar kernels, per-expert c
 }
 
 TEST_CASE("GpuMoeLayer at the Phi-tiny layer shape (H=4096, I=448, E=16, top-2)") {
-  const MoeLayerWeights w = random_layer(4096, 448, 16, 48);
+  const MoeLayerWeights& w = phi_layer();
   sweep_layer(w, RouterKind::SparseMixer, {1, 3, 40}, false, 49);
 }
 
