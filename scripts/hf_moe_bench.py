@@ -130,7 +130,6 @@ def main():
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (smoke test, not a measurement)"
     print(f"GPU {gpu}, torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")
     print(f"PhimoeSparseMoeBlock: hidden {H}, intermediate {I}, {E} experts, top-{K}, sparsemixer, bf16")
-    torch.backends.cuda.matmul.allow_tf32 = False
     impls = available_impls()
 
     # Same weights and inputs for every implementation: check they agree before timing them.

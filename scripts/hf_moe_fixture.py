@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the HF transformers reference fixture that ties EP Lab's CPU reference to `phimoe`.
 
-Run on a machine with torch and transformers >= 5 (no GPU needed; everything runs on the CPU in fp32):
+Run on a machine with torch and transformers >= 5.1 (no GPU needed; everything runs on the CPU in fp32):
 
     PYTHONUNBUFFERED=1 python3 scripts/hf_moe_fixture.py            # writes tests/data/hf_tiny_phimoe/
 
@@ -64,7 +64,7 @@ def tiny_config():
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_local_experts=16, num_experts_per_tok=2, router_jitter_noise=0.01, input_jitter_noise=0.0,
         hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=4096, sliding_window=2047,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_theta=10000.0,  # transformers 5 files it under rope_parameters
         attention_bias=True, lm_head_bias=True, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2)
 
@@ -155,8 +155,11 @@ def run_recorded(model, cfg, ids):
         hooks.append(block.register_forward_hook(block_hook))
 
         def router_hook(m, i, o, p=p):
-            if isinstance(o, tuple):  # transformers 5: (router_logits, multipliers, selected_experts)
-                logits, w, sel = o[0], o[1], o[2]
+            if isinstance(o, tuple) and len(o) == 3:  # transformers >= 5.3: (logits, multipliers, experts)
+                logits, w, sel = o
+            elif isinstance(o, tuple):  # 5.1-5.2: (multipliers, experts); the logits are the Linear's output
+                w, sel = o
+                logits = torch.nn.functional.linear(i[0], m.weight)
             else:  # a router that returns logits only: sparsemixer is applied by the block
                 logits = o
                 w, sel = modeling_phimoe.sparsemixer(logits, jitter_eps=cfg.router_jitter_noise, training=False)
@@ -294,6 +297,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)  # deterministic fp32 summation order on the CPU
     torch.use_deterministic_algorithms(True)
+    major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+    if major_minor < (5, 1):
+        # 5.0's phimoe uses RMSNorm instead of LayerNorm and cannot read the checkpoint's block_sparse_moe names
+        sys.exit(f"error: transformers {transformers.__version__} has a broken phimoe; use transformers >= 5.1")
     cfg = tiny_config()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, seed {SEED}")
 

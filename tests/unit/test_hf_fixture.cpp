@@ -37,7 +37,7 @@ namespace {
 
 const std::string kDir = std::string(EPLAB_TEST_DATA) + "/hf_tiny_phimoe";
 const std::string kHowTo =
-    "run `PYTHONUNBUFFERED=1 python3 scripts/hf_moe_fixture.py` on a machine with torch and transformers >= 5 "
+    "run `PYTHONUNBUFFERED=1 python3 scripts/hf_moe_fixture.py` on a machine with torch and transformers >= 5.1 "
     "and commit tests/data/hf_tiny_phimoe/ (see scripts/README.md)";
 
 bool fixture_present() {
