@@ -10,7 +10,8 @@
 //
 // Why two strategies. The work is 6·rows·H·I flops against 6·n_touched·H·I bytes of weights, so the
 // arithmetic intensity is ~rows / n_touched flops per byte (2 flops per multiply-add, 2 bytes per bf16).
-// H100/H200 need ~300 flops/byte before bf16 tensor cores are the limit, so:
+// H100/H200 need ~200-300 flops/byte (989 dense bf16 TFLOP/s over 3.35-4.8 TB/s) before bf16 tensor cores
+// are the limit, so:
 //
 //  (1) WeightStream, small rows (decode; default rows <= 64): the layer is a pure weight stream. At T = 1
 //      (Phi-tiny: 2 experts x 5.5 M params x 2 B = 22 MB) the floor is ~5 us at 4.8 TB/s, and anything
@@ -58,8 +59,18 @@
 //
 // Threshold: small_rows_max = 64 rows (T = 32 at top-2). Below it WeightStream reads every weight once
 // and has no host round trip; above it the CUDA-core FMAs (6·rows·H·I) and per-8-row passes start to
-// cost more than the host round trip plus tensor-core GEMMs. It is a knob of the workspace, tune it with
+// cost more than the host round trip plus tensor-core GEMMs. It is a knob of the workspace (env
+// EPLAB_SMALL_ROWS, and EPLAB_EXPERTS to force a strategy, through GpuMoeLayer); tune it with
 // 02_moe_grouped --bench.
+//
+// Budget at Phi-tiny's shape (H = 4096, I = 448, E = 16, top-2) against the step's targets on an H200:
+//   T = 1:     22 MB of weights -> ~5 us here; the rest of the 30 us goes to ~7 other tiny kernels, which is
+//              why the layer replays the whole sync-free forward as one CUDA graph.
+//   T = 4096:  6·8192·4096·448 = 90 GFLOP -> ~0.14 ms at ~650 TFLOP/s, leaving ~0.2 ms of the 0.35 ms for
+//              router, plan, permute (reads x, writes 2x), SwiGLU and combine (~0.3 GB of traffic).
+//   T = 16384: 360 GFLOP -> ~0.55 ms, leaving ~0.45 ms of the 1.0 ms for ~1.2 GB of memory-bound traffic.
+//   So the large path must keep the GEMMs at >= 60% of peak: one grouped launch over all experts, the
+//   fast "TN" layout, and no per-expert host work beyond building small argument arrays.
 //
 // Empty experts are skipped by every strategy; rows = 0 returns without launching anything.
 // The workspace (gate_up, h, pointer arrays, pinned offsets, extra streams) grows on demand and never
