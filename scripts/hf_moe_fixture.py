@@ -39,6 +39,8 @@ import shutil
 import sys
 import tempfile
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a network that is not there
+
 import torch
 
 try:
