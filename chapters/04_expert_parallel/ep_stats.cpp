@@ -5,7 +5,8 @@
 namespace eplab {
 
 StageStats time_forwards(EpLayer& layer, dist::Communicator& comm, int iters) {
-  std::vector<double> r, d, e, c, t;
+  std::vector<double> r, d, e, c, t, mr, md, me, mc;
+  const double N = comm.size();
   for (int i = 0; i < iters; ++i) {
     comm.barrier();
     const EpTimes x = layer.forward();
@@ -14,8 +15,14 @@ StageStats time_forwards(EpLayer& layer, dist::Communicator& comm, int iters) {
     e.push_back(comm.max(x.experts_ms));
     c.push_back(comm.max(x.combine_ms));
     t.push_back(comm.max(x.total_ms()));
+    mr.push_back(comm.sum(x.route_ms) / N);
+    md.push_back(comm.sum(x.dispatch_ms) / N);
+    me.push_back(comm.sum(x.experts_ms) / N);
+    mc.push_back(comm.sum(x.combine_ms) / N);
   }
-  return {median(r), median(d), median(e), median(c), median(t)};
+  StageStats s{median(r), median(d), median(e), median(c), median(t), {}};
+  s.mean = {median(mr), median(md), median(me), median(mc)};
+  return s;
 }
 
 std::pair<double, double> time_raw_exchange(EpLayer& layer, dist::Communicator& comm, int iters) {

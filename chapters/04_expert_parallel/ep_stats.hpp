@@ -17,7 +17,8 @@
 namespace eplab {
 
 struct StageStats {
-  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0, total_ms = 0;
+  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0, total_ms = 0;  // max over ranks
+  EpTimes mean;  // the same stages, mean over ranks: max >> mean means ranks wait for each other
 };
 
 // iters forwards, each started together (barrier); max over ranks, median over forwards.

@@ -82,8 +82,10 @@ std::string Placement::str() const {
   if (even())
     s += strf("%d per rank)\n", num_experts_ / num_ranks_);
   else
-    s += strf("uneven: the first %d ranks hold %d, the others %d)\n", num_experts_ % num_ranks_, max_local(),
-              num_experts_ / num_ranks_);
+    s += num_experts_ % num_ranks_ == 1
+             ? strf("uneven: rank 0 holds %d, the others %d)\n", max_local(), num_experts_ / num_ranks_)
+             : strf("uneven: ranks 0-%d hold %d, the others %d)\n", num_experts_ % num_ranks_ - 1, max_local(),
+                    num_experts_ / num_ranks_);
   const int w = num_ranks_ > 10 ? 2 : 1;
   for (int r = 0; r < num_ranks_; ++r) {
     s += strf("  rank %*d: experts", w, r);

@@ -1,0 +1,108 @@
+# Chapter 04 (expert parallelism) under mpirun.
+#  CPU (always): N = 1..4 ranks x linear / round-robin placement (and the direct layout) must print
+#  CHECK PASS; the output must not depend on N, placement or layout; bad set-ups and a dying rank must
+#  end every rank with a non-zero exit and no hang.
+#  GPU (label gpu): NCCL on 1 and 2 GPUs, the NCCL failure path and a short --bench; skipped (exit 77)
+#  on machines with fewer GPUs than the test needs.
+if(NOT TARGET 04_expert_parallel OR NOT MPIEXEC_EXECUTABLE)
+  return()
+endif()
+
+set(_ep $<TARGET_FILE:04_expert_parallel>)
+# --oversubscribe: more ranks than cores is fine for tests. --allow-run-as-root: CI containers run as root.
+set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
+set(_m --model ${EPLAB_TEST_MODEL})
+# Containers often forbid the cross-process memory attach (CMA) Open MPI's shared-memory transport uses.
+set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
+
+function(_ep_props name)
+  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" ${ARGN})
+endfunction()
+
+# --- the CPU path: every N, both placements; the direct layout too
+foreach(np 1 2 3 4)
+  foreach(pl linear round-robin)
+    eplab_expect_pass(NAME ep_cpu_np${np}_${pl} REGEX "CHECK PASS 04_expert_parallel: N=${np} ${pl} permute"
+                      COMMAND ${_mpirun} -np ${np} ${_ep} ${_m} --device cpu --tokens 8 --placement ${pl})
+    _ep_props(ep_cpu_np${np}_${pl} TIMEOUT 120)
+  endforeach()
+  eplab_expect_pass(NAME ep_cpu_np${np}_direct REGEX "CHECK PASS 04_expert_parallel: N=${np} round-robin direct"
+                    COMMAND ${_mpirun} -np ${np} ${_ep} ${_m} --device cpu --tokens 8 --placement round-robin
+                            --layout direct)
+  _ep_props(ep_cpu_np${np}_direct TIMEOUT 120)
+endforeach()
+# uneven split (16 experts on 3 ranks) is accepted the vLLM way and says so
+eplab_expect_pass(NAME ep_cpu_uneven_map REGEX "uneven: rank 0 holds 6, the others 5"
+                  COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --tokens 4)
+_ep_props(ep_cpu_uneven_map TIMEOUT 120)
+# empty batches and another layer, softmax top-4 routing
+eplab_expect_pass(NAME ep_cpu_zero_tokens REGEX "CHECK PASS"
+                  COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --tokens 0)
+_ep_props(ep_cpu_zero_tokens TIMEOUT 120)
+eplab_expect_pass(NAME ep_cpu_softmax_top4 REGEX "CHECK PASS"
+                  COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --tokens 6 --router softmax --top-k 4 --layer 1
+                          --placement round-robin)
+_ep_props(ep_cpu_softmax_top4 TIMEOUT 120)
+# --json is written and names the verdict
+eplab_expect_pass(NAME ep_cpu_json COMMAND ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_ep}
+                  -DMODEL=${EPLAB_TEST_MODEL} -DOUT=${CMAKE_CURRENT_BINARY_DIR}/ep_cpu.json
+                  -P ${EPLAB_SOURCE_DIR}/tests/cli/ep_json.cmake)
+_ep_props(ep_cpu_json TIMEOUT 120)
+
+# --- the answer does not depend on N, placement or layout (one global batch of 24 tokens)
+add_test(NAME ep_cpu_same_output_any_n
+         COMMAND ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_ep} -DMODEL=${EPLAB_TEST_MODEL}
+                 -P ${EPLAB_SOURCE_DIR}/tests/cli/ep_same_output.cmake)
+set_tests_properties(ep_cpu_same_output_any_n PROPERTIES LABELS cli)
+_ep_props(ep_cpu_same_output_any_n TIMEOUT 300)
+
+# --- failures: a clear "error:" line, a non-zero exit on every rank, no hang
+eplab_expect_error(NAME ep_cpu_more_ranks_than_experts REGEX "17 ranks but the layer has only 16 experts"
+                   COMMAND ${_mpirun} -np 17 ${_ep} ${_m} --device cpu)
+eplab_expect_error(NAME ep_cpu_unknown_flag REGEX "--frobnicate"
+                   COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --frobnicate)
+eplab_expect_error(NAME ep_cpu_bad_placement REGEX "--placement"
+                   COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --placement random)
+eplab_expect_error(NAME ep_cpu_rank_exits_early REGEX "exiting early on purpose"
+                   COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --fail-rank 1)
+eplab_expect_error(NAME ep_cpu_ranks_disagree REGEX "tokens is 5 but rank 0's is 4"
+                   COMMAND ${_mpirun} -np 1 ${_ep} ${_m} --device cpu --tokens 4 : -np 1 ${_ep} ${_m} --device cpu
+                           --tokens 5)
+eplab_expect_error(NAME ep_cpu_missing_model REGEX "does not exist"
+                   COMMAND ${_mpirun} -np 2 ${_ep} --model ${CMAKE_CURRENT_BINARY_DIR}/no-such-model --device cpu)
+foreach(t more_ranks_than_experts unknown_flag bad_placement rank_exits_early ranks_disagree missing_model)
+  _ep_props(ep_cpu_${t} TIMEOUT 60)
+endforeach()
+
+# --- GPU: NCCL. ep_gpu_or_skip.sh MIN_GPUS skips (77) with fewer GPUs.
+set(_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
+function(_ep_gpu name min_gpus regex)
+  add_test(NAME ${name} COMMAND ${_skip} ${min_gpus} ${ARGN})
+  set_tests_properties(${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 600)
+  if(regex)
+    set_tests_properties(${name} PROPERTIES PASS_REGULAR_EXPRESSION "${regex}")
+  endif()
+  _ep_props(${name})
+endfunction()
+_ep_gpu(ep_gpu_np1 1 "CHECK PASS 04_expert_parallel: N=1"
+        ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --tokens 64)
+foreach(pl linear round-robin)
+  foreach(lay permute direct)
+    _ep_gpu(ep_gpu_np2_${pl}_${lay} 2 "CHECK PASS 04_expert_parallel: N=2 ${pl} ${lay}"
+            ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 256 --placement ${pl} --layout ${lay})
+  endforeach()
+endforeach()
+_ep_gpu(ep_gpu_np2_small 2 "CHECK PASS 04_expert_parallel: N=2"
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 3 --placement round-robin)
+_ep_gpu(ep_gpu_np2_zero_tokens 2 "CHECK PASS 04_expert_parallel: N=2"
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 0)
+_ep_gpu(ep_gpu_np2_softmax_top4 2 "CHECK PASS 04_expert_parallel: N=2"
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 100 --router softmax --top-k 4 --layer 2)
+# a dying rank under NCCL: every rank ends, non-zero, well inside the timeout
+_ep_gpu(ep_gpu_np2_rank_exits_early 2 ""
+        ${CMAKE_COMMAND} -DREGEX=exiting.early.on.purpose -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake --
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --fail-rank 1)
+set_tests_properties(ep_gpu_np2_rank_exits_early PROPERTIES TIMEOUT 60)
+# a short benchmark (Phi-tiny shape, random weights) checks its own output before timing
+_ep_gpu(ep_gpu_np2_bench 2 "CHECK PASS 04_expert_parallel --bench"
+        ${_mpirun} -np 2 ${_ep} --bench --bench-tokens 128 1024 --bench-iters 3)
