@@ -17,6 +17,7 @@
 //      mpirun -np 2 04_expert_parallel --bench                      Phi-tiny layer shape, T = 128 .. 16384
 #include <cstdio>
 #include <cstdlib>
+#include <iostream>
 #include <optional>
 
 #include "device.hpp"
@@ -135,7 +136,9 @@ int run(int argc, char** argv) {
 
   std::optional<int> early;
   dist::all_or_none(*mpi, [&] {
+    if (rank != 0) std::cout.setstate(std::ios::failbit);  // --help: printed once, by rank 0
     early = parse_cli(app, argc, argv);
+    std::cout.clear();
     require(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
     require(o.bench_iters >= 1, "--bench-iters must be >= 1, got ", o.bench_iters);
     require(o.layer.tokens >= 0, "--tokens must be >= 0, got ", o.layer.tokens);
@@ -327,6 +330,9 @@ int run(int argc, char** argv) {
          {"times_ms",
           {{"route", st.route_ms}, {"dispatch", st.dispatch_ms}, {"experts", st.experts_ms}, {"combine", st.combine_ms},
            {"total", st.total_ms}, {"raw_dispatch", raw_d}, {"raw_combine", raw_c}}},
+         {"mean_times_ms",
+          {{"route", st.mean.route_ms}, {"dispatch", st.mean.dispatch_ms}, {"experts", st.mean.experts_ms},
+           {"combine", st.mean.combine_ms}}},
          {"busbw_gbps", {{"dispatch_combine", both.busbw_gbps}, {"raw", raw.busbw_gbps}}},
          {"rel_l2", check.rel_l2},
          {"max_abs_diff", maxdiff},

@@ -5,4 +5,5 @@ has_gpu=$1; need=$2; shift 2
 n=$("$has_gpu" | grep -o '^[0-9]*' || true)
 n=${n:-0}
 if [ "$n" -lt "$need" ]; then echo "SKIPPED: needs $need GPU(s), found $n"; exit 77; fi
+export EPLAB_GPUS=$n  # for commands that need the count (e.g. one rank more than there are GPUs)
 exec "$@"

@@ -12,6 +12,7 @@ set(_ep $<TARGET_FILE:04_expert_parallel>)
 # --oversubscribe: more ranks than cores is fine for tests. --allow-run-as-root: CI containers run as root.
 set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
 set(_m --model ${EPLAB_TEST_MODEL})
+set(EPLAB_TEST_MODEL_ARG "--model ${EPLAB_TEST_MODEL}")
 # Containers often forbid the cross-process memory attach (CMA) Open MPI's shared-memory transport uses.
 set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
 
@@ -103,6 +104,10 @@ _ep_gpu(ep_gpu_np2_rank_exits_early 2 ""
         ${CMAKE_COMMAND} -DREGEX=exiting.early.on.purpose -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake --
         ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --fail-rank 1)
 set_tests_properties(ep_gpu_np2_rank_exits_early PROPERTIES TIMEOUT 60)
+# one rank more than this node has GPUs: a clear error (on every rank), no hang
+_ep_gpu(ep_gpu_more_ranks_than_gpus 1 ""
+        bash -c "${CMAKE_COMMAND} -DREGEX=NCCL.expert.parallelism.needs.one.GPU.per.rank -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake -- ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root -np $((EPLAB_GPUS+1)) ${_ep} ${EPLAB_TEST_MODEL_ARG} --device gpu")
+set_tests_properties(ep_gpu_more_ranks_than_gpus PROPERTIES TIMEOUT 60)
 # a short benchmark (Phi-tiny shape, random weights) checks its own output before timing
 _ep_gpu(ep_gpu_np2_bench 2 "CHECK PASS 04_expert_parallel --bench"
         ${_mpirun} -np 2 ${_ep} --bench --bench-tokens 128 1024 --bench-iters 3)
