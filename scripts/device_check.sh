@@ -39,5 +39,12 @@ if has sanitizer; then
   run memcheck02 compute-sanitizer --tool memcheck --error-exitcode 1 $B/chapters/02_moe_grouped/02_moe_grouped $M --device gpu --tokens 300
   run memcheck01 compute-sanitizer --tool memcheck --error-exitcode 1 $B/chapters/01_moe_naive/01_moe_naive $M --device gpu --tokens 37
 fi
+if has ep; then  # 2+ GPUs: chapters 03 and 04 on real devices, NCCL, and their benchmarks
+  run ctest_ep bash -c "cd $B && ctest -L gpu -R '^ep_|^03_' --output-on-failure"
+  run bench04 mpirun --allow-run-as-root -np 2 $B/chapters/04_expert_parallel/04_expert_parallel --bench --json "$OUT/bench04.json"
+  cat "$OUT/bench04.log"
+  run bench03 $B/chapters/03_manual_placement/03_manual_placement --bench --json "$OUT/bench03.json"
+  cat "$OUT/bench03.log"
+fi
 echo "device_check: $([ $status = 0 ] && echo ALL OK || echo SOME STEPS FAILED)"
 exit $status
