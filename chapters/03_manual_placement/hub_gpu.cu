@@ -3,13 +3,13 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <exception>
 #include <thread>
 
 #include "combine.cuh"
 #include "cuda_check.hpp"
 #include "grouped_experts.cuh"
-#include "permute.cuh"
 #include "router.cuh"
 #include "routing.cuh"
 #include "util/report.hpp"
@@ -88,6 +88,52 @@ class PinnedBuffer {
   T* p_ = nullptr;
   std::size_t cap_ = 0;
 };
+
+// xs[r, :] = x[assignment[r] / k, :] for the r < rows rows of ONE device's slice.
+//
+// Why not gpu::permute_rows: that kernel is written for the full plan (rows == T*k) and treats any
+// assignment >= rows as invalid, writing a zero row. A device's slice has fewer rows than T*k while its
+// assignments still range over all of [0, T*k), so permute_rows would zero every row whose assignment is
+// >= the slice's row count (about half of all rows with 2 devices: rel-L2 ~0.7 with the routing right).
+// Here the bound is the number of assignments, passed separately. The host checks the assignments before
+// uploading them (HubGpu::forward), so the zero row below is only a last guard against reading outside x.
+// One thread per 16-byte vector (8 bf16) when H % 8 == 0 and both pointers are 16-byte aligned, else one
+// per element; grid-stride, consecutive threads on consecutive vectors of a row (coalesced, bit-exact).
+template <typename V>
+__global__ void gather_slice_kernel(const V* __restrict__ x, const int* __restrict__ assignment, int rows, int k,
+                                    int num_assignments, int per_row, V* __restrict__ xs) {
+  const std::size_t total = std::size_t(rows) * per_row;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const int r = int(i / per_row);
+    const int v = int(i - std::size_t(r) * per_row);
+    const int a = assignment[r];
+    V val{};
+    if (a >= 0 && a < num_assignments) val = x[std::size_t(a / k) * per_row + v];
+    xs[i] = val;
+  }
+}
+
+void gather_slice(const bf16* x, const int* assignment, int rows, int k, int num_assignments, int H, bf16* xs,
+                  cudaStream_t s) {
+  if (rows == 0) return;
+  constexpr int threads = 256;
+  auto grid = [](std::size_t work) {
+    return unsigned(std::min<std::size_t>((work + threads - 1) / threads, std::size_t(1) << 20));
+  };
+  const bool vec = H % 8 == 0 && (reinterpret_cast<std::uintptr_t>(x) & 15u) == 0 &&
+                   (reinterpret_cast<std::uintptr_t>(xs) & 15u) == 0;
+  if (vec) {
+    const int per_row = H / 8;
+    gather_slice_kernel<int4><<<grid(std::size_t(rows) * per_row), threads, 0, s>>>(
+        reinterpret_cast<const int4*>(x), assignment, rows, k, num_assignments, per_row, reinterpret_cast<int4*>(xs));
+  } else {  // bf16 copied as its raw 16 bits
+    gather_slice_kernel<unsigned short><<<grid(std::size_t(rows) * H), threads, 0, s>>>(
+        reinterpret_cast<const unsigned short*>(x), assignment, rows, k, num_assignments, H,
+        reinterpret_cast<unsigned short*>(xs));
+  }
+  CUDA_CHECK_LAUNCH();
+}
 
 float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
@@ -288,7 +334,7 @@ void HubGpu::Impl::spoke_forward(Spoke& d, const DeviceSlice& s) {
   CUDA_CHECK(cudaSetDevice(0));
   CUDA_CHECK(cudaStreamWaitEvent(d.hub_stream, spokes0, 0));  // the index upload is done
   CUDA_CHECK(cudaEventRecord(d.gather0, d.hub_stream));
-  gpu::permute_rows(x.get(), index.get() + s.base, rows, k, H, gathered, d.hub_stream);
+  gather_slice(x.get(), index.get() + s.base, rows, k, T * k, H, gathered, d.hub_stream);
   CUDA_CHECK(cudaEventRecord(d.gather1, d.hub_stream));
   if (g != 0 && bytes) CUDA_CHECK(cudaMemcpyPeerAsync(d.xp.get(), dev, gathered, 0, bytes, d.hub_stream));
   CUDA_CHECK(cudaEventRecord(d.out1, d.hub_stream));
@@ -346,7 +392,19 @@ HubRun HubGpu::forward() {
   m.recv.reserve(0, R * H);
   m.index.reserve(0, R + std::size_t(T) * k);
   m.h_index.reserve(R + std::size_t(T) * k);
-  for (int g = 0; g < N; ++g) std::copy(L.dev[g].assignment.begin(), L.dev[g].assignment.end(), m.h_index.get() + L.dev[g].base);
+  // Guard the kernels' preconditions on the host (they cannot throw): every slice row names an assignment
+  // in [0, T*k) (gather_slice), and every assignment comes back to a row of the receive buffer (combine).
+  require(R == std::size_t(T) * k && L.slot_of.size() == std::size_t(T) * k, "hub layout has ", R, " rows and ",
+          L.slot_of.size(), " slots for T*k = ", std::size_t(T) * k, " assignments");
+  for (int g = 0; g < N; ++g) {
+    const DeviceSlice& s = L.dev[g];
+    require(int(s.assignment.size()) == s.rows() && std::size_t(s.base) + s.rows() <= R, "hub layout: GPU ", g,
+            "'s slice does not fit the send buffer");
+    for (int a : s.assignment) require(a >= 0 && a < T * k, "hub layout: GPU ", g, " gets assignment ", a,
+                                       " outside [0, T*k = ", T * k, ")");
+    std::copy(s.assignment.begin(), s.assignment.end(), m.h_index.get() + s.base);
+  }
+  for (int r : L.slot_of) require(r >= 0 && std::size_t(r) < R, "hub layout: slot ", r, " outside [0, ", R, ")");
   std::copy(L.slot_of.begin(), L.slot_of.end(), m.h_index.get() + R);
   CUDA_CHECK(cudaMemcpyAsync(m.index.get(), m.h_index.get(), (R + std::size_t(T) * k) * 4, cudaMemcpyHostToDevice,
                              m.main));
