@@ -189,6 +189,228 @@ __global__ void __launch_bounds__(k2Warps * 32)
   }
 }
 
+// ---- token-direct small-batch kernels (GpuMoeLayer's decode path: no dispatch plan, no permute) ----
+
+// h[a, i] = bf16(silu(w1_e[i]·x_{a/k}) * (w3_e[i]·x_{a/k})) for every assignment a = t*k + j routed to e.
+// grid (ceil(I / k13Warps), min(n, rows)), block k13Warps * 32, dynamic smem (n + rows) ints. Each block
+// finds its expert (the blockIdx.y-th expert that has rows) and that expert's assignments (in order)
+// from d_ids itself, then streams the weight rows exactly like w13_swiglu_stream, reading x rows
+// through the assignment list instead of a permuted copy.
+__global__ void __launch_bounds__(k13Warps * 32)
+    w13_swiglu_direct(const bf16* __restrict__ w13, const bf16* __restrict__ x, const int* __restrict__ ids, int rows,
+                      int k, int n, int H, int I, bf16* __restrict__ h) {
+  extern __shared__ int s_mem[];
+  int* s_flag = s_mem;      // [n]: expert has rows
+  int* s_list = s_mem + n;  // [rows]: this block's expert's assignments
+  __shared__ int s_e, s_cnt;
+  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  for (int j = tid; j < n; j += int(blockDim.x)) s_flag[j] = 0;
+  __syncthreads();
+  for (int a = tid; a < rows; a += int(blockDim.x)) {
+    const int e = ids[a];
+    if (e >= 0 && e < n) s_flag[e] = 1;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int slot = int(blockIdx.y);
+    int e = -1, seen = 0;
+    for (int base = 0; base < n; base += 32) {
+      unsigned m = __ballot_sync(0xffffffffu, base + lane < n && s_flag[base + lane]);
+      const int c = __popc(m);
+      if (slot < seen + c) {
+        for (int j = slot - seen; j > 0; --j) m &= m - 1;
+        e = base + __ffs(m) - 1;
+        break;
+      }
+      seen += c;
+    }
+    int cnt = 0;
+    if (e >= 0)
+      for (int base = 0; base < rows; base += 32) {
+        const int a = base + lane;
+        const bool mine = a < rows && ids[a] == e;
+        const unsigned m = __ballot_sync(0xffffffffu, mine);
+        if (mine) s_list[cnt + __popc(m & ((1u << lane) - 1u))] = a;
+        cnt += __popc(m);
+      }
+    if (lane == 0) s_e = e, s_cnt = cnt;
+  }
+  __syncthreads();
+  const int e = s_e, cnt = s_cnt;
+  if (e < 0) return;
+  const int i = int(blockIdx.x) * k13Warps + warp;
+  if (i >= I) return;  // no block-level synchronisation below
+  const bf16* r1 = w13 + (std::size_t(e) * 2 * I + i) * H;
+  const bf16* r3 = r1 + std::size_t(I) * H;
+  const int chunks = H / 8;
+
+  for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
+    const int R = min(kRowsPerPass, cnt - r0);
+    const bf16* xr[kRowsPerPass];
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) xr[r] = x + std::size_t(r < R ? s_list[r0 + r] / k : 0) * H;
+    float a[kRowsPerPass], b[kRowsPerPass];
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) a[r] = b[r] = 0.f;
+    for (int cb = lane; cb < chunks; cb += 32 * k13Unroll) {
+      uint4 u1[k13Unroll], u3[k13Unroll];
+#pragma unroll
+      for (int u = 0; u < k13Unroll; ++u) {
+        const int c = cb + 32 * u;
+        if (c < chunks) {
+          u1[u] = ldg_bf16x8(r1 + std::size_t(c) * 8);
+          u3[u] = ldg_bf16x8(r3 + std::size_t(c) * 8);
+        } else {
+          u1[u] = u3[u] = make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < k13Unroll; ++u) {
+        const int c = cb + 32 * u;
+        if (c < chunks) {
+          float f1[8], f3[8];
+          unpack_bf16x8(u1[u], f1);
+          unpack_bf16x8(u3[u], f3);
+#pragma unroll
+          for (int r = 0; r < kRowsPerPass; ++r) {
+            if (r < R) {
+              float xv[8];
+              unpack_bf16x8(ldg_bf16x8(xr[r] + std::size_t(c) * 8), xv);
+#pragma unroll
+              for (int q = 0; q < 8; ++q) {
+                a[r] = fmaf(f1[q], xv[q], a[r]);
+                b[r] = fmaf(f3[q], xv[q], b[r]);
+              }
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      if (r < R) {
+        const float va = warp_sum(a[r]), vb = warp_sum(b[r]);
+        if (lane == 0) h[std::size_t(s_list[r0 + r]) * I + i] = __float2bfloat16_rn(swiglu_silu(va) * vb);
+      }
+    }
+  }
+}
+
+// w2 and the weighted combine in one kernel: y[t, o] = bf16(sum_j w[t,j] * (w2_{e_tj}[o] · h[t*k + j])).
+// grid ceil(H / kD2Feat), block kD2Warps * 32: a block owns kD2Feat output features for ALL tokens and
+// loops over the experts that have rows (ascending ids), so every w2 byte is still read once. 8 lanes
+// per feature as in w2_stream. The block keeps fp32 partial sums s_y[t][f] in shared memory; the
+// partial of (t, f) is only ever touched by the one lane that owns feature f, so no atomics are needed
+// and the sum order (experts ascending) is fixed: the result is the same bits on every run.
+// Dynamic smem: (2n + 1 + rows) ints + T * kD2Feat floats.
+constexpr int kD2Warps = 4;
+constexpr int kD2Feat = kD2Warps * k2FeatPerWarp;  // 16 features per block -> 256 blocks at H = 4096
+
+std::size_t w2_direct_smem(int n, int rows, int T) {
+  return std::size_t(2 * n + 1 + rows) * sizeof(int) + std::size_t(T) * kD2Feat * sizeof(float);
+}
+
+__global__ void __launch_bounds__(kD2Warps * 32)
+    w2_combine_direct(const bf16* __restrict__ w2, const bf16* __restrict__ h, const int* __restrict__ ids,
+                      const float* __restrict__ wts, int T, int k, int n, int H, int I, bf16* __restrict__ y) {
+  extern __shared__ int s_mem[];
+  const int rows = T * k;
+  int* s_off = s_mem;               // [n + 1]
+  int* s_cur = s_mem + n + 1;       // [n]
+  int* s_list = s_mem + 2 * n + 1;  // [rows], grouped by expert
+  float* s_y = reinterpret_cast<float*>(s_list + rows);  // [T][kD2Feat]
+  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  for (int j = tid; j < n; j += int(blockDim.x)) s_cur[j] = 0;
+  for (int j = tid; j < T * kD2Feat; j += int(blockDim.x)) s_y[j] = 0.f;
+  __syncthreads();
+  for (int a = tid; a < rows; a += int(blockDim.x)) {
+    const int e = ids[a];
+    if (e >= 0 && e < n) atomicAdd(&s_cur[e], 1);
+  }
+  __syncthreads();
+  if (tid == 0) {  // exclusive scan of the counts (n is small)
+    int acc = 0;
+    for (int e = 0; e < n; ++e) {
+      s_off[e] = acc;
+      acc += s_cur[e];
+      s_cur[e] = s_off[e];
+    }
+    s_off[n] = acc;
+  }
+  __syncthreads();
+  // Order inside an expert does not matter: each row's dot products are independent, and the order the
+  // partials of one (t, f) are added in is set by the expert loop below.
+  for (int a = tid; a < rows; a += int(blockDim.x)) {
+    const int e = ids[a];
+    if (e >= 0 && e < n) s_list[atomicAdd(&s_cur[e], 1)] = a;
+  }
+  __syncthreads();
+
+  const int g = lane % k2Lanes;
+  const int fl = warp * k2FeatPerWarp + lane / k2Lanes;  // feature inside the block
+  const int o = int(blockIdx.x) * kD2Feat + fl;
+  const bool active = o < H;
+  const int chunks = I / 8;
+  for (int e = 0; e < n; ++e) {
+    const int beg = s_off[e], cnt = s_off[e + 1] - beg;
+    if (cnt == 0) continue;
+    const bf16* wrow = w2 + (std::size_t(e) * H + (active ? o : 0)) * I;
+    for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
+      const int R = min(kRowsPerPass, cnt - r0);
+      const bf16* hr[kRowsPerPass];
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) hr[r] = h + std::size_t(r < R ? s_list[beg + r0 + r] : 0) * I;
+      float acc[kRowsPerPass];
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) acc[r] = 0.f;
+      for (int cb = g; cb < chunks; cb += k2Lanes * k2Unroll) {
+        uint4 wv[k2Unroll];
+#pragma unroll
+        for (int u = 0; u < k2Unroll; ++u) {
+          const int c = cb + k2Lanes * u;
+          wv[u] = (active && c < chunks) ? ldg_bf16x8(wrow + std::size_t(c) * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < k2Unroll; ++u) {
+          const int c = cb + k2Lanes * u;
+          if (c < chunks) {
+            float fw[8];
+            unpack_bf16x8(wv[u], fw);
+#pragma unroll
+            for (int r = 0; r < kRowsPerPass; ++r) {
+              if (r < R) {
+                float hv[8];
+                unpack_bf16x8(ldg_bf16x8(hr[r] + std::size_t(c) * 8), hv);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[r] = fmaf(fw[q], hv[q], acc[r]);
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        if (r < R) {
+          float v = acc[r];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          if (g == 0 && active) {
+            const int a = s_list[beg + r0 + r];
+            s_y[(a / k) * kD2Feat + fl] += wts[a] * v;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int o0 = int(blockIdx.x) * kD2Feat;
+  for (int j = tid; j < T * kD2Feat; j += int(blockDim.x)) {
+    const int t = j / kD2Feat, f = j - t * kD2Feat;
+    if (o0 + f < H) y[std::size_t(t) * H + o0 + f] = __float2bfloat16_rn(s_y[j]);
+  }
+}
+
 // For the grouped cuBLAS call: slot s = rank of expert e among the non-empty experts (ascending ids, the
 // same order the host builds its group arrays in). ptrs holds 6 arrays of n pointers:
 // [A1 = w13_e, B1 = xp_e, C1 = gate_up_e, A2 = w2_e, B2 = h_e, C2 = yp_e]. One block.
@@ -322,7 +544,7 @@ GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const Expert
                       aligned16(w.w2);
   GroupedStrategy st = ws.strategy;
   if (st == GroupedStrategy::Auto)
-    st = rows <= ws.small_rows_max ? GroupedStrategy::WeightStream : GroupedStrategy::CublasGrouped;
+    st = rows <= ws.small_rows_max ? GroupedStrategy::WeightStream : GroupedStrategy::CublasStreams;
 #if CUBLAS_VERSION < 120500
   if (st == GroupedStrategy::CublasGrouped) st = GroupedStrategy::CublasStreams;  // no grouped API before 12.5
 #endif
@@ -445,14 +667,15 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
       A.stream_of[std::size_t(e)] = i;
       load[i] += h_offsets[e + 1] - h_offsets[e];
     }
+    // Each expert's whole chain (w13 GEMM, its SwiGLU, w2 GEMM) on one stream: no barrier between the
+    // two GEMM phases, so one expert's w2 overlaps another's w13.
     A.fork_from(s);
-    for (int e : A.order)
-      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up, e, h_offsets[e], h_offsets[e + 1] - h_offsets[e]);
-    A.join_into(s);
-    swiglu(ws.gate_up, rows, I, ws.h, s);
-    A.fork_from(s);
-    for (int e : A.order)
-      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h, d_yp, e, h_offsets[e], h_offsets[e + 1] - h_offsets[e]);
+    for (int e : A.order) {
+      const int i = A.stream_of[std::size_t(e)], beg = h_offsets[e], c = h_offsets[e + 1] - beg;
+      gemm_w13(A.handle[i], w, d_xp, ws.gate_up, e, beg, c);
+      swiglu(ws.gate_up + std::size_t(beg) * 2 * I, c, I, ws.h + std::size_t(beg) * I, A.stream[i]);
+      gemm_w2(A.handle[i], w, ws.h, d_yp, e, beg, c);
+    }
     A.join_into(s);
     return;
   }
@@ -467,6 +690,31 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
     const int c = h_offsets[e + 1] - h_offsets[e];
     if (c > 0) gemm_w2(handle, w, ws.h, d_yp, e, h_offsets[e], c);
   }
+}
+
+bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16* d_y, int T, int k) {
+  const int rows = T * k;
+  return rows >= 1 && rows <= kDirectMaxRows && w.H % 8 == 0 && w.I % 8 == 0 && aligned16(d_x) && aligned16(d_y) &&
+         aligned16(w.w13) && aligned16(w.w2) && w2_direct_smem(w.n, rows, T) <= 48 * 1024 &&
+         std::size_t(w.n + rows) * sizeof(int) <= 48 * 1024;
+}
+
+void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s) {
+  require(T >= 0 && k >= 1, "experts_direct: need T >= 0 and k >= 1, got ", T, " and ", k);
+  if (T == 0) return;
+  require(experts_direct_ok(w, d_x, d_y, T, k), "experts_direct: T*k = ", T * k, " rows (at most ", kDirectMaxRows,
+          "), H % 8, I % 8 and 16-byte alignment are required; use the dispatch-plan path instead");
+  const int rows = T * k, n = w.n, H = w.H, I = w.I;
+  reserve_grouped_workspace(ws, w, rows);  // h [rows, I], indexed by assignment
+  ws.last_used = GroupedStrategy::WeightStream;
+  const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), unsigned(std::min(n, rows)));
+  w13_swiglu_direct<<<g13, k13Warps * 32, std::size_t(n + rows) * sizeof(int), s>>>(w.w13, d_x, d_ids, rows, k, n, H,
+                                                                                      I, ws.h);
+  CUDA_CHECK_LAUNCH();
+  w2_combine_direct<<<unsigned((H + kD2Feat - 1) / kD2Feat), kD2Warps * 32, w2_direct_smem(n, rows, T), s>>>(
+      w.w2, ws.h, d_ids, d_weights, T, k, n, H, I, d_y);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace eplab::gpu

@@ -148,4 +148,16 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
                      const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s);
 
+// Token-direct weight streaming for small batches (GpuMoeLayer's decode path): the same weight-streaming
+// kernels, but each block finds its expert's rows from d_ids [T, k] itself and reads x rows through
+// them, and the w2 kernel applies the multipliers d_weights [T, k] and sums the k choices of each token
+// in shared memory, writing y [T, H] directly. So no dispatch plan, no permute and no combine kernel:
+// 2 launches instead of 5. h is kept per assignment (row t*k + j) in the workspace. Requires
+// experts_direct_ok: T*k <= kDirectMaxRows, H and I multiples of 8, 16-byte aligned x, y, weights,
+// and the per-block shared memory (token partial sums) under 48 KB. No host synchronisation.
+constexpr int kDirectMaxRows = 1024;
+bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16* d_y, int T, int k);
+void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s);
+
 }  // namespace eplab::gpu

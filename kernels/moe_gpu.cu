@@ -9,6 +9,13 @@
 // takes w1 and w3 as separate [E, I, H] tensors, so the naive path gets its own copies, split from w13 on
 // the GPU the first time it runs (one layer of Phi-tiny: +117 MB; chapters that never run it pay nothing).
 //
+// Small batches (rows = T*k <= small_rows_max, weight streaming) take a shorter, token-direct chain:
+//   router_route_fused (router GEMM + routing, one kernel) -> experts_direct (w13+SwiGLU, then w2 +
+//   weighted combine), 3 kernels instead of 7: the experts read x rows through d_ids and write y
+//   directly, so there is no dispatch plan, no permuted copy and no combine pass. At T = 1 each launch
+//   in the chain costs a few microseconds of latency next to ~5 us of weight streaming, so the kernel
+//   count is what sets the time. (EPLAB_DIRECT=0 turns it off, for comparison.)
+//
 // Host synchronisation: none on the naive path, none on the grouped path while grouped_experts streams
 // weights (small batches). The cuBLAS strategies need the per-expert row counts on the host: the offsets
 // are copied back right after the dispatch plan, permute_rows is enqueued, and only then does the host
@@ -147,6 +154,7 @@ struct GpuMoeLayer::Impl {
     cudaGraphExec_t exec = nullptr;
   };
   bool use_graphs = true, graphs_broken = false;
+  bool use_direct = true;  // EPLAB_DIRECT=0: the decode path goes through plan + permute + combine instead
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
   unsigned long long graphs_gen = ~0ull;
@@ -194,6 +202,7 @@ struct GpuMoeLayer::Impl {
       ws.small_rows_max = int(v);
     }
     if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
+    if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
   }
 
   gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
@@ -253,6 +262,23 @@ struct GpuMoeLayer::Impl {
     };
     const int rows = T * k;
     mark(0);
+    if (path == MoePath::Grouped && direct_path(d_x, T, d_y)) {
+      // Small batches: 3 kernels, no plan, no permute, no combine (see the header).
+      if (gpu::router_route_fused_ok(d_x, d_gate, H)) {
+        gpu::router_route_fused(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, s);
+        mark(1);
+      } else {
+        gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
+        mark(1);
+        gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
+      }
+      mark(2);
+      mark(3);
+      gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
+      mark(4);
+      mark(5);
+      return;
+    }
     gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
     mark(1);
     gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
@@ -278,6 +304,13 @@ struct GpuMoeLayer::Impl {
     mark(4);
     gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
     mark(5);
+  }
+
+  // The token-direct decode path: weight streaming chosen for this T and its kernels can run the shape.
+  bool direct_path(const bf16* d_x, int T, const bf16* d_y) const {
+    return use_direct &&
+           gpu::choose_grouped_strategy(ws, experts(), T * k, d_xp, d_yp) == gpu::GroupedStrategy::WeightStream &&
+           gpu::experts_direct_ok(experts(), d_x, d_y, T, k);
   }
 
   bool graphable(int T, MoePath path) const {
@@ -462,6 +495,13 @@ void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {
 }
 
 ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return from_gpu(impl_->ws.last_used); }
+
+void GpuMoeLayer::set_direct_small_batches(bool on) {
+  if (impl_->use_direct == on) return;
+  impl_->use_direct = on;
+  impl_->clear_graphs();  // a captured graph has the old chain baked in
+  impl_->warm.clear();
+}
 
 void GpuMoeLayer::set_use_graphs(bool on) {
   impl_->use_graphs = on;

@@ -24,7 +24,7 @@ enum class MoePath {
 };
 
 // How the grouped path computes the experts (kernels/grouped_experts.cuh explains each one).
-//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max), else CublasGrouped
+//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max), else CublasStreams
 //   WeightStream  custom kernels that stream each weight once and read the offsets on the GPU (no host sync)
 //   CublasGrouped cublasGemmGroupedBatchedEx: one call for all experts' w1|w3, one for all w2
 //   CublasLoop    cublasGemmEx per expert, one stream
@@ -67,6 +67,10 @@ class GpuMoeLayer {
   // says: EPLAB_EXPERTS=<strategy name>, EPLAB_SMALL_ROWS=<rows>.
   void set_expert_strategy(ExpertStrategy s, int small_rows_max = 64);
   ExpertStrategy last_expert_strategy() const;  // what the last grouped forward actually ran
+  // Small batches on weight-stream take the token-direct chain (fused router+routing, experts that read x
+  // through the routing and write y; moe_gpu.cu explains). Off: plan + permute + experts + combine, as
+  // for large batches. Default on; EPLAB_DIRECT=0 turns it off.
+  void set_direct_small_batches(bool on);
   // Forwards that need no host synchronisation (the naive path; the grouped path with WeightStream) are
   // captured into a CUDA graph the second time the same (T, path, d_x, d_y) is seen, and replayed after
   // that: one launch instead of ~10. Default on; EPLAB_GRAPHS=0 turns it off.

@@ -22,6 +22,7 @@
 //
 // Outputs: d_ids [T, k] int, d_weights [T, k] float (row-major). T = 0 is a no-op.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "model/config.hpp"
@@ -34,5 +35,15 @@ constexpr int kMaxRoutingExperts = 256;
 // jitter_eps is only used by SparseMixer. Bad arguments throw eplab::Error before anything is launched.
 void route_topk(const float* d_logits, int T, int E, int k, RouterKind kind, float jitter_eps, int* d_ids,
                 float* d_weights, cudaStream_t s);
+
+// Small batches (decode): router GEMM and routing fused into one kernel, one block per token, logits in
+// fp32 (also written to d_logits [T, E]), then the same routing code as route_topk. x [T, H] and
+// gate [E, H] bf16. Needs router_route_fused_ok (H % 8 == 0, 16-byte aligned x and gate). Every block
+// re-reads the whole gate (from L2), so use it for small T only; GpuMoeLayer does so on its
+// weight-stream path.
+bool router_route_fused_ok(const __nv_bfloat16* d_x, const __nv_bfloat16* d_gate, int H);
+void router_route_fused(const __nv_bfloat16* d_x, const __nv_bfloat16* d_gate, int T, int H, int E, int k,
+                        RouterKind kind, float jitter_eps, float* d_logits, int* d_ids, float* d_weights,
+                        cudaStream_t s);
 
 }  // namespace eplab::gpu

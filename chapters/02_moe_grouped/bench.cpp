@@ -92,18 +92,21 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   cudaStream_t s;
   CUDA_CHECK(cudaStreamCreate(&s));
 
+  Table stages({"T", "experts via", "router", "routing", "permute", "experts", "combine", "total (eager)"});
   Table table({"T", "grouped ms", "naive ms", "speedup", "TFLOP/s", "weights GB/s", "%bf16 peak", "%HBM",
                "roofline ms", "% of roofline", "HF ms", "vs HF"});
   nlohmann::json rows = nlohmann::json::array();
   for (int T : opt.tokens) {
     // Seeded inputs, uploaded once; routing of batch 0 tells how many experts a forward touches.
     std::set<int> touched;
+    std::vector<bf16_bits> x0;
     for (int b = 0; b < kBatches; ++b) {
       auto x = random_activations(T, H, opt.seed * 1000 + b);
       CUDA_CHECK(cudaMemcpy(d_x + size_t(b) * T_max * H, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
       if (b == 0) {
         auto res = layer.forward(x, T, MoePath::Grouped);
         touched.insert(res.routing.ids.begin(), res.routing.ids.end());
+        x0 = std::move(x);
       }
     }
     auto run = [&](MoePath path) {
@@ -115,6 +118,24 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     const int iters = T <= 512 ? 200 : T <= 4096 ? 50 : 20;
     const double g_ms = time_cold(iters, s, flush, flush_bytes, run(MoePath::Grouped));
     const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, flush_bytes, run(MoePath::Naive));
+
+    const std::string via = expert_strategy_name(layer.last_expert_strategy());
+
+    // Per-stage split: eager forwards (no graph) with CUDA events between the stages, cold L2 (x itself is
+    // warm: forward() uploads it first). Median of 5 per stage. On the small-batch direct path the
+    // routing is fused into the router kernel and the combine into the experts kernel (0 here).
+    std::vector<double> st[6];
+    for (int rep = 0; rep < 5; ++rep) {
+      CUDA_CHECK(cudaMemset(flush, rep, flush_bytes));
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const MoeTimings t = layer.forward(x0, T, MoePath::Grouped, true).timings;
+      const float v[6] = {t.router_ms, t.routing_ms, t.permute_ms, t.experts_ms, t.combine_ms, t.total_ms};
+      for (int i = 0; i < 6; ++i) st[i].push_back(v[i]);
+    }
+    double sm[6];
+    for (int i = 0; i < 6; ++i) sm[i] = median(st[i]);
+    stages.add_row({std::to_string(T), via, strf("%.4f", sm[0]), strf("%.4f", sm[1]), strf("%.4f", sm[2]),
+                    strf("%.4f", sm[3]), strf("%.4f", sm[4]), strf("%.4f", sm[5])});
 
     const double flops = 2.0 * T * k * 3.0 * H * I + 2.0 * T * E * H;
     const double weight_bytes = double(touched.size()) * 3.0 * H * I * 2 + double(E) * H * 2;
@@ -129,11 +150,18 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                    p != peer.ms.end() ? strf("%.1fx", p->second / g_ms) : "-"});
     rows.push_back({{"tokens", T}, {"grouped_ms", g_ms}, {"naive_ms", n_ms}, {"tflops", tflops},
                     {"weights_gbps", gbps}, {"experts_touched", touched.size()}, {"roofline_ms", roof_ms},
+                    {"experts_via", via},
+                    {"stages_ms", {{"router", sm[0]}, {"routing", sm[1]}, {"permute", sm[2]}, {"experts", sm[3]},
+                                   {"combine", sm[4]}, {"total", sm[5]}}},
                     {"peer_ms", p != peer.ms.end() ? nlohmann::json(p->second) : nlohmann::json(nullptr)}});
   }
   std::printf("\n%s", table.str().c_str());
   std::printf("(median of cold-L2 forwards; weights GB/s counts the experts a forward touches; roofline = max(FLOPs /"
               " GEMM peak, bytes / HBM copy))\n");
+  std::printf("\nper-stage split of the grouped path, ms (one eager forward with events between stages, median of 5):\n%s",
+              stages.str().c_str());
+  std::printf("(permute includes the dispatch plan; experts includes SwiGLU; on the weight-stream direct path the"
+              " router column includes routing and the experts column includes the combine)\n");
   CUDA_CHECK(cudaStreamDestroy(s));
   CUDA_CHECK(cudaFree(flush));
   CUDA_CHECK(cudaFree(d_x));

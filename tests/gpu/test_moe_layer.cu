@@ -282,7 +282,7 @@ void check_grouped_all_strategies(const MoeLayerWeights& w, const std::vector<in
       // The strategy actually run: Auto resolves by rows; impossible choices fall back to CublasLoop.
       gpu::GroupedStrategy expect = st;
       if (st == gpu::GroupedStrategy::Auto)
-        expect = rows <= ws.small_rows_max ? gpu::GroupedStrategy::WeightStream : gpu::GroupedStrategy::CublasGrouped;
+        expect = rows <= ws.small_rows_max ? gpu::GroupedStrategy::WeightStream : gpu::GroupedStrategy::CublasStreams;
       if (!vec_ok && (expect == gpu::GroupedStrategy::WeightStream || expect == gpu::GroupedStrategy::CublasGrouped))
         expect = gpu::GroupedStrategy::CublasLoop;
       CHECK(got.used == expect);
@@ -417,7 +417,7 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
     std::vector<float> stream_y;
     for (gpu::GroupedStrategy st : {gpu::GroupedStrategy::WeightStream, gpu::GroupedStrategy::CublasGrouped,
                                     gpu::GroupedStrategy::CublasLoop, gpu::GroupedStrategy::CublasStreams}) {
-      INFO("strategy " << gpu::grouped_strategy_name(st));
+      INFO("strategy " << std::string(gpu::grouped_strategy_name(st)));
       ws.strategy = st;
       auto run = [&] {
         gpu::grouped_experts(blas.h, dev.view, as_bf16(d_xp), d_off.get(), off.data(), rows, as_bf16(d_yp), ws, s);
@@ -440,7 +440,7 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
       s.sync();
       std::sort(ms.begin(), ms.end());
       const double flops = 6.0 * rows * H * I;
-      MESSAGE("grouped_experts rows=", rows, " ", gpu::grouped_strategy_name(st), ": median ", ms[2], " ms, ",
+      MESSAGE("grouped_experts rows=", rows, " ", std::string(gpu::grouped_strategy_name(st)), ": median ", ms[2], " ms, ",
               flops / (ms[2] * 1e-3) / 1e12, " TFLOP/s");
       const std::vector<float> y = bf16_to_float(std::span<const bf16_bits>(d_yp.download()));
       std::vector<float> got(sample.size() * H);
@@ -488,21 +488,28 @@ TEST_CASE("GpuMoeLayer: every expert strategy forced on the grouped path gives t
   const MoeLayerWeights w = random_layer(256, 128, 16, 51);
   GpuMoeLayer layer(w, RouterKind::SparseMixer, 2, kEps);
   Rng rng(52);
-  for (int T : {2, 40, 300}) {
+  // T = 512 is the largest batch the token-direct weight-stream path takes (T*k = kDirectMaxRows); 600 is
+  // over it, so forced weight-stream goes through plan + permute + combine there.
+  for (int T : {2, 40, 300, 512, 600}) {
     const Bf16Data x = random_bf16(rng, size_t(T) * w.hidden);
     const MoeRefResult ref = moe_layer_reference(w, x.f, T, {RouterKind::SparseMixer, 2, kEps, true});
     for (ExpertStrategy st : {ExpertStrategy::WeightStream, ExpertStrategy::CublasGrouped, ExpertStrategy::CublasLoop,
-                              ExpertStrategy::CublasStreams, ExpertStrategy::Auto}) {
-      layer.set_expert_strategy(st);
-      for (int rep = 0; rep < 3; ++rep) {  // the 2nd call of a sync-free forward captures a graph, the 3rd replays it
-        const auto got = layer.forward(x.bits, T, MoePath::Grouped);
-        std::ostringstream what;
-        what << "T=" << T << " strategy " << expert_strategy_name(st) << " (ran "
-             << expert_strategy_name(layer.last_expert_strategy()) << "), call " << rep + 1;
-        check_forward(w, x, T, RouterKind::SparseMixer, ref, got, what.str());
+                              ExpertStrategy::CublasStreams, ExpertStrategy::Auto})
+      for (bool direct : {true, false}) {
+        if (!direct && st != ExpertStrategy::WeightStream) continue;  // the switch only matters for weight-stream
+        layer.set_expert_strategy(st);
+        layer.set_direct_small_batches(direct);
+        for (int rep = 0; rep < 3; ++rep) {  // the 2nd call of a sync-free forward captures a graph, the 3rd replays
+          const auto got = layer.forward(x.bits, T, MoePath::Grouped);
+          std::ostringstream what;
+          what << "T=" << T << " strategy " << expert_strategy_name(st) << " (ran "
+               << expert_strategy_name(layer.last_expert_strategy()) << "), direct small-batch path "
+               << (direct ? "allowed" : "off") << ", call " << rep + 1;
+          check_forward(w, x, T, RouterKind::SparseMixer, ref, got, what.str());
+        }
       }
-    }
   }
+  layer.set_direct_small_batches(true);
   CHECK(parse_expert_strategy("cublas-streams") == ExpertStrategy::CublasStreams);
   CHECK_THROWS_AS(parse_expert_strategy("fastest"), Error);
 }
