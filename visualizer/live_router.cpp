@@ -1,0 +1,60 @@
+#include "live_router.hpp"
+
+#include <cmath>
+
+#include "stand_in_tokens.hpp"
+#include "util/check.hpp"
+
+namespace eplab::viz {
+
+LiveRouter::LiveRouter(const std::string& model_dir) : ckpt_(Checkpoint::open(model_dir)) {}
+
+const std::vector<float>& LiveRouter::gate(int layer) {
+  auto it = gates_.find(layer);
+  if (it != gates_.end()) return it->second;
+  const ModelConfig& c = config();
+  // Only the router: load_moe_layer would also read every expert of the layer, which we do not need.
+  auto g = ckpt_.read_f32(names::router_gate(layer), {c.num_local_experts, c.hidden_size});
+  return gates_.emplace(layer, std::move(g)).first->second;
+}
+
+RoutingFrame LiveRouter::route_prompt(const std::string& prompt, int layer) {
+  const ModelConfig& c = config();
+  require(layer >= 0 && layer < c.num_hidden_layers, "--layer ", layer, " is out of range: the model has ",
+          c.num_hidden_layers, " layers (0..", c.num_hidden_layers - 1, ")");
+  const int H = c.hidden_size, E = c.num_local_experts;
+  if (embed_.empty()) embed_ = ckpt_.read_bf16(names::embed_tokens(), {c.vocab_size, H});
+
+  StandInTokens tok = stand_in_tokenize(prompt, c.vocab_size);
+  const int T = int(tok.ids.size());
+  std::vector<float> x(std::size_t(T) * H);
+  for (int t = 0; t < T; ++t) {
+    const bf16_bits* row = embed_.data() + std::size_t(tok.ids[t]) * H;
+    double ss = 0;
+    for (int h = 0; h < H; ++h) ss += double(bf16_to_float(row[h])) * bf16_to_float(row[h]);
+    const float scale = ss > 0 ? float(1.0 / std::sqrt(ss / H)) : 0.f;
+    for (int h = 0; h < H; ++h) x[std::size_t(t) * H + h] = bf16_to_float(row[h]) * scale;
+  }
+  std::vector<float> logits(std::size_t(T) * E);
+  router_logits_cpu(x, gate(layer), T, H, E, logits);
+
+  RoutingFrame f;
+  f.layer = layer;
+  f.num_experts = E;
+  f.hidden = H;
+  f.tokens = tok.ids;
+  f.pieces = tok.pieces;
+  f.routing = route(c.router, logits, T, E, c.num_experts_per_tok, c.router_jitter_noise);
+  f.probs.resize(logits.size());
+  for (int t = 0; t < T; ++t) {  // softmax per token: the heat map's colour
+    const float* l = logits.data() + std::size_t(t) * E;
+    float m = l[0];
+    for (int e = 1; e < E; ++e) m = std::max(m, l[e]);
+    double s = 0;
+    for (int e = 0; e < E; ++e) s += std::exp(double(l[e] - m));
+    for (int e = 0; e < E; ++e) f.probs[std::size_t(t) * E + e] = float(std::exp(double(l[e] - m)) / s);
+  }
+  return f;
+}
+
+}  // namespace eplab::viz

@@ -1,0 +1,84 @@
+// viz_make_trace: writes a routing trace in the visualizer's format (README.md, "Trace format") from the
+// CPU routing of a model (LiveRouter: the same stand-in tokenizer and common/ routing the app uses).
+// Until chapter 05 writes real traces, this is what follow mode is tested and demonstrated with.
+//
+// Step s routes the first ceil(T (s+1) / steps) tokens of the prompt (a context that grows, like chunked
+// prefill), every layer, one JSON line per (step, layer). With --delay-ms it flushes each step and sleeps,
+// like a running job; point `visualizer --trace FILE` at the file meanwhile.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "live_router.hpp"
+#include "moe/placement.hpp"
+#include "util/check.hpp"
+#include "util/cli.hpp"
+
+int main(int argc, char** argv) {
+  return eplab::run_main([&] {
+    CLI::App app{"Write a routing trace (JSON lines) from the CPU routing of a model, for the visualizer"};
+    std::string model = eplab::default_model_dir(), out, prompt = "The quick brown fox jumps over the lazy dog while experts route every token";
+    std::string placement = "linear";
+    int steps = 4, ep_size = 4, delay_ms = 0;
+    bool append = false;
+    app.add_option("--model", model, "checkpoint directory")->capture_default_str();
+    app.add_option("--out", out, "trace file to write")->required();
+    app.add_option("--prompt", prompt, "text to route (stand-in tokenizer)");
+    app.add_option("--steps", steps, "steps to write")->capture_default_str();
+    app.add_option("--ep-size", ep_size, "EP size recorded in the trace")->capture_default_str();
+    app.add_option("--placement", placement, "expert map recorded: linear | round-robin")->capture_default_str();
+    app.add_option("--delay-ms", delay_ms, "sleep between steps (simulates a running job)")->capture_default_str();
+    app.add_flag("--append", append, "append to the file instead of replacing it");
+    if (auto rc = eplab::parse_cli(app, argc, argv)) return *rc;
+    eplab::require(steps >= 1, "--steps must be >= 1");
+
+    eplab::viz::LiveRouter router(model);
+    const auto& c = router.config();
+    const eplab::Placement p(eplab::parse_placement(placement), c.num_local_experts, ep_size);
+    std::vector<int> rank_of_expert;
+    for (int e = 0; e < c.num_local_experts; ++e) rank_of_expert.push_back(p.owner(e));
+
+    std::ofstream f(out, append ? std::ios::app : std::ios::trunc);
+    eplab::require(bool(f), "--out ", out, ": cannot open it for writing");
+    int lines = 0;
+    for (int s = 0; s < steps; ++s) {
+      for (int l = 0; l < c.num_hidden_layers; ++l) {
+        eplab::viz::RoutingFrame fr = router.route_prompt(prompt, l);
+        const int T = fr.T();
+        const int keep = (T * (s + 1) + steps - 1) / steps;
+        nlohmann::json j;
+        j["step"] = s;
+        j["layer"] = l;
+        j["ep_size"] = ep_size;
+        j["num_experts"] = c.num_local_experts;
+        j["hidden"] = c.hidden_size;
+        j["tokens"] = std::vector<int>(fr.tokens.begin(), fr.tokens.begin() + keep);
+        j["pieces"] = std::vector<std::string>(fr.pieces.begin(), fr.pieces.begin() + keep);
+        auto& ex = j["experts"] = nlohmann::json::array();
+        auto& w = j["weights"] = nlohmann::json::array();
+        for (int t = 0; t < keep; ++t) {
+          std::vector<int> ids;
+          std::vector<float> ws;
+          for (int k = 0; k < fr.routing.k; ++k) {
+            ids.push_back(fr.routing.id(t, k));
+            ws.push_back(fr.routing.weight(t, k));
+          }
+          ex.push_back(ids);
+          w.push_back(ws);
+        }
+        j["rank_of_expert"] = rank_of_expert;
+        f << j.dump() << '\n';
+        ++lines;
+      }
+      f.flush();
+      eplab::require(bool(f), "--out ", out, ": write failed");
+      if (delay_ms > 0 && s + 1 < steps) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    }
+    std::printf("viz_make_trace: wrote %d lines (%d steps x %d layers) to %s\n", lines, steps, c.num_hidden_layers,
+                out.c_str());
+    return 0;
+  });
+}
