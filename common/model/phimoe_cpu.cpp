@@ -188,12 +188,13 @@ PhimoeCpuModel PhimoeCpuModel::load(const Checkpoint& ckpt, const PhimoeLoadOpti
               "PhimoeLoadOptions::experts: layer ", l, " lists an expert twice");
       // load_moe_layer reads every expert for an empty list; an empty choice must load none
     }
-    if (opt.experts && experts.empty()) {
-      MoeLayerWeights w = load_moe_layer(ckpt, l, std::vector<int>{0});
-      w.expert_ids.clear();
-      w.w1.clear();
-      w.w2.clear();
-      w.w3.clear();
+    if (opt.experts && experts.empty()) {  // no expert of this layer here: the router only
+      MoeLayerWeights w;
+      w.layer = l;
+      w.hidden = c.hidden_size;
+      w.inter = c.intermediate_size;
+      w.num_experts = c.num_local_experts;
+      w.gate = ckpt.read_bf16(names::router_gate(l), {std::int64_t(c.num_local_experts), H});
       moe->push_back(std::move(w));
     } else {
       moe->push_back(load_moe_layer(ckpt, l, experts));

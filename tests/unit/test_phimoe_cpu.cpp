@@ -39,6 +39,10 @@ namespace {
 
 const std::string kDir = std::string(EPLAB_TEST_DATA) + "/hf_tiny_phimoe";
 constexpr double kTol = 1e-5;  // rel-L2 per row, fp32 summation order only (see the top of the file)
+// The MoE block's own output is looser: its multipliers are softmaxes of router logits of magnitude up to ~40,
+// whose fp32 rounding (~4e-6 absolute) goes straight into the multipliers (test_hf_fixture.cpp derives the
+// per-token allowance); measured 7.5e-6. The residual stream around it is back under kTol.
+constexpr double kTolMoe = 3e-5;
 
 std::vector<float> fixture_tensor(const SafetensorsFile& f, const std::string& name, std::vector<std::int64_t> shape) {
   const TensorInfo* t = f.find(name);
@@ -134,7 +138,7 @@ TEST_CASE("phimoe cpu: full forward matches HF transformers' PhimoeForCausalLM o
     CAPTURE(l);
     const std::string p = "layers." + std::to_string(l) + ".";
     const double e_x = check_rows(spy_ptr->xs[l], fixture_tensor(fx, p + "moe.x", {T, H}), T, H, kTol, p + "moe.x");
-    const double e_y = check_rows(spy_ptr->ys[l], fixture_tensor(fx, p + "moe.y", {T, H}), T, H, kTol, p + "moe.y");
+    const double e_y = check_rows(spy_ptr->ys[l], fixture_tensor(fx, p + "moe.y", {T, H}), T, H, kTolMoe, p + "moe.y");
     const double e_o = check_rows(trace.layer_out[l], fixture_tensor(fx, p + "out", {T, H}), T, H, kTol, p + "out");
     const auto hf_ids = fixture_tensor(fx, p + "topk_ids", {T, 2});
     const Routing& r = trace.routing[l];
@@ -266,6 +270,11 @@ TEST_CASE("phimoe cpu: loading a subset of experts; an MoE block built on the ha
   hi_opt.experts = [&](int) { std::vector<int> v; for (int e = E / 2; e < E; ++e) v.push_back(e); return v; };
   PhimoeCpuModel lo = PhimoeCpuModel::load(ckpt, lo_opt), hi = PhimoeCpuModel::load(ckpt, hi_opt);
   CHECK((*lo.moe_weights())[0].num_held() == E / 2);
+  PhimoeLoadOptions none_opt;
+  none_opt.experts = [](int) { return std::vector<int>{}; };
+  const PhimoeCpuModel none = PhimoeCpuModel::load(ckpt, none_opt);  // a rank holding no expert: router only
+  CHECK((*none.moe_weights())[0].num_held() == 0);
+  CHECK((*none.moe_weights())[0].gate.size() == size_t(E) * H);
   // With half the experts and no EP block, a token routed to a missing expert is a clear error.
   CHECK_THROWS_WITH_AS(lo.forward_full(ids), doctest::Contains("is not loaded"), Error);
 
@@ -304,7 +313,6 @@ TEST_CASE("phimoe cpu: loading a subset of experts; an MoE block built on the ha
   const auto want = full.forward_full(ids);
   const auto got = lo.forward_full(ids);
   check_rows(got, want, T, c.vocab_size, kTol, "two halves vs all experts");
-  (void)H;
 }
 
 // ---------------------------------------------------------------- sliding window, against a naive forward
