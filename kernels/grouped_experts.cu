@@ -297,17 +297,19 @@ __global__ void __launch_bounds__(k13Warps * 32)
 }
 
 // w2 and the weighted combine in one kernel: y[t, o] = bf16(sum_j w[t,j] * (w2_{e_tj}[o] · h[t*k + j])).
-// grid ceil(H / kD2Feat), block kD2Warps * 32: a block owns kD2Feat output features for ALL tokens and
-// loops over the experts that have rows (ascending ids), so every w2 byte is still read once. 8 lanes
-// per feature as in w2_stream. The block keeps fp32 partial sums s_y[t][f] in shared memory; the
-// partial of (t, f) is only ever touched by the one lane that owns feature f, so no atomics are needed
-// and the sum order (experts ascending) is fixed: the result is the same bits on every run.
-// Dynamic smem: (2n + 1 + rows) ints + T * kD2Feat floats.
+// grid ceil(H / 4), block kD2Warps * 32: a block owns 4 output features (8 lanes per feature, as in
+// w2_stream) for ALL tokens, and its warps split the experts that have rows (warp w takes the w-th,
+// (w + kD2Warps)-th, ... of them), so every w2 byte is still read once and a warp has at most
+// ceil(n / kD2Warps) load round trips in sequence (with one warp per block looping over all 16 experts
+// the kernel was latency-bound at T = 64). Each warp keeps fp32 partial sums s_y[warp][t][f] in shared
+// memory, touched only by the one lane that owns (warp, f): no atomics. At the end the block adds the
+// warps' partials in warp order: a fixed order, so the result is the same bits on every run.
+// Dynamic smem: (3n + 1 + rows) ints + kD2Warps * T * 4 floats.
 constexpr int kD2Warps = 4;
-constexpr int kD2Feat = kD2Warps * k2FeatPerWarp;  // 16 features per block -> 256 blocks at H = 4096
+constexpr int kD2Feat = k2FeatPerWarp;  // 4 features per block -> 1024 blocks at H = 4096
 
 std::size_t w2_direct_smem(int n, int rows, int T) {
-  return std::size_t(2 * n + 1 + rows) * sizeof(int) + std::size_t(T) * kD2Feat * sizeof(float);
+  return std::size_t(3 * n + 1 + rows) * sizeof(int) + std::size_t(kD2Warps) * T * kD2Feat * sizeof(float);
 }
 
 __global__ void __launch_bounds__(kD2Warps * 32)
@@ -317,29 +319,33 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   const int rows = T * k;
   int* s_off = s_mem;               // [n + 1]
   int* s_cur = s_mem + n + 1;       // [n]
-  int* s_list = s_mem + 2 * n + 1;  // [rows], grouped by expert
-  float* s_y = reinterpret_cast<float*>(s_list + rows);  // [T][kD2Feat]
+  int* s_ne = s_mem + 2 * n + 1;    // [n]: experts with rows, ascending
+  int* s_list = s_mem + 3 * n + 1;  // [rows], grouped by expert
+  float* s_y = reinterpret_cast<float*>(s_list + rows);  // [kD2Warps][T][kD2Feat]
+  __shared__ int s_nne;
   const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   for (int j = tid; j < n; j += int(blockDim.x)) s_cur[j] = 0;
-  for (int j = tid; j < T * kD2Feat; j += int(blockDim.x)) s_y[j] = 0.f;
+  for (int j = tid; j < kD2Warps * T * kD2Feat; j += int(blockDim.x)) s_y[j] = 0.f;
   __syncthreads();
   for (int a = tid; a < rows; a += int(blockDim.x)) {
     const int e = ids[a];
     if (e >= 0 && e < n) atomicAdd(&s_cur[e], 1);
   }
   __syncthreads();
-  if (tid == 0) {  // exclusive scan of the counts (n is small)
-    int acc = 0;
+  if (tid == 0) {  // exclusive scan of the counts and the list of non-empty experts (n is small)
+    int acc = 0, nne = 0;
     for (int e = 0; e < n; ++e) {
       s_off[e] = acc;
+      if (s_cur[e] > 0) s_ne[nne++] = e;
       acc += s_cur[e];
       s_cur[e] = s_off[e];
     }
     s_off[n] = acc;
+    s_nne = nne;
   }
   __syncthreads();
-  // Order inside an expert does not matter: each row's dot products are independent, and the order the
-  // partials of one (t, f) are added in is set by the expert loop below.
+  // Order inside an expert does not matter: each row's dot products are independent, and which partial
+  // a row's product lands in is set by its expert alone.
   for (int a = tid; a < rows; a += int(blockDim.x)) {
     const int e = ids[a];
     if (e >= 0 && e < n) s_list[atomicAdd(&s_cur[e], 1)] = a;
@@ -347,13 +353,14 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   __syncthreads();
 
   const int g = lane % k2Lanes;
-  const int fl = warp * k2FeatPerWarp + lane / k2Lanes;  // feature inside the block
+  const int fl = lane / k2Lanes;  // feature inside the block
   const int o = int(blockIdx.x) * kD2Feat + fl;
   const bool active = o < H;
   const int chunks = I / 8;
-  for (int e = 0; e < n; ++e) {
+  float* my_y = s_y + std::size_t(warp) * T * kD2Feat;
+  for (int slot = warp; slot < s_nne; slot += kD2Warps) {
+    const int e = s_ne[slot];
     const int beg = s_off[e], cnt = s_off[e + 1] - beg;
-    if (cnt == 0) continue;
     const bf16* wrow = w2 + (std::size_t(e) * H + (active ? o : 0)) * I;
     for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
       const int R = min(kRowsPerPass, cnt - r0);
@@ -397,7 +404,7 @@ __global__ void __launch_bounds__(kD2Warps * 32)
           v += __shfl_xor_sync(0xffffffffu, v, 1);
           if (g == 0 && active) {
             const int a = s_list[beg + r0 + r];
-            s_y[(a / k) * kD2Feat + fl] += wts[a] * v;
+            my_y[(a / k) * kD2Feat + fl] += wts[a] * v;
           }
         }
       }
@@ -407,7 +414,10 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   const int o0 = int(blockIdx.x) * kD2Feat;
   for (int j = tid; j < T * kD2Feat; j += int(blockDim.x)) {
     const int t = j / kD2Feat, f = j - t * kD2Feat;
-    if (o0 + f < H) y[std::size_t(t) * H + o0 + f] = __float2bfloat16_rn(s_y[j]);
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kD2Warps; ++w) v += s_y[std::size_t(w) * T * kD2Feat + j];
+    if (o0 + f < H) y[std::size_t(t) * H + o0 + f] = __float2bfloat16_rn(v);
   }
 }
 
@@ -479,7 +489,7 @@ void device_grow(T*& p, std::size_t& cap, std::size_t need, unsigned& generation
 
 // Extra streams, handles (default host pointer mode) and events for CublasStreams (created on first use).
 struct GroupedWorkspace::Aux {
-  static constexpr int kStreams = 4;
+  static constexpr int kStreams = 8;  // created; GroupedWorkspace::streams of them are used
   cudaStream_t stream[kStreams] = {};
   cublasHandle_t handle[kStreams] = {};
   cudaEvent_t fork = nullptr, join[kStreams] = {};
@@ -501,14 +511,14 @@ struct GroupedWorkspace::Aux {
     }
     if (fork) cudaEventDestroy(fork);
   }
-  // Every aux stream waits for the work enqueued so far on s.
-  void fork_from(cudaStream_t s) {
+  // The first `used` aux streams wait for the work enqueued so far on s.
+  void fork_from(cudaStream_t s, int used) {
     CUDA_CHECK(cudaEventRecord(fork, s));
-    for (int i = 0; i < kStreams; ++i) CUDA_CHECK(cudaStreamWaitEvent(stream[i], fork, 0));
+    for (int i = 0; i < used; ++i) CUDA_CHECK(cudaStreamWaitEvent(stream[i], fork, 0));
   }
-  // s waits for everything enqueued on the aux streams.
-  void join_into(cudaStream_t s) {
-    for (int i = 0; i < kStreams; ++i) {
+  // s waits for everything enqueued on the first `used` aux streams.
+  void join_into(cudaStream_t s, int used) {
+    for (int i = 0; i < used; ++i) {
       CUDA_CHECK(cudaEventRecord(join[i], stream[i]));
       CUDA_CHECK(cudaStreamWaitEvent(s, join[i], 0));
     }
@@ -652,7 +662,7 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
   if (st == GroupedStrategy::CublasStreams) {
     if (!ws.aux) ws.aux = new GroupedWorkspace::Aux();
     auto& A = *ws.aux;
-    constexpr int S = GroupedWorkspace::Aux::kStreams;
+    const int S = std::clamp(ws.streams, 1, GroupedWorkspace::Aux::kStreams);
     // Largest experts first, each onto the stream with the fewest rows so far.
     A.order.clear();
     for (int e = 0; e < n; ++e)
@@ -661,7 +671,7 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
       return h_offsets[a + 1] - h_offsets[a] > h_offsets[b + 1] - h_offsets[b];
     });
     A.stream_of.assign(std::size_t(n), 0);
-    long long load[S] = {};
+    long long load[GroupedWorkspace::Aux::kStreams] = {};
     for (int e : A.order) {
       const int i = int(std::min_element(load, load + S) - load);
       A.stream_of[std::size_t(e)] = i;
@@ -669,14 +679,14 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
     }
     // Each expert's whole chain (w13 GEMM, its SwiGLU, w2 GEMM) on one stream: no barrier between the
     // two GEMM phases, so one expert's w2 overlaps another's w13.
-    A.fork_from(s);
+    A.fork_from(s, S);
     for (int e : A.order) {
       const int i = A.stream_of[std::size_t(e)], beg = h_offsets[e], c = h_offsets[e + 1] - beg;
       gemm_w13(A.handle[i], w, d_xp, ws.gate_up, e, beg, c);
       swiglu(ws.gate_up + std::size_t(beg) * 2 * I, c, I, ws.h + std::size_t(beg) * I, A.stream[i]);
       gemm_w2(A.handle[i], w, ws.h, d_yp, e, beg, c);
     }
-    A.join_into(s);
+    A.join_into(s, S);
     return;
   }
 

@@ -201,6 +201,11 @@ struct GpuMoeLayer::Impl {
               "'");
       ws.small_rows_max = int(v);
     }
+    if (const char* s = std::getenv("EPLAB_EXPERT_STREAMS"); s && *s) {
+      const int v = std::atoi(s);
+      require(v >= 1 && v <= 8, "EPLAB_EXPERT_STREAMS must be 1..8, got '", s, "'");
+      ws.streams = v;
+    }
     if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
   }
