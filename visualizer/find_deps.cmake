@@ -1,7 +1,7 @@
 # Finds what the visualizer needs (all Debian packages). Sets EPLAB_VIZ_MISSING to the list of what is
 # missing (empty when everything is there). Included by visualizer/CMakeLists.txt and by
-# tests/cli/visualizer_tests.cmake (which runs first, before the targets exist).
-include_guard(GLOBAL)
+# tests/cli/visualizer_tests.cmake (which runs first, before the targets exist). No include_guard:
+# imported targets (glfw, OpenGL::GL) are per directory, so each includer finds them again.
 find_path(IMGUI_INCLUDE_DIR imgui.h PATHS /usr/include/imgui NO_DEFAULT_PATH)
 find_library(IMGUI_LIBRARY imgui)
 find_path(IMGUI_BACKEND_SRC_DIR imgui_impl_glfw.cpp

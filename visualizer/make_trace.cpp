@@ -10,9 +10,8 @@
 #include <fstream>
 #include <thread>
 
-#include <nlohmann/json.hpp>
-
 #include "live_router.hpp"
+#include "trace.hpp"
 #include "moe/placement.hpp"
 #include "util/check.hpp"
 #include "util/cli.hpp"
@@ -47,30 +46,18 @@ int main(int argc, char** argv) {
     for (int s = 0; s < steps; ++s) {
       for (int l = 0; l < c.num_hidden_layers; ++l) {
         eplab::viz::RoutingFrame fr = router.route_prompt(prompt, l);
-        const int T = fr.T();
-        const int keep = (T * (s + 1) + steps - 1) / steps;
-        nlohmann::json j;
-        j["step"] = s;
-        j["layer"] = l;
-        j["ep_size"] = ep_size;
-        j["num_experts"] = c.num_local_experts;
-        j["hidden"] = c.hidden_size;
-        j["tokens"] = std::vector<int>(fr.tokens.begin(), fr.tokens.begin() + keep);
-        j["pieces"] = std::vector<std::string>(fr.pieces.begin(), fr.pieces.begin() + keep);
-        auto& ex = j["experts"] = nlohmann::json::array();
-        auto& w = j["weights"] = nlohmann::json::array();
-        for (int t = 0; t < keep; ++t) {
-          std::vector<int> ids;
-          std::vector<float> ws;
-          for (int k = 0; k < fr.routing.k; ++k) {
-            ids.push_back(fr.routing.id(t, k));
-            ws.push_back(fr.routing.weight(t, k));
-          }
-          ex.push_back(ids);
-          w.push_back(ws);
-        }
-        j["rank_of_expert"] = rank_of_expert;
-        f << j.dump() << '\n';
+        // Keep the first `keep` tokens: the context grows step by step.
+        const int keep = (fr.T() * (s + 1) + steps - 1) / steps;
+        fr.step = s;
+        fr.ep_size = ep_size;
+        fr.rank_of_expert = rank_of_expert;
+        fr.probs.clear();
+        fr.tokens.resize(keep);
+        fr.pieces.resize(keep);
+        fr.routing.tokens = keep;
+        fr.routing.ids.resize(std::size_t(keep) * fr.routing.k);
+        fr.routing.weights.resize(std::size_t(keep) * fr.routing.k);
+        f << eplab::viz::to_trace_line(fr) << '\n';
         ++lines;
       }
       f.flush();

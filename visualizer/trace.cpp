@@ -82,7 +82,7 @@ RoutingFrame parse_trace_line(const std::string& line, int fallback_experts, int
   if (auto it = j.find("ep_size"); it != j.end()) f.ep_size = as_int(*it, "ep_size");
   if (auto it = j.find("num_experts"); it != j.end()) f.num_experts = as_int(*it, "num_experts");
   else if (!f.rank_of_expert.empty()) f.num_experts = int(f.rank_of_expert.size());
-  else f.num_experts = std::max(fallback_experts, max_id + 1);
+  else f.num_experts = fallback_experts > 0 ? fallback_experts : max_id + 1;  // the loaded model's E
   f.hidden = fallback_hidden;
   if (auto it = j.find("hidden"); it != j.end()) f.hidden = as_int(*it, "hidden");
   require(max_id < f.num_experts, "expert id ", max_id, " but the run has ", f.num_experts, " experts");
@@ -110,6 +110,32 @@ RoutingFrame parse_trace_line(const std::string& line, int fallback_experts, int
     }
   }
   return f;
+}
+
+std::string to_trace_line(const RoutingFrame& f) {
+  json j;
+  j["step"] = f.step;
+  j["layer"] = f.layer;
+  if (f.ep_size > 0) j["ep_size"] = f.ep_size;
+  j["num_experts"] = f.num_experts;
+  if (f.hidden > 0) j["hidden"] = f.hidden;
+  j["tokens"] = f.tokens;
+  j["pieces"] = f.pieces;
+  json ex = json::array(), w = json::array();
+  for (int t = 0; t < f.T(); ++t) {
+    json e1 = json::array(), w1 = json::array();
+    for (int c = 0; c < f.routing.k; ++c) {
+      e1.push_back(f.routing.id(t, c));
+      w1.push_back(f.routing.weight(t, c));
+    }
+    ex.push_back(e1);
+    w.push_back(w1);
+  }
+  j["experts"] = ex;
+  j["weights"] = w;
+  if (!f.rank_of_expert.empty()) j["rank_of_expert"] = f.rank_of_expert;
+  if (!f.rank_of_token.empty()) j["rank_of_token"] = f.rank_of_token;
+  return j.dump();
 }
 
 TraceFollower::TraceFollower(std::string path, int fallback_experts, int fallback_hidden)

@@ -20,6 +20,10 @@ namespace eplab::viz {
 // model's shape; 0 = unknown).
 RoutingFrame parse_trace_line(const std::string& line, int fallback_experts, int fallback_hidden);
 
+// One trace line (no newline) for a frame: what viz_make_trace writes and what chapter 05 should write.
+// Fields the frame does not know (rank_of_expert, ep_size, probs) are left out when empty / 0.
+std::string to_trace_line(const RoutingFrame& f);
+
 class TraceFollower {
  public:
   TraceFollower() = default;

@@ -1,0 +1,95 @@
+# The visualizer (issue 5) under Xvfb: real windows, real OpenGL (Mesa), screenshots checked by
+# viz_png_check (size, every panel drew, heat-map colours present), follow mode on a growing trace, and bad
+# input (missing model, unreadable / truncated / non-JSON trace, bad flags): one "error:" line, non-zero
+# exit, no crash. Skipped with a message when Dear ImGui / GLFW / xvfb-run are missing (`make setup`).
+if(NOT EXISTS ${EPLAB_SOURCE_DIR}/visualizer/CMakeLists.txt)
+  return()
+endif()
+include(${EPLAB_SOURCE_DIR}/visualizer/find_deps.cmake)
+find_program(XVFB_RUN xvfb-run)
+if(EPLAB_VIZ_MISSING OR NOT XVFB_RUN)
+  message(STATUS "visualizer tests: skipped (missing ${EPLAB_VIZ_MISSING} ${XVFB_RUN})")
+  return()
+endif()
+if(NOT DEFINED EPLAB_TEST_MODEL)
+  set(EPLAB_TEST_MODEL ${CMAKE_BINARY_DIR}/test-models/mini)
+endif()
+
+set(_viz $<TARGET_FILE:visualizer>)
+set(_check $<TARGET_FILE:viz_png_check>)
+set(_dir ${CMAKE_CURRENT_BINARY_DIR}/visualizer)
+file(MAKE_DIRECTORY ${_dir})
+# -a picks a free display; the lock keeps parallel ctest runs from racing for the same one.
+set(_x ${XVFB_RUN} -a -s "-screen 0 1920x1200x24")
+set(_m --model ${EPLAB_TEST_MODEL})
+set(_size --width 1280 --height 800)
+set(_prompt "Expert parallelism sends every token to the GPU that holds its experts")
+
+function(_viz_test name)
+  set_tests_properties(${name} PROPERTIES LABELS "cli;visualizer" RESOURCE_LOCK xvfb TIMEOUT 120 ${ARGN})
+endfunction()
+
+add_test(NAME viz_help COMMAND ${_viz} --help)
+set_tests_properties(viz_help PROPERTIES PASS_REGULAR_EXPRESSION "--screenshot" LABELS "cli;visualizer")
+
+# 1. Live routing of a fixed prompt on the mini model, 8 GPUs in nodes of 4: screenshot, then the checker.
+add_test(NAME viz_screenshot COMMAND ${_x} ${_viz} ${_m} --prompt ${_prompt} --layer 1 --ep-size 8 --gpus-per-node 4
+                                     --screenshot ${_dir}/live.png --frames 3 ${_size})
+_viz_test(viz_screenshot FIXTURES_REQUIRED eplab_mini_model FIXTURES_SETUP viz_live_png
+          PASS_REGULAR_EXPRESSION "wrote .*live.png \\(1280x800")
+add_test(NAME viz_screenshot_check COMMAND ${_check} ${_dir}/live.png --width 1280 --height 800)
+set_tests_properties(viz_screenshot_check PROPERTIES FIXTURES_REQUIRED viz_live_png LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "CHECK PASS")
+
+# 2. A trace written from the CPU routing of the mini model, shown with the trace's own expert map.
+add_test(NAME viz_make_trace COMMAND $<TARGET_FILE:viz_make_trace> ${_m} --out ${_dir}/trace.jsonl --steps 5
+                                     --ep-size 4 --placement round-robin)
+set_tests_properties(viz_make_trace PROPERTIES FIXTURES_REQUIRED eplab_mini_model FIXTURES_SETUP viz_trace
+                     LABELS "cli;visualizer" PASS_REGULAR_EXPRESSION "wrote 20 lines")
+add_test(NAME viz_trace_screenshot COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/trace.jsonl --placement trace
+                                           --screenshot ${_dir}/trace.png --frames 4 ${_size})
+_viz_test(viz_trace_screenshot FIXTURES_SETUP viz_trace_png)
+set_tests_properties(viz_trace_screenshot PROPERTIES FIXTURES_REQUIRED "eplab_mini_model;viz_trace")
+add_test(NAME viz_trace_screenshot_check COMMAND ${_check} ${_dir}/trace.png --width 1280 --height 800 --min-anchors 2)
+set_tests_properties(viz_trace_screenshot_check PROPERTIES FIXTURES_REQUIRED viz_trace_png LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "CHECK PASS")
+
+# 3. Follow mode: a trace that grows while it is read (lines cut mid-way), a bad line, a rewritten file.
+add_test(NAME viz_follow_mode COMMAND $<TARGET_FILE:viz_follow_test> ${_m} --out ${_dir}/follow.jsonl)
+set_tests_properties(viz_follow_mode PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "CHECK PASS viz_follow_test")
+
+# 4. Bad input. The files are written here, at configure time.
+set(_good_line "{\"step\":0,\"layer\":0,\"tokens\":[1,2],\"pieces\":[\"a\",\"b\"],\"experts\":[[0,1],[2,3]],\"weights\":[[1,0.5],[1,1]],\"rank_of_expert\":[0,0,0,0,1,1,1,1,2,2,2,2,3,3,3,3],\"ep_size\":4}")
+file(WRITE ${_dir}/not_json.jsonl "${_good_line}\n{\"step\":1, this is not json\n")
+file(WRITE ${_dir}/truncated.jsonl "${_good_line}\n{\"step\":1,\"layer\":0,\"tokens\":[1,2],\"pieces\":[\"a\",")
+file(WRITE ${_dir}/bad_field.jsonl "{\"step\":0,\"layer\":0,\"tokens\":[1],\"experts\":[[0,99]],\"weights\":[[1,1]]}\n")
+file(MAKE_DIRECTORY ${_dir}/a_directory.jsonl)
+set(_shot --screenshot ${_dir}/bad.png --frames 2 ${_size})
+eplab_expect_error(NAME viz_missing_model REGEX "does not exist" LABELS visualizer
+                   COMMAND ${_x} ${_viz} --model /nonexistent/model --screenshot ${_dir}/missing_model.png --frames 2 ${_size})
+set_tests_properties(viz_missing_model PROPERTIES RESOURCE_LOCK xvfb FIXTURES_SETUP viz_missing_png)
+# The checker must be able to fail: with no model, the routing, load and traffic panels stay empty.
+add_test(NAME viz_png_check_rejects_empty COMMAND ${_check} ${_dir}/missing_model.png --width 1280 --height 800)
+set_tests_properties(viz_png_check_rejects_empty PROPERTIES FIXTURES_REQUIRED viz_missing_png WILL_FAIL TRUE
+                     LABELS "cli;visualizer")
+eplab_expect_error(NAME viz_trace_not_json REGEX "line 2: not valid JSON" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/not_json.jsonl ${_shot})
+eplab_expect_error(NAME viz_trace_truncated REGEX "line 2 is incomplete" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/truncated.jsonl ${_shot})
+eplab_expect_error(NAME viz_trace_unreadable REGEX "cannot read it" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/a_directory.jsonl ${_shot})
+eplab_expect_error(NAME viz_trace_missing REGEX "cannot read it" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/no_such_trace.jsonl ${_shot})
+eplab_expect_error(NAME viz_trace_bad_expert REGEX "expert id 99" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/bad_field.jsonl ${_shot})
+eplab_expect_error(NAME viz_bad_layer REGEX "--layer 9 is out of range" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --layer 9 ${_shot})
+eplab_expect_error(NAME viz_ep_too_big REGEX "--ep-size 32" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --ep-size 32 ${_shot})
+eplab_expect_error(NAME viz_bad_placement REGEX "--placement" LABELS visualizer COMMAND ${_viz} --placement diagonal)
+eplab_expect_error(NAME viz_unwritable_png REGEX "cannot write" LABELS visualizer
+                   COMMAND ${_x} ${_viz} ${_m} --screenshot /nonexistent/dir/out.png --frames 1 ${_size})
+set(_bad viz_trace_not_json viz_trace_truncated viz_trace_unreadable viz_trace_missing viz_trace_bad_expert
+    viz_bad_layer viz_ep_too_big viz_unwritable_png)
+set_tests_properties(${_bad} PROPERTIES RESOURCE_LOCK xvfb FIXTURES_REQUIRED eplab_mini_model)
