@@ -3,7 +3,7 @@
 # The CUDA toolkit (nvcc, cuBLAS, NCCL) is expected to be installed already (it is not a Debian package here).
 set -eu
 pkgs=(cmake make g++ doctest-dev libcli11-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin python3)
-[ "${EPLAB_WITH_VISUALIZER:-1}" = 1 ] && pkgs+=(libimgui-dev libstb-dev libglfw3-dev xvfb xauth)
+[ "${EPLAB_WITH_VISUALIZER:-1}" = 1 ] && pkgs+=(libimgui-dev libstb-dev libglfw3-dev xvfb xauth libgl1-mesa-dri fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -eq 0 ]; then echo "setup: all Debian packages present"; exit 0; fi
