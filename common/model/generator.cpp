@@ -69,6 +69,27 @@ void fill_tensor(std::vector<bf16_bits>& out, const std::string& name, InitSpec 
   for (auto& th : pool) th.join();
 }
 
+// Sparsemixer masks every expert whose logit is more than 2*eps (2 %) below the top one, *relative to the
+// logit's size*. Router rows of pure noise give logits ~N(0, 1) per expert, so nearly every token keeps only
+// its top expert and both multipliers print as 1.00: a dull lesson. Real routers share a large common
+// component across experts; we add one (every row gets the same random direction u, |u x| ~ 30x the
+// per-expert spread), so the top logits of a token sit within a few percent of each other and the masked
+// softmax keeps several experts for many tokens, giving multipliers like 0.6. The argmax (which experts are
+// chosen) is unchanged by a shared component, and so is softmax-top-k routing.
+void add_shared_router_direction(std::vector<bf16_bits>& gate, const std::string& name, const ModelConfig& c,
+                                 std::uint64_t seed) {
+  constexpr float kSharedScale = 30.f;  // std of u.x relative to the per-expert std (1)
+  const int E = c.num_local_experts, H = c.hidden_size;
+  Rng rng(seed ^ fnv1a(name + "#shared"));
+  std::vector<float> u(H);
+  for (auto& v : u) v = kSharedScale * rng.normal() / std::sqrt(float(H));
+  for (int e = 0; e < E; ++e)
+    for (int h = 0; h < H; ++h) {
+      bf16_bits& w = gate[std::size_t(e) * H + h];
+      w = float_to_bf16(bf16_to_float(w) + u[h]);
+    }
+}
+
 std::string shard_name(int i, int n) { return strf("model-%05d-of-%05d.safetensors", i + 1, n); }
 
 }  // namespace
@@ -183,6 +204,7 @@ GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& con
       for (auto d : t.shape) numel *= d;
       buf.resize(static_cast<std::size_t>(numel));
       fill_tensor(buf, t.name, init_spec(t.name, config), opt.seed, threads);
+      if (contains(t.name, ".block_sparse_moe.gate.")) add_shared_router_direction(buf, t.name, config, opt.seed);
       f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size() * sizeof(bf16_bits)));
       weight_map[t.name] = name;
       result.tensors += 1;

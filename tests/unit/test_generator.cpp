@@ -3,6 +3,8 @@
 // that the router's logits have std ~1 so top-2 routing spreads over the experts.
 #include <doctest/doctest.h>
 
+#include "moe/routing.hpp"
+
 #include <unistd.h>
 
 #include <cmath>
@@ -181,10 +183,17 @@ TEST_CASE("generator: init scales as documented; router logits std ~1 and routin
   const Checkpoint ck = Checkpoint::open(a.path.string());
   const double H = 512, I = 256;
 
+  // The router = a direction shared by all experts (std 30/sqrt(H) per element) + per-expert noise
+  // (std 1/sqrt(H)); see add_shared_router_direction in generator.cpp.
   const auto gate = ck.read_f32(names::router_gate(0), {16, 512});
-  const Stats sg = stats(gate);
-  CHECK(std::abs(sg.mean) < 0.01);
-  CHECK(sg.std == doctest::Approx(1 / std::sqrt(H)).epsilon(0.05));
+  std::vector<float> shared(512, 0.f), own;
+  for (int e = 0; e < 16; ++e)
+    for (int h = 0; h < 512; ++h) shared[h] += gate[std::size_t(e) * 512 + h] / 16.f;
+  for (int e = 0; e < 16; ++e)
+    for (int h = 0; h < 512; ++h) own.push_back(gate[std::size_t(e) * 512 + h] - shared[h]);
+  // The mean over 16 rows keeps 1/16 of the noise variance: std(own) = sqrt(15/16)/sqrt(H).
+  CHECK(stats(own).std == doctest::Approx(std::sqrt(15.0 / 16.0) / std::sqrt(H)).epsilon(0.05));
+  CHECK(stats(shared).std == doctest::Approx(30.0 / std::sqrt(H)).epsilon(0.1));
   CHECK(stats(ck.read_f32(names::expert_w(0, 1, 1), {256, 512})).std == doctest::Approx(1 / std::sqrt(H)).epsilon(0.03));
   CHECK(stats(ck.read_f32(names::expert_w(0, 1, 3), {256, 512})).std == doctest::Approx(1 / std::sqrt(H)).epsilon(0.03));
   CHECK(stats(ck.read_f32(names::expert_w(0, 1, 2), {512, 256})).std == doctest::Approx(1 / std::sqrt(I)).epsilon(0.03));
@@ -194,26 +203,36 @@ TEST_CASE("generator: init scales as documented; router logits std ~1 and routin
   CHECK(ln.std > 0.01);  // not all ones: a dropped norm weight must be visible
   CHECK(std::abs(stats(ck.read_f32(names::final_norm("bias"), {512})).mean) < 0.01);
 
-  // Unit-variance tokens through the router: logits std ~1, and top-1 lands on most experts.
+  // Unit-variance tokens through the router: around each token's mean logit the experts spread with
+  // std ~1, top-1 lands on most experts, and sparsemixer keeps more than one expert for many tokens
+  // (multipliers below 1), which a router of pure noise would almost never do.
   Rng rng(11);
   const int T = 512;
-  std::vector<float> logits;
+  std::vector<float> spread, all_logits;
   std::set<int> top1;
   for (int t = 0; t < T; ++t) {
     std::vector<float> x(512);
     for (auto& v : x) v = rng.normal();
     int best = 0;
-    float best_v = -1e30f;
+    float best_v = -1e30f, mean = 0;
+    std::vector<float> l(16);
     for (int e = 0; e < 16; ++e) {
       float s = 0;
       for (int h = 0; h < 512; ++h) s += gate[std::size_t(e) * 512 + h] * x[h];
-      logits.push_back(s);
+      l[e] = s;
+      mean += s / 16;
       if (s > best_v) best_v = s, best = e;
     }
+    for (float v : l) spread.push_back(v - mean);
+    all_logits.insert(all_logits.end(), l.begin(), l.end());
     top1.insert(best);
   }
-  CHECK(stats(logits).std == doctest::Approx(1.0).epsilon(0.15));
+  CHECK(stats(spread).std == doctest::Approx(std::sqrt(15.0 / 16.0)).epsilon(0.15));
   CHECK(top1.size() >= 14);
+  const Routing r = route_sparsemixer(all_logits, T, 16, 0.01f);
+  int shared_weight = 0;
+  for (int t = 0; t < T; ++t) shared_weight += r.weight(t, 0) < 0.99f;
+  CHECK(shared_weight >= T / 4);
 }
 
 TEST_CASE("generator: the streamed shards are byte for byte what SafetensorsWriter writes") {
