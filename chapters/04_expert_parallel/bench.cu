@@ -148,10 +148,15 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
       const Bandwidth raw = bandwidth(2 * S, raw_d + raw_c, N);
       layer.reset();  // free this size's buffers before chapter 02's layer needs memory
 
-      if (single_ms < 0) {
+      // Chapter 02's layer, once per size. Which ranks enter this block must not depend on anything
+      // only some ranks know: single_ms is measured on rank 0 alone, so testing `single_ms < 0` here
+      // sent rank 1 into two barriers at the second layout that rank 0 never called, and the ranks
+      // deadlocked in mismatched MPI collectives (barrier vs the next size's allgather). The bcast
+      // both ends the wait for rank 0 and gives every rank the same value.
+      if (layout == EpLayout::Permute) {
         comm.barrier();
         if (rank == 0) single_ms = one_gpu_ms(spec, rc, N * T, iters);
-        comm.barrier();
+        comm.bcast(&single_ms, sizeof single_ms, 0);
       }
       if (rank == 0) {
         const double ratio = (raw_d + raw_c) / std::max(st.dispatch_ms + st.combine_ms, 1e-9);

@@ -15,10 +15,12 @@
 // Run: mpirun -np 4 04_expert_parallel --device cpu                 laptop: MPI ranks stand in for GPUs
 //      mpirun -np 2 04_expert_parallel --device gpu                 NCCL, one GPU per rank
 //      mpirun -np 2 04_expert_parallel --bench                      Phi-tiny layer shape, T = 128 .. 16384
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <optional>
+#include <thread>
 
 #include "device.hpp"
 #include "dist/communicator.hpp"
@@ -48,6 +50,7 @@ struct Options {
   std::vector<int> bench_tokens{128, 1024, 4096, 16384};
   int bench_iters = 20;
   int fail_rank = -1;
+  int stall_rank = -1;
 };
 
 // FNV-1a over the bytes of the output: equal outputs, equal checksums (for the N- and placement-
@@ -133,6 +136,7 @@ int run(int argc, char** argv) {
   app.add_option("--bench-tokens", o.bench_tokens, "tokens per rank for --bench")->capture_default_str();
   app.add_option("--bench-iters", o.bench_iters, "timed forwards per size for --bench")->capture_default_str();
   app.add_option("--fail-rank", o.fail_rank, "test only: this rank exits before the dispatch")->group("");
+  app.add_option("--stall-rank", o.stall_rank, "test only: this rank hangs before the dispatch")->group("");
 
   std::optional<int> early;
   dist::all_or_none(*mpi, [&] {
@@ -143,6 +147,7 @@ int run(int argc, char** argv) {
     require(o.bench_iters >= 1, "--bench-iters must be >= 1, got ", o.bench_iters);
     require(o.layer.tokens >= 0, "--tokens must be >= 0, got ", o.layer.tokens);
     require(o.fail_rank < N, "--fail-rank ", o.fail_rank, " is not a rank (N = ", N, ")");
+    require(o.stall_rank < N, "--stall-rank ", o.stall_rank, " is not a rank (N = ", N, ")");
   });
   if (early) return *early;
   const PlacementKind pkind = parse_placement(o.placement);
@@ -158,6 +163,10 @@ int run(int argc, char** argv) {
   if (o.bench)
     dist::all_or_none(*mpi, [&] {
       require(o.common.device != "cpu", "--bench measures the NCCL path on GPUs; it has no CPU mode");
+    });
+  if (o.stall_rank >= 0)
+    dist::all_or_none(*mpi, [&] {
+      require(gpu, "--stall-rank tests the NCCL watchdog; the MPI backend has none (use --device gpu)");
     });
   std::unique_ptr<dist::Communicator> nccl;
   if (gpu) nccl = dist::make_nccl_communicator();  // one GPU per rank, or an error on every rank
@@ -221,6 +230,13 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "error: %s: exiting early on purpose (--fail-rank %d)\n", comm.who().c_str(), rank);
     std::fflush(stderr);
     std::_Exit(3);
+  }
+
+  if (rank == o.stall_rank) {  // test hook: a rank that hangs (not in MPI or NCCL) while the others wait for
+                               // it in a host collective: their watchdogs must end the job
+    std::fprintf(stderr, "%s: hanging on purpose (--stall-rank %d)\n", comm.who().c_str(), rank);
+    std::fflush(stderr);
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
   }
 
   // --- run: one warm-up, then the timed forwards (the last one's output is checked)
@@ -340,8 +356,11 @@ int run(int argc, char** argv) {
          {"pass", pass != 0}};
     if (!o.common.json.empty()) write_json(o.common.json, j);
   }
-  // Every rank leaves with rank 0's verdict.
+  // Every rank leaves with rank 0's verdict. Rank 0's CPU reference over N*T tokens may outlast the
+  // host-collective timeout of the NCCL watchdog; this wait is long on purpose.
+  comm.set_long_wait(true);
   comm.bcast(&pass, sizeof pass, 0);
+  comm.set_long_wait(false);
   return pass ? 0 : 1;
 }
 

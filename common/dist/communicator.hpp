@@ -13,6 +13,11 @@
 //    host is blocked elsewhere. An asynchronous NCCL error, or an exchange that does not finish within
 //    EPLAB_COMM_TIMEOUT_S seconds (default 60), prints one line, aborts the NCCL communicator, and exits
 //    non-zero; mpirun then takes the other ranks down.
+//  * NCCL: the host-side collectives (barrier, allgather, bcast, gather, max, sum, over MPI) are watched
+//    by the same thread with the same limit: ranks that call different collectives (a bug: a branch
+//    taken on some ranks only) would otherwise wait in MPI forever with no NCCL work to time out.
+//    A wait that is long on purpose (rank 0 checking against the CPU reference while the others wait
+//    for its verdict) is bracketed by set_long_wait(true) / set_long_wait(false).
 //  * A rank that dies (crash, exit) makes mpirun kill the others ("mpirun noticed that process rank ...").
 #pragma once
 #include <cstddef>
@@ -81,6 +86,8 @@ class Communicator {
   virtual void sync() {}                            // wait for every exchange issued so far
   virtual CUstream_st* stream() const { return nullptr; }  // NCCL: the stream exchanges run on
   virtual int device() const { return -1; }         // NCCL: the CUDA device of this rank
+  // While on, host-side collectives are not timed out (see the top of this file). MPI backend: no-op.
+  virtual void set_long_wait(bool on) { (void)on; }
 
   // Prints "error: <who>: <message>" and takes every rank down (MPI_Abort). Never returns.
   [[noreturn]] virtual void abort(const std::string& message, int code = 3) = 0;

@@ -3,7 +3,7 @@
 // Set-up: GPU = local rank (checked against the GPU count on every rank first), ncclUniqueId from rank 0
 // broadcast over MPI, ncclCommInitRank. Host-side control (counts, flags, timings) stays on MPI.
 // Robustness: see communicator.hpp (sync() polls ncclCommGetAsyncError; a watchdog thread aborts the
-// communicator when an exchange outlives EPLAB_COMM_TIMEOUT_S).
+// communicator when an exchange, or a host-side MPI collective, outlives EPLAB_COMM_TIMEOUT_S).
 #include "dist/communicator.hpp"
 
 #if EPLAB_HAVE_NCCL
@@ -133,14 +133,33 @@ class NcclCommunicator final : public Communicator {
   CUstream_st* stream() const override { return stream_; }
   int device() const override { return device_; }
 
-  void barrier() override { host_comm_->barrier(); }
-  std::vector<std::int64_t> allgather(std::span<const std::int64_t> mine) override { return host_comm_->allgather(mine); }
-  void bcast(void* buf, std::size_t bytes, int root) override { host_comm_->bcast(buf, bytes, root); }
+  // Host-side control over MPI, each call watched (HostWait) so that a collective no peer joins ends
+  // the job after the timeout instead of hanging it.
+  void barrier() override {
+    HostWait w(*this, "barrier");
+    host_comm_->barrier();
+  }
+  std::vector<std::int64_t> allgather(std::span<const std::int64_t> mine) override {
+    HostWait w(*this, "allgather");
+    return host_comm_->allgather(mine);
+  }
+  void bcast(void* buf, std::size_t bytes, int root) override {
+    HostWait w(*this, "bcast");
+    host_comm_->bcast(buf, bytes, root);
+  }
   void gather(const void* send, std::size_t bytes, void* recv, int root) override {
+    HostWait w(*this, "gather");
     host_comm_->gather(send, bytes, recv, root);
   }
-  double max(double v) override { return host_comm_->max(v); }
-  double sum(double v) override { return host_comm_->sum(v); }
+  double max(double v) override {
+    HostWait w(*this, "allreduce(max)");
+    return host_comm_->max(v);
+  }
+  double sum(double v) override {
+    HostWait w(*this, "allreduce(sum)");
+    return host_comm_->sum(v);
+  }
+  void set_long_wait(bool on) override { long_wait_ = on; }
 
   void alltoallv(const void* send, std::span<const std::size_t> sc, void* recv, std::span<const std::size_t> rc,
                  std::size_t row_bytes) override {
@@ -214,6 +233,18 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // Marks the main thread as blocked in a host-side (MPI) collective for the watchdog.
+  struct HostWait {
+    NcclCommunicator& c;
+    HostWait(NcclCommunicator& comm, const char* op) : c(comm) {
+      c.host_op_ = op;
+      c.host_since_ns_ = now_ns();
+    }
+    ~HostWait() { c.host_since_ns_ = 0; }
+    HostWait(const HostWait&) = delete;
+    HostWait& operator=(const HostWait&) = delete;
+  };
+
   void cuda(cudaError_t e, const char* call) {
     if (e != cudaSuccess) fail(who(), ": ", call, " failed: ", cudaGetErrorString(e));
   }
@@ -231,6 +262,11 @@ class NcclCommunicator final : public Communicator {
       std::fflush(stdout);
       std::fprintf(stderr, "error: %s: %s; aborting the NCCL communicator\n", who().c_str(), why.c_str());
       std::fflush(stderr);
+      // ncclCommAbort may itself wait (on a stuck proxy thread or kernel): the exit must not depend on it.
+      std::thread([] {
+        std::this_thread::sleep_for(std::chrono::seconds(10));
+        std::_Exit(3);
+      }).detach();
       if (comm_ready_) ncclCommAbort(comm_);
       if (!from_watchdog) MPI_Abort(MPI_COMM_WORLD, 3);
       std::_Exit(3);
@@ -255,6 +291,16 @@ class NcclCommunicator final : public Communicator {
         die(strf("no progress for %.0f s (watchdog): a peer rank is dead or stuck (EPLAB_COMM_TIMEOUT_S sets "
                  "the limit)", timeout_s_ + 5),
             true);
+      // A host-side collective (MPI) that no peer joins: a dead/stuck peer, or ranks that do not call the
+      // same collectives in the same order (a bug). Only the main thread may call MPI, so we _Exit and
+      // let mpirun take the other ranks down.
+      const std::int64_t host_since = host_since_ns_;
+      if (host_since && !long_wait_ && double(now_ns() - host_since) * 1e-9 > timeout_s_)
+        die(strf("waited %.0f s in the host-side %s (MPI) for the other ranks (watchdog): a peer rank is dead "
+                 "or stuck, or the ranks do not call the same collectives in the same order "
+                 "(EPLAB_COMM_TIMEOUT_S sets the limit)",
+                 timeout_s_, host_op_.load()),
+            true);
     }
   }
   void stop_watchdog() {
@@ -269,6 +315,9 @@ class NcclCommunicator final : public Communicator {
   std::string gpu_name_;
   double timeout_s_ = 60;
   std::atomic<std::int64_t> busy_since_ns_{0};  // start of the oldest unfinished exchange; 0 = idle
+  std::atomic<std::int64_t> host_since_ns_{0};  // start of the host collective the main thread is in; 0 = none
+  std::atomic<const char*> host_op_{""};          // its name, for the message
+  std::atomic<bool> long_wait_{false};           // set_long_wait: host collectives are not timed out
   std::atomic<bool> comm_ready_{false}, stop_{false};
   std::thread watchdog_;
   std::once_flag die_once_;
