@@ -108,6 +108,7 @@ class GroupedWorkspace {
   // xp/yp) quietly becomes CublasLoop, which runs everything.
   GroupedStrategy strategy = GroupedStrategy::Auto;
   int small_rows_max = 64;
+  int streams_min_rows = 4096;  // Auto: cublas-grouped below this many rows, cublas-streams from here on
   int streams = 4;  // CublasStreams: how many streams the per-expert GEMM chains are spread over (1..8)
 
   // What the last grouped_experts call actually ran (Auto resolved), for benchmarks.

@@ -282,7 +282,9 @@ void check_grouped_all_strategies(const MoeLayerWeights& w, const std::vector<in
       // The strategy actually run: Auto resolves by rows; impossible choices fall back to CublasLoop.
       gpu::GroupedStrategy expect = st;
       if (st == gpu::GroupedStrategy::Auto)
-        expect = rows <= ws.small_rows_max ? gpu::GroupedStrategy::WeightStream : gpu::GroupedStrategy::CublasStreams;
+        expect = rows <= ws.small_rows_max      ? gpu::GroupedStrategy::WeightStream
+                 : rows < ws.streams_min_rows ? gpu::GroupedStrategy::CublasGrouped
+                                              : gpu::GroupedStrategy::CublasStreams;
       if (!vec_ok && (expect == gpu::GroupedStrategy::WeightStream || expect == gpu::GroupedStrategy::CublasGrouped))
         expect = gpu::GroupedStrategy::CublasLoop;
       CHECK(got.used == expect);
@@ -488,8 +490,8 @@ TEST_CASE("GpuMoeLayer: every expert strategy forced on the grouped path gives t
   const MoeLayerWeights w = random_layer(256, 128, 16, 51);
   GpuMoeLayer layer(w, RouterKind::SparseMixer, 2, kEps);
   Rng rng(52);
-  // T = 512 is the largest batch the token-direct weight-stream path takes (T*k = kDirectMaxRows); 600 is
-  // over it, so forced weight-stream goes through plan + permute + combine there.
+  // Forced weight-stream: T = 2..300 take the token-direct path (experts_direct_ok); 512 (w2 kernel's shared
+  // memory) and 600 (> kDirectMaxRows rows) go through plan + permute + combine.
   for (int T : {2, 40, 300, 512, 600}) {
     const Bf16Data x = random_bf16(rng, size_t(T) * w.hidden);
     const MoeRefResult ref = moe_layer_reference(w, x.f, T, {RouterKind::SparseMixer, 2, kEps, true});
