@@ -112,3 +112,8 @@ set_tests_properties(ep_gpu_more_ranks_than_gpus PROPERTIES TIMEOUT 60)
 # a short benchmark (Phi-tiny shape, random weights) checks its own output before timing
 _ep_gpu(ep_gpu_np2_bench 2 "CHECK PASS 04_expert_parallel --bench"
         ${_mpirun} -np 2 ${_ep} --bench --bench-tokens 128 1024 --bench-iters 3)
+# a rank that hangs (not dies) under NCCL: the host-side watchdog ends every rank within the timeout
+_ep_gpu(ep_gpu_np2_rank_stalls 2 ""
+        ${CMAKE_COMMAND} -DREGEX=watchdog -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake --
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --stall-rank 1)
+set_tests_properties(ep_gpu_np2_rank_stalls PROPERTIES TIMEOUT 90)
