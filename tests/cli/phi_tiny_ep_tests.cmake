@@ -1,0 +1,73 @@
+# Chapter 05 (the whole model with expert parallelism) under mpirun, CPU path.
+#  - greedy tokens identical for EP = 1, 2, 4 and both placements (phi_tiny_ep_same_tokens.cmake compares the
+#    tokens checksum across runs; every run also checks itself against the single-process model: CHECK PASS)
+#  - --trace writes one JSON line per (step, layer) in the visualizer's format; --json names the verdict
+#  - bad input: one "error:" line, non-zero exit on every rank, no hang
+if(NOT TARGET 05_phi_tiny_ep OR NOT MPIEXEC_EXECUTABLE)
+  return()
+endif()
+
+set(_p5 $<TARGET_FILE:05_phi_tiny_ep>)
+# the same launcher and environment as chapter 04's tests (ep_tests.cmake) when they are defined
+if(NOT DEFINED _mpirun)
+  set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
+endif()
+if(NOT DEFINED _ep_env)
+  set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
+endif()
+set(_p5_m --model ${EPLAB_TEST_MODEL})
+set(_p5_dir ${CMAKE_CURRENT_BINARY_DIR}/phi_tiny_ep)
+file(MAKE_DIRECTORY ${_p5_dir})
+set(_p5_tok ${EPLAB_SOURCE_DIR}/tests/data/tokenizer/tokenizer.json)
+
+function(_p5_props name)
+  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" TIMEOUT 120
+                       ${ARGN})
+endfunction()
+
+# --- each EP size and placement passes its own check (same tokens as one process with every expert)
+foreach(np 1 2 4)
+  foreach(pl linear round-robin)
+    eplab_expect_pass(NAME phi_tiny_ep_np${np}_${pl} REGEX "CHECK PASS 05_phi_tiny_ep: N=${np} ${pl}"
+                      COMMAND ${_mpirun} -np ${np} ${_p5} ${_p5_m} --device cpu --prompt-ids 1,450,4996,17354
+                              --prompt-ids 1,2,3 --max-new-tokens 6 --placement ${pl})
+    _p5_props(phi_tiny_ep_np${np}_${pl})
+  endforeach()
+endforeach()
+# uneven split (16 experts on 3 ranks) and a batch smaller than the EP size (ranks with no rows)
+eplab_expect_pass(NAME phi_tiny_ep_np3_one_token REGEX "CHECK PASS 05_phi_tiny_ep: N=3"
+                  COMMAND ${_mpirun} -np 3 ${_p5} ${_p5_m} --prompt-ids 1 --max-new-tokens 4)
+_p5_props(phi_tiny_ep_np3_one_token)
+
+# --- the tokens do not depend on the EP size or the placement (checksums compared across runs)
+add_test(NAME phi_tiny_ep_same_tokens
+         COMMAND ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
+                 -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir} -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
+set_tests_properties(phi_tiny_ep_same_tokens PROPERTIES LABELS cli)
+_p5_props(phi_tiny_ep_same_tokens TIMEOUT 400)
+
+# --- text prompts through the test tokenizer, --chat, --trace and --json (checked by the same script)
+add_test(NAME phi_tiny_ep_trace_json
+         COMMAND ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
+                 -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir} -DMODE=trace
+                 -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
+set_tests_properties(phi_tiny_ep_trace_json PROPERTIES LABELS cli)
+_p5_props(phi_tiny_ep_trace_json)
+
+# --- bad input: one error line, non-zero exit on every rank, no hang
+string(REPEAT "7," 4090 _p5_long)  # 4090 ids + 32 new tokens > max_position_embeddings 4096
+function(_p5_error name regex)
+  eplab_expect_error(NAME phi_tiny_ep_${name} REGEX "${regex}" COMMAND ${_mpirun} ${ARGN})
+  _p5_props(phi_tiny_ep_${name})
+endfunction()
+_p5_error(missing_model "does not exist" -np 2 ${_p5} --model ${_p5_dir}/no-such-model --prompt-ids 1,2)
+_p5_error(missing_tokenizer "has no tokenizer.json" -np 2 ${_p5} ${_p5_m} --prompt Hello)
+_p5_error(bad_tokenizer_file "no-such-tok.json" -np 2 ${_p5} ${_p5_m} --tokenizer ${_p5_dir}/no-such-tok.json
+          --prompt Hello)
+_p5_error(prompt_too_long "max_position_embeddings 4096" -np 2 ${_p5} ${_p5_m} --prompt-ids ${_p5_long})
+_p5_error(more_ranks_than_experts "17 ranks" -np 17 ${_p5} ${_p5_m} --prompt-ids 1,2)
+_p5_error(unknown_flag "--frobnicate" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --frobnicate)
+_p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
+_p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
+_p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
+_p5_error(gpu_not_yet "GPU path of chapter 05 is not there yet" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu)
