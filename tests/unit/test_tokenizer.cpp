@@ -1,0 +1,164 @@
+// Tokenizer: our encode / decode against HF tokenizers on the fixture of scripts/hf_tokenizer_fixture.py
+// (tests/data/tokenizer/: a small Llama/Phi-3 kind BPE with byte fallback and Phi-3's special tokens, in the
+// legacy Prepend+Replace layout and in the Metaspace layout), the chat template, and the one-line errors.
+// Every expected value comes from HF tokenizers (expected.json), not from this code.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "model/tokenizer.hpp"
+#include "util/check.hpp"
+
+using namespace eplab;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+const std::string kDir = std::string(EPLAB_TEST_DATA) + "/tokenizer";
+
+const json& expected() {
+  static const json j = [] {
+    std::ifstream in(kDir + "/expected.json");
+    REQUIRE_MESSAGE(in.good(), kDir, "/expected.json is missing: run scripts/hf_tokenizer_fixture.py");
+    return json::parse(in);
+  }();
+  return j;
+}
+
+std::string show(const std::vector<int>& ids) {
+  std::string s = "[";
+  for (size_t k = 0; k < ids.size(); ++k) s += (k ? ", " : "") + std::to_string(ids[k]);
+  return s + "]";
+}
+
+std::string error_of(const std::string& path) {
+  try {
+    Tokenizer::load(path);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static int n = 0;
+    path = fs::temp_directory_path() / ("eplab_tok_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string write(const std::string& name, const std::string& text) const {
+    std::ofstream(path / name) << text;
+    return (path / name).string();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("tokenizer: encode gives HF's ids and decode HF's text, both layouts") {
+  const json& e = expected();
+  for (const auto& [file, cases] : e.at("variants").items()) {
+    const Tokenizer tok = Tokenizer::load(kDir + "/" + file);
+    CHECK(tok.vocab_size() == e.at("vocab_size").get<int>());
+    for (const json& c : cases) {
+      const std::string text = c.at("text").get<std::string>();
+      const auto want = c.at("ids").get<std::vector<int>>();
+      const auto got = tok.encode(text);
+      CHECK_MESSAGE(got == want, file, ": encode(", json(text).dump(), ") = ", show(got), ", HF: ", show(want));
+      const auto got_bos = tok.encode(text, true);
+      CHECK_MESSAGE(got_bos == c.at("ids_add_special").get<std::vector<int>>(), file, ": add_bos ", json(text).dump());
+      const auto tokens = c.at("tokens").get<std::vector<std::string>>();
+      // HF's Encoding.tokens shows an added token as the text it matched, whitespace eaten by lstrip/rstrip
+      // included ("<|end|>\n"); piece() is the token itself.
+      for (size_t k = 0; k < want.size() && k < tokens.size(); ++k) {
+        if (tok.is_special(want[k]))
+          CHECK_MESSAGE(tokens[k].find(tok.piece(want[k])) != std::string::npos, file, ": piece(", want[k], ")");
+        else
+          CHECK_MESSAGE(tok.piece(want[k]) == tokens[k], file, ": piece(", want[k], ")");
+      }
+      CHECK_MESSAGE(tok.decode(want) == c.at("decoded").get<std::string>(), file, ": decode of ", json(text).dump(),
+                    " = ", json(tok.decode(want)).dump());
+      CHECK_MESSAGE(tok.decode(want, false) == c.at("decoded_keep_special").get<std::string>(), file,
+                    ": decode(keep special) of ", json(text).dump(), " = ", json(tok.decode(want, false)).dump());
+    }
+  }
+}
+
+TEST_CASE("tokenizer: special tokens, BOS/EOS, byte fallback pieces") {
+  const json& e = expected();
+  const Tokenizer tok = Tokenizer::load(kDir);  // a directory works too
+  CHECK(tok.bos_id() == e.at("bos_id").get<int>());
+  CHECK(tok.eos_id() == e.at("eos_id").get<int>());
+  for (const auto& [name, id] : e.at("special_ids").items()) {
+    CHECK_MESSAGE(tok.token_id(name) == id.get<int>(), name);
+    CHECK(tok.piece(id.get<int>()) == name);
+    CHECK(tok.is_special(id.get<int>()));
+    CHECK(tok.encode(name) == std::vector<int>{id.get<int>()});  // never split
+  }
+  const int end = tok.token_id("<|end|>");
+  const auto stops = tok.stop_ids();
+  CHECK(std::find(stops.begin(), stops.end(), end) != stops.end());
+  CHECK(std::find(stops.begin(), stops.end(), tok.eos_id()) != stops.end());
+  CHECK(tok.token_id("<0x0A>") >= 0);
+  CHECK_FALSE(tok.is_special(tok.token_id("<0x0A>")));
+  CHECK(tok.piece(-1).empty());
+  CHECK(tok.piece(tok.vocab_size()).empty());
+  CHECK_THROWS_AS(tok.decode({tok.vocab_size()}), Error);
+}
+
+TEST_CASE("tokenizer: Phi-3.5 chat template, rendered and encoded as HF does") {
+  const json& e = expected();
+  const Tokenizer tok = Tokenizer::load(kDir + "/tokenizer.json");
+  const Tokenizer meta = Tokenizer::load(kDir + "/tokenizer_metaspace.json");
+  for (const json& c : e.at("chats")) {
+    std::vector<ChatMessage> msgs;
+    for (const json& m : c.at("messages")) msgs.push_back({m.at("role"), m.at("content")});
+    const std::string text = tok.apply_chat_template(msgs, c.at("add_generation_prompt").get<bool>());
+    CHECK(text == c.at("text").get<std::string>());
+    CHECK_MESSAGE(tok.encode(text) == c.at("ids").get<std::vector<int>>(), json(text).dump());
+    CHECK_MESSAGE(meta.encode(text) == c.at("ids_metaspace").get<std::vector<int>>(), json(text).dump());
+  }
+  CHECK(tok.apply_chat_template("What is the capital of France?") ==
+        "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n");
+  CHECK_THROWS_AS(tok.apply_chat_template({{"tool", "x"}}), Error);
+}
+
+TEST_CASE("tokenizer: bad files give one-line errors") {
+  TempDir d;
+  std::string msg = error_of((d.path / "nope.json").string());
+  CHECK(msg.find("nope.json") != std::string::npos);
+  CHECK(msg.find("not found") != std::string::npos);
+  CHECK(error_of(d.path.string()).find("tokenizer.json") != std::string::npos);  // a directory without one
+
+  msg = error_of(d.write("bad.json", "{\"model\": {\"type\": \"BPE\", "));
+  CHECK(msg.find("bad.json") != std::string::npos);
+  CHECK(msg.find("invalid JSON") != std::string::npos);
+
+  msg = error_of(d.write("wp.json", R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})"));
+  CHECK(msg.find("WordPiece") != std::string::npos);
+  CHECK(msg.find("not supported") != std::string::npos);
+
+  msg = error_of(d.write("nofb.json", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})"));
+  CHECK(msg.find("byte_fallback") != std::string::npos);
+
+  // A real layout with a pre-tokenizer we do not implement (GPT-2's ByteLevel).
+  json j;
+  std::ifstream(kDir + "/tokenizer.json") >> j;
+  j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}};
+  msg = error_of(d.write("bl.json", j.dump()));
+  CHECK(msg.find("ByteLevel") != std::string::npos);
+  j["pre_tokenizer"] = nullptr;
+  j["model"]["merges"].push_back(json::array({"zzzq", "qqqz"}));
+  msg = error_of(d.write("merge.json", j.dump()));
+  CHECK(msg.find("not in the vocab") != std::string::npos);
+  CHECK(error_of(d.write("list.json", "[1, 2]")).find("no \"model\"") != std::string::npos);
+  for (const std::string& m : {msg, error_of(d.write("list2.json", "[1, 2]"))})
+    CHECK(m.find('\n') == std::string::npos);
+}
