@@ -13,7 +13,7 @@
 // H100/H200 need ~200-300 flops/byte (989 dense bf16 TFLOP/s over 3.35-4.8 TB/s) before bf16 tensor cores
 // are the limit, so:
 //
-//  (1) WeightStream, small rows (decode; default rows <= 64): the layer is a pure weight stream. At T = 1
+//  (1) WeightStream, small rows (decode; default rows <= 32): the layer is a pure weight stream. At T = 1
 //      (Phi-tiny: 2 experts x 5.5 M params x 2 B = 22 MB) the floor is ~5 us at 4.8 TB/s, and anything
 //      that needs the host (copying offsets back, sizing GEMMs on the CPU) costs more than that. So two
 //      custom kernels read d_offsets ON THE DEVICE, with no host synchronisation and no per-expert launch
@@ -34,10 +34,10 @@
 //      more, from L2), fp32 FMAs on CUDA cores (the FLOPs are negligible at these sizes).
 //      Needs H % 8 == 0, I % 8 == 0 and 16-byte aligned xp/yp; otherwise the CublasLoop path is used.
 //
-//  (2) cuBLAS, large rows (prefill, rows > 64): tensor cores. The GEMM sizes come from the HOST copy of the
+//  (2) cuBLAS, large rows (prefill, rows > 32): tensor cores. The GEMM sizes come from the HOST copy of the
 //      offsets (cuBLAS takes m/n/k on the host), so this path costs one device->host copy of n+1 ints and
 //      a wait for it; GpuMoeLayer hides that wait behind permute_rows. Three variants:
-//        CublasGrouped (default): cublasGemmGroupedBatchedEx (cuBLAS >= 12.5), one call for the w13 GEMMs
+//        CublasGrouped (Auto for 33..4095 rows): cublasGemmGroupedBatchedEx (cuBLAS >= 12.5), one call for the w13 GEMMs
 //          of all non-empty experts and one for the w2 GEMMs, each expert its own group (group_size 1,
 //          n = c_e). Chosen because the per-expert GEMMs are small (Phi-tiny at T = 4096: ~512 x 896 x
 //          4096 per expert, i.e. ~28 128x128 tiles, a fifth of an H100) and only a single launch over
@@ -48,18 +48,26 @@
 //          with a previous call on a host staging buffer).
 //        CublasLoop: cublasGemmEx per non-empty expert (2 GEMMs each) on the caller's stream. Works for any
 //          shape and alignment; the fallback when the grouped API cannot be used (odd H or I).
-//        CublasStreams: the same per-expert GEMMs spread over 4 forked streams (own cuBLAS handles),
-//          largest experts first. NVIDIA's Transformer Engine measured this beating the grouped API on
-//          some MoE shapes, so the benchmark can compare both (EPLAB_EXPERTS env var in moe_gpu.cu).
+//        CublasStreams (Auto from 4096 rows): the same per-expert GEMMs spread over 4 forked streams (own
+//          cuBLAS handles), largest experts first. Measured on one H200 at Phi-tiny's shape (gpu_tests,
+//          grouped_experts alone, median of 5): rows = 8192: grouped 0.365-0.372 ms, loop 0.351-0.370,
+//          streams 0.284-0.353; rows = 32768: grouped 1.218-1.232, loop 0.676-0.679, streams 0.629-0.633.
+//          The grouped API is the slowest at large rows (its kernels are generic over the groups; each
+//          cublasGemmEx call gets a kernel picked for its exact shape), so large batches use streams.
+//          Below ~4096 rows the per-expert launches (~32 cuBLAS calls the host must enqueue after the
+//          offsets arrive) cost more than the GEMMs: whole layer at T = 64: streams 0.404 ms vs grouped
+//          0.130; T = 512: 0.436 vs 0.141. 8 streams instead of 4: no better (0.46 / 0.62 ms at
+//          8192 / 32768 rows); chaining each expert's SwiGLU on its stream: slower (more launches).
 //      Row-major vs column-major: cuBLAS is column-major, and a row-major [R, C] matrix is the same bytes
 //      as a column-major [C, R] one. We compute gate_upᵀ [2I, c_e] = w13_e(as [H, 2I] col-major)ᵀ ·
 //      xp_eᵀ (as [H, c_e] col-major): transa = T, transb = N, m = 2I, n = c_e, k = H, lda = ldb = H,
 //      ldc = 2I ("TN", the layout cuBLAS is fastest at). w2 likewise: m = H, n = c_e, k = I, lda = ldb = I,
 //      ldc = H.
 //
-// Threshold: small_rows_max = 64 rows (T = 32 at top-2). Below it WeightStream reads every weight once
+// Threshold: small_rows_max = 32 rows (T = 16 at top-2). Below it WeightStream reads every weight once
 // and has no host round trip; above it the CUDA-core FMAs (6·rows·H·I) and per-8-row passes start to
-// cost more than the host round trip plus tensor-core GEMMs. It is a knob of the workspace (env
+// cost more than the host round trip plus tensor-core GEMMs. Measured (H200, whole layer, token-direct
+// path vs cublas-grouped): T = 16 0.123 vs 0.125 ms, T = 32 0.157 vs 0.132, T = 64 0.249 vs 0.130. It is a knob of the workspace (env
 // EPLAB_SMALL_ROWS, and EPLAB_EXPERTS to force a strategy, through GpuMoeLayer); tune it with
 // 02_moe_grouped --bench.
 //
@@ -107,7 +115,7 @@ class GroupedWorkspace {
   // cannot run for a shape (WeightStream or CublasGrouped with H or I not a multiple of 8, or unaligned
   // xp/yp) quietly becomes CublasLoop, which runs everything.
   GroupedStrategy strategy = GroupedStrategy::Auto;
-  int small_rows_max = 64;
+  int small_rows_max = 32;
   int streams_min_rows = 4096;  // Auto: cublas-grouped below this many rows, cublas-streams from here on
   int streams = 4;  // CublasStreams: how many streams the per-expert GEMM chains are spread over (1..8)
 

@@ -24,7 +24,8 @@ enum class MoePath {
 };
 
 // How the grouped path computes the experts (kernels/grouped_experts.cuh explains each one).
-//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max), else CublasStreams
+//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max = 32), CublasGrouped up to
+//                 4095 rows, CublasStreams from 4096 rows (measured on an H200: grouped_experts.cuh)
 //   WeightStream  custom kernels that stream each weight once and read the offsets on the GPU (no host sync)
 //   CublasGrouped cublasGemmGroupedBatchedEx: one call for all experts' w1|w3, one for all w2
 //   CublasLoop    cublasGemmEx per expert, one stream
@@ -63,9 +64,9 @@ class GpuMoeLayer {
   // by calling once with the largest T first).
   void forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path, cudaStream_t stream);
 
-  // Benchmark knobs for the grouped path. Defaults: Auto with small_rows_max = 64, or what the environment
+  // Benchmark knobs for the grouped path. Defaults: Auto with small_rows_max = 32, or what the environment
   // says: EPLAB_EXPERTS=<strategy name>, EPLAB_SMALL_ROWS=<rows>.
-  void set_expert_strategy(ExpertStrategy s, int small_rows_max = 64);
+  void set_expert_strategy(ExpertStrategy s, int small_rows_max = 32);
   ExpertStrategy last_expert_strategy() const;  // what the last grouped forward actually ran
   // Small batches on weight-stream take the token-direct chain (fused router+routing, experts that read x
   // through the routing and write y; moe_gpu.cu explains). Off: plan + permute + experts + combine, as

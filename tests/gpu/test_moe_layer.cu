@@ -464,8 +464,9 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
 
 TEST_CASE("GpuMoeLayer vs moe_layer_reference: naive and grouped paths, sparsemixer and softmax-top-k") {
   const MoeLayerWeights w = random_layer(256, 128, 16, 41);
-  // 32/33 tokens straddle the default small/large threshold (64 rows at top-2); 64/65 the next power of 2.
-  const std::vector<int> Ts = {0, 1, 3, 32, 33, 64, 65, 512, 2048};
+  // 16/17 tokens straddle the default small/large threshold (32 rows at top-2), 2047/2048 the
+  // cublas-grouped/cublas-streams one (4096 rows).
+  const std::vector<int> Ts = {0, 1, 3, 16, 17, 32, 33, 64, 65, 512, 2047, 2048};
   for (RouterKind kind : {RouterKind::SparseMixer, RouterKind::SoftmaxTopK}) sweep_layer(w, kind, Ts, false, 42);
 }
 
@@ -521,7 +522,7 @@ TEST_CASE("GpuMoeLayer::forward_device: graph replay gives the same bits as eage
   const int H = w.hidden;
   Rng rng(62);
   for (MoePath path : {MoePath::Grouped, MoePath::Naive})
-    for (int T : {1, 3, 20}) {  // all take the host-sync-free route (rows <= 64)
+    for (int T : {1, 3, 16}) {  // all take the host-sync-free route (rows <= small_rows_max = 32)
       INFO(path_str(path) << " path, T=" << T);
       const Bf16Data xa = random_bf16(rng, size_t(T) * H), xb = random_bf16(rng, size_t(T) * H);
       DevBuf<bf16_bits> d_xa(xa.bits), d_xb(xb.bits), d_y(size_t(T) * H);
