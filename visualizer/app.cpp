@@ -19,7 +19,7 @@ void copy_to(char* buf, std::size_t n, const std::string& s) {
 }
 }  // namespace
 
-App::App(const Options& o) : opt(o) {
+App::App(const Options& o, const DeviceChoice& dev) : opt(o), device_(dev) {
   copy_to(model_buf, sizeof model_buf, o.model);
   copy_to(prompt_buf, sizeof prompt_buf, o.prompt);
   layer = o.layer;
@@ -41,7 +41,7 @@ App::App(const Options& o) : opt(o) {
 
 void App::load_model(const std::string& dir) {
   try {
-    router_ = std::make_unique<LiveRouter>(dir);
+    router_ = std::make_unique<LiveRouter>(dir, device_);
     model_error.clear();
     opt.model = dir;
   } catch (const std::exception& e) {

@@ -18,7 +18,8 @@ namespace eplab::viz {
 
 class App {
  public:
-  explicit App(const Options& o);
+  // dev: where live routing runs (choose_device(o.device), made by the caller before the window opens).
+  App(const Options& o, const DeviceChoice& dev);
   void frame();  // polls the trace, recomputes what changed, draws every panel
   // Every problem the user should know about right now (model, prompt, trace, settings): one line each.
   std::vector<std::string> errors() const;
@@ -46,6 +47,7 @@ class App {
 
  private:
   void recompute_live();
+  DeviceChoice device_;
   std::unique_ptr<LiveRouter> router_;
   RoutingFrame live_;
   bool have_live_ = false;

@@ -7,14 +7,24 @@
 
 namespace eplab::viz {
 
-LiveRouter::LiveRouter(const std::string& model_dir) : ckpt_(Checkpoint::open(model_dir)) {}
+LiveRouter::LiveRouter(const std::string& model_dir, const DeviceChoice& dev) : ckpt_(Checkpoint::open(model_dir)) {
+  if (dev.backend == Backend::Gpu) {
+    gpu_ = std::make_unique<GpuRouter>(dev.gpu);
+    device_label_ = "GPU " + dev.description + ", kernels router_logits + route_topk";
+  } else {
+    // description is "CPU (--device cpu)" or "CPU (no GPU: <why>)"; empty for a default DeviceChoice.
+    device_label_ = (dev.description.empty() ? std::string("CPU") : dev.description) + ", common/moe/routing";
+  }
+}
 
-const std::vector<float>& LiveRouter::gate(int layer) {
+LiveRouter::~LiveRouter() = default;
+
+const std::vector<bf16_bits>& LiveRouter::gate(int layer) {
   auto it = gates_.find(layer);
   if (it != gates_.end()) return it->second;
   const ModelConfig& c = config();
   // Only the router: load_moe_layer would also read every expert of the layer, which we do not need.
-  auto g = ckpt_.read_f32(names::router_gate(layer), {c.num_local_experts, c.hidden_size});
+  auto g = ckpt_.read_bf16(names::router_gate(layer), {c.num_local_experts, c.hidden_size});
   return gates_.emplace(layer, std::move(g)).first->second;
 }
 
@@ -27,16 +37,27 @@ RoutingFrame LiveRouter::route_prompt(const std::string& prompt, int layer) {
 
   StandInTokens tok = stand_in_tokenize(prompt, c.vocab_size);
   const int T = int(tok.ids.size());
-  std::vector<float> x(std::size_t(T) * H);
+  // The layer input in bf16, as the model hands it to the MoE block and as the GPU kernel takes it.
+  std::vector<bf16_bits> x(std::size_t(T) * H);
   for (int t = 0; t < T; ++t) {
     const bf16_bits* row = embed_.data() + std::size_t(tok.ids[t]) * H;
     double ss = 0;
     for (int h = 0; h < H; ++h) ss += double(bf16_to_float(row[h])) * bf16_to_float(row[h]);
     const float scale = ss > 0 ? float(1.0 / std::sqrt(ss / H)) : 0.f;
-    for (int h = 0; h < H; ++h) x[std::size_t(t) * H + h] = bf16_to_float(row[h]) * scale;
+    for (int h = 0; h < H; ++h) x[std::size_t(t) * H + h] = float_to_bf16(bf16_to_float(row[h]) * scale);
   }
+  const std::vector<bf16_bits>& g = gate(layer);
   std::vector<float> logits(std::size_t(T) * E);
-  router_logits_cpu(x, gate(layer), T, H, E, logits);
+  Routing routing;
+  if (gpu_) {
+    gpu_->route(x, g, layer, T, H, E, c.num_experts_per_tok, c.router, c.router_jitter_noise, logits, routing);
+  } else {
+    std::vector<float> xf(x.size()), gf(g.size());
+    for (std::size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_float(x[i]);
+    for (std::size_t i = 0; i < g.size(); ++i) gf[i] = bf16_to_float(g[i]);
+    router_logits_cpu(xf, gf, T, H, E, logits);
+    routing = route(c.router, logits, T, E, c.num_experts_per_tok, c.router_jitter_noise);
+  }
 
   RoutingFrame f;
   f.layer = layer;
@@ -44,7 +65,8 @@ RoutingFrame LiveRouter::route_prompt(const std::string& prompt, int layer) {
   f.hidden = H;
   f.tokens = tok.ids;
   f.pieces = tok.pieces;
-  f.routing = route(c.router, logits, T, E, c.num_experts_per_tok, c.router_jitter_noise);
+  f.routing = std::move(routing);
+  f.computed_on = gpu_ ? "GPU" : "CPU";
   f.probs.resize(logits.size());
   for (int t = 0; t < T; ++t) {  // softmax per token: the heat map's colour
     const float* l = logits.data() + std::size_t(t) * E;
@@ -54,6 +76,7 @@ RoutingFrame LiveRouter::route_prompt(const std::string& prompt, int layer) {
     for (int e = 0; e < E; ++e) s += std::exp(double(l[e] - m));
     for (int e = 0; e < E; ++e) f.probs[std::size_t(t) * E + e] = float(std::exp(double(l[e] - m)) / s);
   }
+  f.logits = std::move(logits);
   return f;
 }
 

@@ -1,5 +1,10 @@
-// Live routing of a prompt on the CPU, with the project's own code: Checkpoint for the weights,
-// router_logits_cpu + route (common/moe/routing.hpp) for the choices.
+// Live routing of a prompt with the project's own code: Checkpoint for the weights, then either the GPU
+// kernels (router_logits + route_topk, gpu_router.hpp) or the CPU reference (router_logits_cpu + route,
+// common/moe/routing.hpp), chosen once by --device (kernels/device.hpp choose_device).
+//
+// Both backends get the same bf16 layer input x [T, H] and the same bf16 gate [E, H] (the checkpoint's
+// bits), so they differ only in fp32 summation order inside the logits GEMM: expert ids agree except on
+// near-ties, multipliers to ~1e-6.
 //
 // The layer input is a STAND-IN until chapter 05's trace is loaded: each token's row of embed_tokens,
 // rescaled to unit RMS (what the pre-norm LayerNorm would hand the block, without attention or the
@@ -11,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "device.hpp"
+#include "gpu_router.hpp"
 #include "model/checkpoint.hpp"
 #include "routing_frame.hpp"
 #include "util/bf16.hpp"
@@ -20,17 +27,24 @@ namespace eplab::viz {
 class LiveRouter {
  public:
   // Opens the checkpoint (throws eplab::Error naming the directory when it is missing or broken).
-  explicit LiveRouter(const std::string& model_dir);
+  // dev.backend == Backend::Gpu routes on GPU dev.gpu (throws when it cannot be set up).
+  explicit LiveRouter(const std::string& model_dir, const DeviceChoice& dev = DeviceChoice{});
+  ~LiveRouter();
+  bool on_gpu() const { return gpu_ != nullptr; }
+  // "GPU: NVIDIA H100 ... (kernels/router.cuh + routing.cuh)" or "CPU: ... (common/moe/routing)".
+  const std::string& device_label() const { return device_label_; }
   const ModelConfig& config() const { return ckpt_.config(); }
   const std::string& dir() const { return ckpt_.dir(); }
   // Throws when `layer` is out of range or a tensor is missing / has the wrong shape.
   RoutingFrame route_prompt(const std::string& prompt, int layer);
 
  private:
-  const std::vector<float>& gate(int layer);
+  const std::vector<bf16_bits>& gate(int layer);
   Checkpoint ckpt_;
+  std::unique_ptr<GpuRouter> gpu_;            // null: CPU
+  std::string device_label_;
   std::vector<bf16_bits> embed_;              // [V, H], read on first use (bf16 keeps it half the size)
-  std::map<int, std::vector<float>> gates_;   // layer -> [E, H]
+  std::map<int, std::vector<bf16_bits>> gates_;  // layer -> [E, H], the checkpoint's bf16
 };
 
 }  // namespace eplab::viz

@@ -3,10 +3,15 @@
 //
 //   visualizer [--model DIR] [--prompt TEXT] [--layer L] [--ep-size N] [--placement linear|round-robin|trace]
 //              [--gpus-per-node G] [--trace FILE] [--screenshot out.png --frames N] [--width W --height H]
+//              [--device auto|gpu|cpu] [--print-routing]
+//
+// --device picks where live routing runs (the GPU kernels or the CPU reference); --print-routing opens no
+// window: it prints the live routing of --prompt at --layer, one line per token, and exits 0.
 //
 // --screenshot renders N frames in a real window (works under `xvfb-run -a` with Mesa), writes the PNG and
 // exits: 0 when nothing went wrong, otherwise "error: ..." on one line and exit code 2 (the PNG is still
 // written, showing the error in the window).
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -18,6 +23,8 @@
 
 #include "app.hpp"
 #include "colors.hpp"
+#include "device.hpp"
+#include "moe/layer_check.hpp"
 #include "options.hpp"
 #include "screenshot.hpp"
 #include "util/check.hpp"
@@ -78,9 +85,28 @@ void style_imgui() {
   }
 }
 
+// --print-routing: the live routing as text, no window (and so no display needed). The header names the
+// backend and the smallest routing margin, so a CPU/GPU difference can be told from a near-tie.
+int print_routing_only(const eplab::viz::Options& opt, const eplab::DeviceChoice& dev) {
+  eplab::viz::LiveRouter router(opt.model, dev);
+  const eplab::viz::RoutingFrame f = router.route_prompt(opt.prompt, opt.layer);
+  const eplab::ModelConfig& c = router.config();
+  float margin = 1e30f;
+  for (int t = 0; t < f.T(); ++t)
+    margin = std::min(margin, eplab::routing_margin(c.router, f.logits, t, f.num_experts, c.router_jitter_noise));
+  std::printf("routing on %s\n", router.device_label().c_str());
+  std::printf("model %s, layer %d, %d tokens x %d experts, top-%d, smallest routing margin %.2e\n",
+              router.dir().c_str(), f.layer, f.T(), f.num_experts, f.routing.k, f.T() ? double(margin) : 0.0);
+  eplab::print_routing(f.routing, f.T());
+  return 0;
+}
+
 int run(int argc, char** argv) {
   eplab::viz::Options opt;
   if (auto rc = eplab::viz::parse_options(argc, argv, opt)) return *rc;
+  // Before the window: `--device gpu` without a GPU is a flag error (one line, non-zero exit).
+  const eplab::DeviceChoice dev = eplab::choose_device(opt.device);
+  if (opt.print_routing) return print_routing_only(opt, dev);
   GLFWwindow* window = open_window(opt);
   IMGUI_CHECKVERSION();
   ImGui::CreateContext();
@@ -93,7 +119,7 @@ int run(int argc, char** argv) {
   int code = 0;
   std::string error;
   {
-    eplab::viz::App app(opt);
+    eplab::viz::App app(opt, dev);
     const bool shot = !opt.screenshot.empty();
     for (int frame = 1; !glfwWindowShouldClose(window); ++frame) {
       if (shot) glfwPollEvents();

@@ -1,14 +1,7 @@
-// Memory per GPU for each EP size, as stacked parts. The weights come from the project's cost model
-// (common/moe/cost_model.hpp, ep_memory: what chapter 00 prints). The cost model covers weights only, so
-// the other two parts are estimated here, and labelled as estimates in the panel and the README:
-//
-//   KV cache     each GPU serves ceil(batch / N) of the sequences (attention is data-parallel under EP,
-//                as in chapter 04 every rank holds its own tokens):
-//                  seqs_per_gpu * seq_len * layers * 2 (K and V) * kv_heads * head_dim * 2 bytes (bf16)
-//   buffers      activations and all-to-all buffers for one prefill step of those tokens (tok = seqs * len):
-//                  activations  tok * (4 H + 2 k I) * 2 bytes   residual, normed input, attention out,
-//                                                               MoE out; SwiGLU w1/w3 outputs for k experts
-//                  dispatch     tok * k * H * 2 bytes * 2       send and receive buffers (combine reuses them)
+// Memory per GPU for each EP size, as stacked parts, all from the project's cost model
+// (common/moe/cost_model.hpp): the weights from ep_memory (exact: what chapter 00 prints), the KV cache,
+// activations and all-to-all buffers from ep_workload_memory (estimates, labelled "est." in the panel;
+// the formulas are documented there). bf16 throughout.
 #pragma once
 #include <string>
 #include <vector>

@@ -24,6 +24,11 @@ std::optional<int> parse_options(int argc, char** argv, Options& o) {
   app.add_option("--frames", o.frames, "frames to render before the screenshot")->capture_default_str();
   app.add_option("--width", o.width, "window width in pixels")->capture_default_str();
   app.add_option("--height", o.height, "window height in pixels")->capture_default_str();
+  app.add_option("--device", o.device, "where live routing runs: auto (the GPU when one works), gpu, cpu")
+      ->check(CLI::IsMember({"auto", "gpu", "cpu"}))
+      ->capture_default_str();
+  app.add_flag("--print-routing", o.print_routing,
+               "no window: print the live routing of --prompt at --layer (token i -> experts, weights), exit 0");
   if (auto rc = parse_cli(app, argc, argv)) return rc;
   require(o.layer >= 0, "--layer must be >= 0");
   require(o.ep_size >= 1, "--ep-size must be >= 1");

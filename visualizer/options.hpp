@@ -17,6 +17,8 @@ struct Options {
   std::string screenshot;            // write a PNG after --frames frames, then exit
   int frames = 3;
   int width = 1600, height = 1000;
+  std::string device = "auto";       // auto | gpu | cpu: where live routing runs (kernels/device.hpp)
+  bool print_routing = false;        // no window: print the live routing of --prompt at --layer, exit
 };
 
 // Returns an exit code when the program should stop now (after --help); throws eplab::Error on bad flags.

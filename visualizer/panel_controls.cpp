@@ -134,7 +134,12 @@ void draw_controls(App& app) {
     ImGui::TextDisabled("%d steps, %lld lines", n, static_cast<long long>(app.trace_.lines_read()));
   }
 
-  // Row 4: errors (the last few), or a quiet status line
+  // Row 4: where live routing runs, then errors (the last few) or a quiet hint
+  if (const LiveRouter* r = app.router()) {
+    ImGui::TextColored(r->on_gpu() ? ImVec4(0.5f, 0.9f, 0.5f, 1) : ImVec4(0.85f, 0.85f, 0.6f, 1), "routing on %s",
+                       r->device_label().c_str());
+    ImGui::SameLine(0, 24);
+  }
   const auto errs = app.errors();
   if (errs.empty()) {
     ImGui::TextDisabled("hover any cell or bar for exact numbers");

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include <imgui.h>
 
@@ -29,7 +30,11 @@ void draw_load(const EpView& v) {
   const ImVec2 o = ImGui::GetCursorScreenPos();
   const ImVec2 avail = ImGui::GetContentRegionAvail();
   const float fs = ImGui::GetFontSize();
-  const float axis_w = fs * 3.2f, foot_h = fs * 3.3f;
+  // Footer under the bars: GPU id, experts held, then the key, wrapped to the panel's width.
+  const std::vector<std::string> key = wrap_words(
+      "bar = rows (token choices) its experts compute; red outline = busiest; \"exp\" = experts held",
+      std::max(fs * 4, avail.x - fs * 0.5f));
+  const float axis_w = fs * 3.2f, foot_h = fs * (2.3f + float(key.size()));
   const float x0 = o.x + axis_w, y0 = o.y + fs * 0.5f, y1 = o.y + avail.y - foot_h;
   const float plot_w = avail.x - axis_w - fs * 0.5f, plot_h = std::max(10.f, y1 - y0);
   const double top = std::max(4.0, std::ceil(v.load_max * 1.1 / 4.0) * 4.0);  // integer ticks
@@ -71,8 +76,8 @@ void draw_load(const EpView& v) {
   const float ym = y1 - float(plot_h * v.load_mean / top);
   for (float x = x0; x < x0 + plot_w; x += 12) dl->AddLine(ImVec2(x, ym), ImVec2(std::min(x + 7, x0 + plot_w), ym), IM_COL32(255, 255, 255, 200), 1.5f);
   dl->AddText(ImVec2(x0 + 3, ym - fs - 1), IM_COL32(255, 255, 255, 220), "mean");
-  dl->AddText(ImVec2(x0, y1 + 3 + fs * 2), IM_COL32(150, 150, 150, 255),
-              "bar = rows (token choices) its experts compute; red outline = busiest; \"exp\" = experts held");
+  for (std::size_t i = 0; i < key.size(); ++i)
+    dl->AddText(ImVec2(o.x, y1 + 3 + fs * (2 + float(i))), IM_COL32(150, 150, 150, 255), key[i].c_str());
   ImGui::Dummy(avail);
 
   if (hover >= 0 && ImGui::IsWindowHovered()) {

@@ -76,9 +76,11 @@ void draw_memory(const ModelConfig* loaded, const std::string& loaded_name, Memo
   ImGui::SameLine();
   ImGui::SetNextItemWidth(fs * 8);
   ImGui::SliderInt("##len", &w.seq_len, 16, 32768, "%d tokens", ImGuiSliderFlags_Logarithmic | ImGuiSliderFlags_AlwaysClamp);
-  // Legend row.
+  // Legend: items flow onto a second line when the panel is too narrow for one (no clipping at 1280 px).
+  const float right = ImGui::GetCursorScreenPos().x + ImGui::GetContentRegionAvail().x;
   for (int p = 0; p < 4; ++p) {
-    if (p) ImGui::SameLine(0, 14);
+    const float item_w = fs * 0.9f + 4 + ImGui::CalcTextSize(kPartNames[p]).x;
+    if (p && ImGui::GetItemRectMax().x + 14 + item_w <= right) ImGui::SameLine(0, 14);
     const ImVec2 c = ImGui::GetCursorScreenPos();
     ImGui::GetWindowDrawList()->AddRectFilled(ImVec2(c.x, c.y + 4), ImVec2(c.x + fs * 0.8f, c.y + 4 + fs * 0.8f), to_u32(kParts[p]));
     ImGui::Dummy(ImVec2(fs * 0.9f, fs));

@@ -16,10 +16,12 @@ namespace eplab::viz {
 void draw_routing(const RoutingFrame& f, const EpView* v, bool from_trace) {
   const int T = f.T(), E = f.num_experts, k = f.routing.k;
   const bool have_probs = !f.probs.empty();
-  char sub[160];
+  char sub[200];
+  const std::string src = from_trace ? std::string(" (trace)")
+                                     : " (live on " + (f.computed_on.empty() ? std::string("CPU") : f.computed_on) +
+                                           ", stand-in tokenizer)";
   std::snprintf(sub, sizeof sub, "layer %d%s, %d tokens x %d experts, top-%d%s", f.layer,
-                from_trace ? (" step " + std::to_string(f.step)).c_str() : "", T, E, k,
-                from_trace ? " (trace)" : " (live, stand-in tokenizer)");
+                from_trace ? (" step " + std::to_string(f.step)).c_str() : "", T, E, k, src.c_str());
   panel_title("Token -> expert routing", sub);
 
   // Colour scale: 0 .. the largest value shown, rounded up to a tenth, so small probabilities still differ.

@@ -16,6 +16,8 @@ struct RoutingFrame {
   std::vector<std::string> pieces;   // their text pieces
   Routing routing;                   // [T, k] expert ids and multipliers (common/moe/routing.hpp)
   std::vector<float> probs;          // [T, E] softmax of the router logits; empty when unknown (traces)
+  std::vector<float> logits;         // [T, E] router logits (live routing only; empty for traces)
+  std::string computed_on;           // live routing: "GPU" or "CPU"; empty for traces
   // From a trace: the run's own expert map and EP size (empty / 0 when the line does not say).
   std::vector<int> rank_of_expert;
   int ep_size = 0;

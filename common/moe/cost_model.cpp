@@ -49,6 +49,41 @@ EpMemory ep_memory(const ModelConfig& c, int ep_size, double bytes_per_param) {
   return m;
 }
 
+int sequences_per_gpu(int batch, int ep_size) {
+  require(ep_size >= 1, "EP size must be >= 1, got ", ep_size);
+  require(batch >= 0, "batch must be >= 0, got ", batch);
+  return (batch + ep_size - 1) / ep_size;
+}
+
+double kv_cache_bytes(const ModelConfig& c, std::int64_t seqs, std::int64_t seq_len, double bytes_per_elem) {
+  require(seqs >= 0 && seq_len >= 0, "KV cache: sequences and length must be >= 0, got ", seqs, " and ", seq_len);
+  return double(seqs) * double(seq_len) * c.num_hidden_layers * 2.0 * c.num_key_value_heads * c.head_dim *
+         bytes_per_elem;
+}
+
+double activation_bytes(const ModelConfig& c, std::int64_t tokens, double bytes_per_elem) {
+  require(tokens >= 0, "activations: tokens must be >= 0, got ", tokens);
+  const double H = c.hidden_size, I = c.intermediate_size, k = c.num_experts_per_tok;
+  return double(tokens) * (4.0 * H + 2.0 * k * I) * bytes_per_elem;
+}
+
+double all_to_all_buffer_bytes(const ModelConfig& c, std::int64_t tokens, double bytes_per_elem) {
+  require(tokens >= 0, "all-to-all buffers: tokens must be >= 0, got ", tokens);
+  return 2.0 * double(tokens) * c.num_experts_per_tok * double(c.hidden_size) * bytes_per_elem;
+}
+
+EpWorkloadMemory ep_workload_memory(const ModelConfig& c, int ep_size, int batch, int seq_len, double bytes_per_elem) {
+  require(seq_len >= 0, "sequence length must be >= 0, got ", seq_len);
+  EpWorkloadMemory m;
+  m.ep_size = ep_size;
+  m.sequences_per_gpu = sequences_per_gpu(batch, ep_size);
+  m.tokens_per_gpu = std::int64_t(m.sequences_per_gpu) * seq_len;
+  m.kv_cache_bytes = kv_cache_bytes(c, m.sequences_per_gpu, seq_len, bytes_per_elem);
+  m.activation_bytes = activation_bytes(c, m.tokens_per_gpu, bytes_per_elem);
+  m.all_to_all_bytes = all_to_all_buffer_bytes(c, m.tokens_per_gpu, bytes_per_elem);
+  return m;
+}
+
 ModelConfig phi_tiny_moe_config() {
   ModelConfig c;
   c.model_type = "phimoe";

@@ -1,4 +1,5 @@
-// Parameter counts and memory per GPU of a PhiMoE model, from its config alone.
+// Parameter counts and memory per GPU of a PhiMoE model, from its config alone: weights exactly, and
+// estimates of the KV cache, activations and all-to-all buffers of a workload (further down).
 //
 // Counts follow the tensors PhiMoE stores (model/checkpoint.hpp, phimoe_tensor_specs):
 //   expert         w1 [I,H] + w3 [I,H] + w2 [H,I]            = 3 H I
@@ -52,6 +53,45 @@ struct EpMemory {
 
 // Weights' memory per GPU for EP size `ep_size` (>= 1); bytes_per_param 2 for bf16.
 EpMemory ep_memory(const ModelConfig& c, int ep_size, double bytes_per_param = 2.0);
+
+// --- Memory beyond the weights: estimates for one prefill step of an EP deployment -----------------------
+// Under EP, attention is data-parallel (as in chapter 04, every rank holds its own tokens), so each of the
+// N GPUs serves ceil(batch / N) of the sequences in flight, and the busiest GPU holds that many. These are
+// planning estimates (no allocator slack, no cuBLAS workspace, balanced routing), used by the visualizer's
+// memory panel; bytes_per_elem 2 for bf16.
+
+// ceil(batch / ep_size): sequences on the busiest GPU. batch >= 0, ep_size >= 1.
+int sequences_per_gpu(int batch, int ep_size);
+
+// KV cache of `seqs` sequences of `seq_len` tokens, all layers:
+//   seqs * seq_len * L * 2 (K and V) * num_key_value_heads * head_dim * bytes_per_elem.
+double kv_cache_bytes(const ModelConfig& c, std::int64_t seqs, std::int64_t seq_len, double bytes_per_elem = 2.0);
+
+// Activations live during one layer's step for `tokens` tokens:
+//   tokens * (4 H + 2 k I) * bytes_per_elem
+// 4 H: residual stream, normed input, attention output, MoE output; 2 k I: the SwiGLU w1 and w3 outputs
+// for each of the k experts a token visits (k = num_experts_per_tok).
+double activation_bytes(const ModelConfig& c, std::int64_t tokens, double bytes_per_elem = 2.0);
+
+// All-to-all dispatch buffers for `tokens` tokens: each sends k rows of H (one per chosen expert) and,
+// with balanced routing, receives as many; a send and a receive buffer (the combine reuses them):
+//   2 * tokens * k * H * bytes_per_elem.
+double all_to_all_buffer_bytes(const ModelConfig& c, std::int64_t tokens, double bytes_per_elem = 2.0);
+
+// The three estimates above for the busiest GPU of an EP deployment: seqs = sequences_per_gpu(batch,
+// ep_size), tokens = seqs * seq_len (one prefill step of every sequence it serves).
+struct EpWorkloadMemory {
+  int ep_size = 1;
+  int sequences_per_gpu = 0;
+  std::int64_t tokens_per_gpu = 0;
+  double kv_cache_bytes = 0;
+  double activation_bytes = 0;
+  double all_to_all_bytes = 0;
+  double buffers_bytes() const { return activation_bytes + all_to_all_bytes; }
+  double total_bytes() const { return kv_cache_bytes + activation_bytes + all_to_all_bytes; }
+};
+EpWorkloadMemory ep_workload_memory(const ModelConfig& c, int ep_size, int batch, int seq_len,
+                                    double bytes_per_elem = 2.0);
 
 // The real microsoft/Phi-tiny-MoE-instruct shape (its config.json), built in so chapter 00 and the
 // generator's `phi-tiny` preset need no download.

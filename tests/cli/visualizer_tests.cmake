@@ -93,3 +93,24 @@ eplab_expect_error(NAME viz_unwritable_png REGEX "cannot write" LABELS visualize
 set(_bad viz_trace_not_json viz_trace_truncated viz_trace_unreadable viz_trace_missing viz_trace_bad_expert
     viz_bad_layer viz_ep_too_big viz_unwritable_png)
 set_tests_properties(${_bad} PROPERTIES RESOURCE_LOCK xvfb FIXTURES_REQUIRED eplab_mini_model)
+
+# 5. Headless routing (--print-routing, no window, no xvfb) and CPU vs GPU live routing.
+add_test(NAME viz_print_routing_cpu COMMAND ${_viz} ${_m} --prompt ${_prompt} --layer 1 --device cpu --print-routing)
+set_tests_properties(viz_print_routing_cpu PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
+  PASS_REGULAR_EXPRESSION "routing on CPU[^\n]*\n[^\n]*layer 1, 20 tokens x 16 experts, top-2[^\n]*\ntoken 0 [^ ]+ experts \\[[0-9]+, [0-9]+\\] weights \\[[01]\\.[0-9][0-9], [01]\\.[0-9][0-9]\\]\n(.*\n)*token 19 ")
+set(_cmp ${CMAKE_COMMAND} -DVIZ=${_viz} -DMODEL=${EPLAB_TEST_MODEL} "-DPROMPT=${_prompt}")
+set(_cmp_script -P ${EPLAB_SOURCE_DIR}/visualizer/compare_routing.cmake)
+# The comparer itself: passes on two identical runs, and must fail on two different routings (layers 0, 1).
+add_test(NAME viz_compare_routing_same COMMAND ${_cmp} -DLAYER_A=1 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
+add_test(NAME viz_compare_routing_rejects COMMAND ${_cmp} -DLAYER_A=0 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
+set_tests_properties(viz_compare_routing_same viz_compare_routing_rejects PROPERTIES
+                     FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer")
+set_tests_properties(viz_compare_routing_same PROPERTIES PASS_REGULAR_EXPRESSION "CHECK PASS routing: 20 tokens")
+set_tests_properties(viz_compare_routing_rejects PROPERTIES PASS_REGULAR_EXPRESSION "MISMATCH token .*CHECK FAIL")
+# GPU (label gpu; exit 77 = skipped without one): the kernels' routing of the prompt equals the CPU's,
+# on two layers. Prints both outputs and a MISMATCH line per differing token.
+foreach(_l 1 3)
+  eplab_gpu_test(NAME viz_routing_gpu_vs_cpu_layer${_l} REGEX "CHECK PASS routing: 20 tokens"
+                 COMMAND ${_cmp} -DLAYER_A=${_l} -DDEVICE_A=cpu -DLAYER_B=${_l} -DDEVICE_B=gpu ${_cmp_script})
+  set_tests_properties(viz_routing_gpu_vs_cpu_layer${_l} PROPERTIES LABELS "gpu;visualizer")
+endforeach()

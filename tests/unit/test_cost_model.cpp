@@ -105,3 +105,54 @@ TEST_CASE("cost model: experts' memory per GPU under EP") {
   CHECK(ep_memory(c, 4, 4.0).expert_bytes_per_gpu == doctest::Approx(4.0 * 32 * expert * 4));  // fp32
   CHECK_THROWS(ep_memory(c, 0));
 }
+
+TEST_CASE("cost model: KV cache, activation and all-to-all estimates, by hand") {
+  const ModelConfig c = phi_tiny_moe_config();
+  // Phi-tiny-MoE: L=32 layers, 4 kv heads of 128, H=4096, I=448, top-2; bf16 = 2 bytes.
+  // KV cache per token: 32 layers * 2 (K, V) * 4 * 128 * 2 bytes = 65,536 bytes = 64 KiB.
+  CHECK(kv_cache_bytes(c, 1, 1) == 65536.0);
+  CHECK(kv_cache_bytes(c, 3, 1000) == 3.0 * 1000 * 65536);
+  CHECK(kv_cache_bytes(c, 3, 1000, 1.0) == 3.0 * 1000 * 32768);  // fp8 cache: half
+  CHECK(kv_cache_bytes(c, 0, 1000) == 0.0);
+  // Activations per token: (4 * 4096 + 2 * 2 * 448) * 2 bytes = (16384 + 1792) * 2 = 36,352 bytes.
+  CHECK(activation_bytes(c, 1) == 36352.0);
+  CHECK(activation_bytes(c, 10) == 363520.0);
+  // All-to-all per token: 2 buffers * 2 rows * 4096 * 2 bytes = 32,768 bytes.
+  CHECK(all_to_all_buffer_bytes(c, 1) == 32768.0);
+  CHECK(all_to_all_buffer_bytes(c, 7) == 7 * 32768.0);
+
+  CHECK(sequences_per_gpu(8, 1) == 8);
+  CHECK(sequences_per_gpu(8, 4) == 2);
+  CHECK(sequences_per_gpu(8, 3) == 3);   // ceil: the busiest GPU
+  CHECK(sequences_per_gpu(8, 16) == 1);
+  CHECK(sequences_per_gpu(0, 4) == 0);
+  CHECK_THROWS(sequences_per_gpu(8, 0));
+
+  // batch 8 of 2048 tokens over EP 4: 2 sequences, 4096 tokens on the busiest GPU.
+  const EpWorkloadMemory m = ep_workload_memory(c, 4, 8, 2048);
+  CHECK(m.ep_size == 4);
+  CHECK(m.sequences_per_gpu == 2);
+  CHECK(m.tokens_per_gpu == 4096);
+  CHECK(m.kv_cache_bytes == 4096.0 * 65536);   // 256 MiB
+  CHECK(m.kv_cache_bytes == 256.0 * 1024 * 1024);
+  CHECK(m.activation_bytes == 4096.0 * 36352);
+  CHECK(m.all_to_all_bytes == 4096.0 * 32768);  // 128 MiB
+  CHECK(m.buffers_bytes() == m.activation_bytes + m.all_to_all_bytes);
+  CHECK(m.total_bytes() == 4096.0 * (65536 + 36352 + 32768));
+
+  // A second shape with other numbers everywhere (GQA 8 kv heads of 64, top-3, 5 layers).
+  ModelConfig d = c;
+  d.num_hidden_layers = 5;
+  d.num_key_value_heads = 8;
+  d.head_dim = 64;
+  d.hidden_size = 512;
+  d.intermediate_size = 96;
+  d.num_experts_per_tok = 3;
+  // per token: KV 5*2*8*64*2 = 10,240; act (4*512 + 2*3*96)*2 = (2048+576)*2 = 5,248; a2a 2*3*512*2 = 6,144.
+  const EpWorkloadMemory n = ep_workload_memory(d, 3, 10, 100);  // ceil(10/3) = 4 sequences, 400 tokens
+  CHECK(n.sequences_per_gpu == 4);
+  CHECK(n.tokens_per_gpu == 400);
+  CHECK(n.kv_cache_bytes == 400.0 * 10240);
+  CHECK(n.activation_bytes == 400.0 * 5248);
+  CHECK(n.all_to_all_bytes == 400.0 * 6144);
+}
