@@ -1,6 +1,7 @@
 // One expert-parallel MoE layer on one rank: this rank's tokens, this rank's experts, and the two
 // exchanges that connect them. Two implementations with the same steps:
-//   CPU  (ep_cpu.cpp)  MPI backend, host buffers, the CPU grouped experts (fp32)
+//   CPU  (ep_cpu.cpp)  MPI backend, host buffers, the CPU grouped experts (fp32): chapter 05's
+//                      EpMoeCpuBlock (common/moe/ep_moe_cpu.hpp) in its data-parallel (EpInput::Local) mode
 //   GPU  (ep_gpu.cu)   NCCL backend, device buffers, the kernels of kernels/ (bf16, fp32 accumulation)
 //
 //   route     logits = x·gateᵀ (gate replicated on every rank) -> ids, multipliers          [T, k]
@@ -29,7 +30,7 @@
 
 namespace eplab {
 
-enum class EpLayout { Permute, Direct };
+// EpLayout (permute | direct) is in moe/ep_plan.hpp: the CPU block of common/ implements both too.
 const char* layout_name(EpLayout l);
 EpLayout parse_layout(const std::string& s);
 

@@ -39,12 +39,20 @@ namespace {
 
 std::vector<std::size_t> to_sizes(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
+std::vector<dist::Transfer> to_transfers(const std::vector<EpPlan::Segment>& segs) {
+  std::vector<dist::Transfer> t;
+  t.reserve(segs.size());
+  for (const auto& s : segs) t.push_back({s.peer, std::size_t(s.offset), std::size_t(s.rows)});
+  return t;
+}
+
 }  // namespace
 
 EpMoeCpuBlock::EpMoeCpuBlock(dist::Communicator& comm, const Placement& placement,
                              std::shared_ptr<const std::vector<MoeLayerWeights>> layers, const MoeRefOptions& opt,
-                             EpInput input, int threads)
-    : comm_(comm), placement_(placement), layers_(std::move(layers)), opt_(opt), input_(input), threads_(threads) {
+                             EpInput input, int threads, EpExchangeOptions exchange)
+    : comm_(comm), placement_(placement), layers_(std::move(layers)), opt_(opt), input_(input), threads_(threads),
+      ex_(exchange) {
   require(layers_ != nullptr && !layers_->empty(), "EpMoeCpuBlock: no layer weights");
   require(comm.memory() == dist::Memory::Host, "EpMoeCpuBlock needs a host-memory (MPI) communicator, got ",
           comm.backend());
@@ -96,14 +104,38 @@ MoeBlockOutput EpMoeCpuBlock::forward(int layer, std::span<const float> x, int T
   const std::vector<int> all(all64.begin(), all64.end());
   finish_ep_plan(plan_, placement_, all);
   const int S = plan_.send_rows(), R = plan_.recv_rows();
-  send_.resize(std::size_t(S) * H);
-  for (int i = 0; i < S; ++i) std::copy_n(&xm[std::size_t(plan_.send_token(i)) * H], H, &send_[std::size_t(i) * H]);
-  recv_.resize(std::size_t(R) * H);
-  comm_.alltoallv(send_.data(), to_sizes(plan_.send_counts), recv_.data(), to_sizes(plan_.recv_counts),
-                  H * sizeof(float));
-  xg_.resize(std::size_t(R) * H);  // local permute: (source, local expert) order -> grouped by local expert
-  for (int g = 0; g < R; ++g)
-    std::copy_n(&recv_[std::size_t(plan_.grouped_to_recv[g]) * H], H, &xg_[std::size_t(g) * H]);
+  const bool b16 = ex_.bf16_dispatch, direct = ex_.layout == EpLayout::Direct;
+  const std::size_t SH = std::size_t(S) * H, RH = std::size_t(R) * H;
+  if (b16) {
+    send_bf16_.resize(SH);
+    recv_bf16_.resize(RH);
+  } else {
+    send_.resize(SH);
+    recv_.resize(RH);
+  }
+  for (int i = 0; i < S; ++i) {
+    const float* src = &xm[std::size_t(plan_.send_token(i)) * H];
+    if (b16)
+      for (int c = 0; c < H; ++c) send_bf16_[std::size_t(i) * H + c] = float_to_bf16(src[c]);
+    else
+      std::copy_n(src, H, &send_[std::size_t(i) * H]);
+  }
+  const void* sendp = b16 ? static_cast<const void*>(send_bf16_.data()) : send_.data();
+  void* recvp = b16 ? static_cast<void*>(recv_bf16_.data()) : recv_.data();
+  const std::size_t row_bytes = H * (b16 ? sizeof(bf16_bits) : sizeof(float));
+  if (direct)  // segments land in expert order already
+    comm_.exchange(sendp, to_transfers(plan_.send_segments), recvp, to_transfers(plan_.recv_segments), row_bytes);
+  else
+    comm_.alltoallv(sendp, to_sizes(plan_.send_counts), recvp, to_sizes(plan_.recv_counts), row_bytes);
+  xg_.resize(RH);  // permute layout: (source, local expert) order -> grouped by local expert
+  for (int g = 0; g < R; ++g) {
+    const std::size_t from = std::size_t(direct ? g : plan_.grouped_to_recv[g]) * H;
+    float* to = &xg_[std::size_t(g) * H];
+    if (b16)
+      for (int c = 0; c < H; ++c) to[c] = bf16_to_float(recv_bf16_[from + c]);
+    else
+      std::copy_n(&recv_[from], H, to);
+  }
   lap(times_.dispatch_ms);
 
   // --- my experts: local expert e owns grouped rows [local_offsets[e], local_offsets[e+1])
@@ -112,11 +144,17 @@ MoeBlockOutput EpMoeCpuBlock::forward(int layer, std::span<const float> x, int T
   lap(times_.experts_ms);
 
   // --- combine: rows go home the way they came; the weighted sum on the rank that routed the token
-  yrecv_.resize(std::size_t(R) * H);
-  for (int i = 0; i < R; ++i) std::copy_n(&yg_[std::size_t(plan_.recv_to_grouped[i]) * H], H, &yrecv_[std::size_t(i) * H]);
-  yret_.resize(std::size_t(S) * H);
-  comm_.alltoallv(yrecv_.data(), to_sizes(plan_.recv_counts), yret_.data(), to_sizes(plan_.send_counts),
-                  H * sizeof(float));
+  yret_.resize(SH);
+  if (direct) {
+    comm_.exchange(yg_.data(), to_transfers(plan_.recv_segments), yret_.data(), to_transfers(plan_.send_segments),
+                   H * sizeof(float));
+  } else {
+    yrecv_.resize(RH);
+    for (int i = 0; i < R; ++i)
+      std::copy_n(&yg_[std::size_t(plan_.recv_to_grouped[i]) * H], H, &yrecv_[std::size_t(i) * H]);
+    comm_.alltoallv(yrecv_.data(), to_sizes(plan_.recv_counts), yret_.data(), to_sizes(plan_.send_counts),
+                    H * sizeof(float));
+  }
   MoeBlockOutput out;
   const std::size_t y_rows = input_ == EpInput::Replicated ? std::size_t(T) : std::size_t(Tm);
   out.y.assign(y_rows * H, 0.f);

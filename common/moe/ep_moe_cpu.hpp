@@ -14,10 +14,11 @@
 //  * EpInput::Local       data-parallel: every rank passes its own rows (T may differ per rank, or be 0)
 //    and gets back the output of those rows only (chapter 04's set-up). No all-gather.
 //
-// Rows travel as fp32 both ways: the model around the block is fp32, and with the same arithmetic in the
-// same order as moe_layer_reference (router in double, experts with fp32 sums in c order, Σ_j from j = 0)
-// the output is bit-identical to the single-process LocalMoeBlock, so greedy tokens do not depend on the
-// EP size or the placement. (A GPU path would send bf16 rows, as chapter 04 does.)
+// Rows travel as fp32 both ways by default: the model around the block is fp32, and with the same
+// arithmetic in the same order as moe_layer_reference (router in double, experts with fp32 sums in c order,
+// Σ_j from j = 0) the output is bit-identical to the single-process LocalMoeBlock, so greedy tokens do not
+// depend on the EP size or the placement. EpExchangeOptions picks chapter 04's variants: the direct layout,
+// and bf16 rows on the way out (exact when the tokens are bf16 already; the same bytes as the GPU path).
 //
 // Every rank must call forward() for every layer in the same order (it is collective). Errors in the
 // middle of an exchange are local: mpi_main aborts the job (see dist/communicator.hpp).
@@ -31,6 +32,7 @@
 #include "model/phimoe_cpu.hpp"
 #include "moe/ep_plan.hpp"
 #include "moe/placement.hpp"
+#include "util/bf16.hpp"
 
 namespace eplab {
 
@@ -51,6 +53,13 @@ struct EpMoeCounts {
   std::int64_t off_rank_rows(int layer) const;           // rows that crossed to another rank (off-diagonal)
 };
 
+// How rows travel (chapter 04 shows both layouts; chapter 05 uses the defaults).
+struct EpExchangeOptions {
+  EpLayout layout = EpLayout::Permute;
+  // Dispatch rows as bf16 (half the bytes). Exact only when x is bf16-representable; the combine stays fp32.
+  bool bf16_dispatch = false;
+};
+
 // The block rows of a replicated batch of T rows on rank r of N: [first, first + count).
 struct RowRange {
   int first = 0, count = 0;
@@ -64,7 +73,7 @@ class EpMoeCpuBlock : public MoeBlock {
   // threads: for the local experts (0: this node's cores split between its ranks).
   EpMoeCpuBlock(dist::Communicator& comm, const Placement& placement,
                 std::shared_ptr<const std::vector<MoeLayerWeights>> layers, const MoeRefOptions& opt,
-                EpInput input = EpInput::Replicated, int threads = 0);
+                EpInput input = EpInput::Replicated, int threads = 0, EpExchangeOptions exchange = {});
 
   // Replicated: y and routing for all T rows. Local: for this rank's T rows.
   MoeBlockOutput forward(int layer, std::span<const float> x, int T) override;
@@ -81,10 +90,12 @@ class EpMoeCpuBlock : public MoeBlock {
   MoeRefOptions opt_;
   EpInput input_;
   int threads_;
+  EpExchangeOptions ex_;
   EpMoeTimes times_;
   EpMoeCounts counts_;
   EpPlan plan_;
   std::vector<float> send_, recv_, xg_, yg_, yrecv_, yret_;
+  std::vector<bf16_bits> send_bf16_, recv_bf16_;  // the dispatch buffers when ex_.bf16_dispatch
 };
 
 }  // namespace eplab

@@ -34,6 +34,11 @@
 
 namespace eplab {
 
+// How the rows of an EP exchange travel: one all-to-all-v per direction plus a local permute on the
+// receiver (Permute, the textbook flow), or one message per segment received straight into expert
+// order (Direct, see "Segments" above).
+enum class EpLayout { Permute, Direct };
+
 struct EpPlan {
   struct Segment {
     int peer = 0;    // the other rank
