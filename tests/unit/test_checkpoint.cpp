@@ -2,8 +2,6 @@
 // BF16/F16/F32 conversion, loading any subset of a layer's experts, and validate_against_config.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,22 +11,14 @@
 #include "model/checkpoint.hpp"
 #include "model/generator.hpp"
 #include "util/check.hpp"
+#include "tmp_dir.hpp"
 
 using namespace eplab;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("eplab_ck_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-};
+using testing::TmpDir;
 
 ModelConfig small_config() {
   ModelConfig c = generator_preset("mini");

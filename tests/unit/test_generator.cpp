@@ -5,8 +5,6 @@
 
 #include "moe/routing.hpp"
 
-#include <unistd.h>
-
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -19,22 +17,14 @@
 #include "model/generator.hpp"
 #include "util/check.hpp"
 #include "util/rng.hpp"
+#include "tmp_dir.hpp"
 
 using namespace eplab;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("eplab_gen_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-};
+using testing::TmpDir;
 
 ModelConfig tiny() {
   ModelConfig c = generator_preset("mini");

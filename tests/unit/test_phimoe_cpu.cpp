@@ -17,7 +17,6 @@
 //    double, the MoE through moe_layer_reference): rel-L2 <= 1e-5 per row.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -31,6 +30,7 @@
 #include "model/safetensors.hpp"
 #include "moe/reference.hpp"
 #include "util/check.hpp"
+#include "tmp_dir.hpp"
 
 using namespace eplab;
 namespace fs = std::filesystem;
@@ -85,16 +85,7 @@ struct SpyMoe : MoeBlock {
   }
 };
 
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("eplab_phimoe_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-};
+using testing::TmpDir;
 
 std::vector<int> fixture_ids(const SafetensorsFile& fx, int& T) {
   const TensorInfo* t = fx.find("input_ids");

@@ -2,8 +2,6 @@
 // validation rule (each must throw eplab::Error naming the file and, where there is one, the tensor).
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -14,23 +12,14 @@
 
 #include "model/safetensors.hpp"
 #include "util/check.hpp"
+#include "tmp_dir.hpp"
 
 using namespace eplab;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("eplab_st_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using testing::TmpDir;
 
 std::string le64(std::uint64_t n) {
   std::string s(8, '\0');

@@ -4,8 +4,6 @@
 // Every expected value comes from HF tokenizers (expected.json), not from this code.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 
@@ -13,6 +11,7 @@
 
 #include "model/tokenizer.hpp"
 #include "util/check.hpp"
+#include "tmp_dir.hpp"
 
 using namespace eplab;
 namespace fs = std::filesystem;
@@ -46,19 +45,7 @@ std::string error_of(const std::string& path) {
   return "";
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("eplab_tok_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::ofstream(path / name) << text;
-    return (path / name).string();
-  }
-};
+using testing::TmpDir;
 
 }  // namespace
 
@@ -131,7 +118,7 @@ TEST_CASE("tokenizer: Phi-3.5 chat template, rendered and encoded as HF does") {
 }
 
 TEST_CASE("tokenizer: bad files give one-line errors") {
-  TempDir d;
+  TmpDir d;
   std::string msg = error_of((d.path / "nope.json").string());
   CHECK(msg.find("nope.json") != std::string::npos);
   CHECK(msg.find("not found") != std::string::npos);
