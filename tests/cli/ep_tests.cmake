@@ -9,16 +9,9 @@ if(NOT TARGET 04_expert_parallel OR NOT MPIEXEC_EXECUTABLE)
 endif()
 
 set(_ep $<TARGET_FILE:04_expert_parallel>)
-# --oversubscribe: more ranks than cores is fine for tests. --allow-run-as-root: CI containers run as root.
-set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
+include(${EPLAB_SOURCE_DIR}/tests/cli/mpi_launch.cmake)  # _mpirun, _ep_env, _ep_props
 set(_m --model ${EPLAB_TEST_MODEL})
 set(EPLAB_TEST_MODEL_ARG "--model ${EPLAB_TEST_MODEL}")
-# Containers often forbid the cross-process memory attach (CMA) Open MPI's shared-memory transport uses.
-set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
-
-function(_ep_props name)
-  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" ${ARGN})
-endfunction()
 
 # --- the CPU path: every N, both placements; the direct layout too
 foreach(np 1 2 3 4)

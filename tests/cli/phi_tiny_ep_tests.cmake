@@ -8,21 +8,14 @@ if(NOT TARGET 05_phi_tiny_ep OR NOT MPIEXEC_EXECUTABLE)
 endif()
 
 set(_p5 $<TARGET_FILE:05_phi_tiny_ep>)
-# the same launcher and environment as chapter 04's tests (ep_tests.cmake) when they are defined
-if(NOT DEFINED _mpirun)
-  set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
-endif()
-if(NOT DEFINED _ep_env)
-  set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
-endif()
+include(${EPLAB_SOURCE_DIR}/tests/cli/mpi_launch.cmake)  # the same launcher and environment as chapter 04's
 set(_p5_m --model ${EPLAB_TEST_MODEL})
 set(_p5_dir ${CMAKE_CURRENT_BINARY_DIR}/phi_tiny_ep)
 file(MAKE_DIRECTORY ${_p5_dir})
 set(_p5_tok ${EPLAB_SOURCE_DIR}/tests/data/tokenizer/tokenizer.json)
 
 function(_p5_props name)
-  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" TIMEOUT 120
-                       ${ARGN})
+  _ep_props(${name} TIMEOUT 120 ${ARGN})
 endfunction()
 
 # --- each EP size and placement passes its own check (same tokens as one process with every expert)
