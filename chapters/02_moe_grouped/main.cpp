@@ -98,9 +98,7 @@ int main(int argc, char** argv) {
       tolerance = 1e-2;  // bf16 output (unit roundoff 2^-9) and fp32 sums in another order; see chapter 01
     } else {
       WallTimer t;
-      std::vector<float> logits(size_t(T) * E);
-      router_logits_cpu(p.x, bf16_to_float(std::span<const bf16_bits>(p.weights.gate)), T, H, E, logits);
-      routing = route(p.router, logits, T, E, p.top_k, p.jitter_eps);
+      routing = route_on_cpu(p);
       y = moe_grouped_cpu(p.weights, p.x, routing, /*round_h=*/true);
       std::printf("CPU grouped: %.3f ms\n", t.ms());
       timing = {{"grouped_ms", t.ms()}};

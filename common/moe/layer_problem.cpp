@@ -15,6 +15,13 @@ void add_layer_options(CLI::App& app, LayerOptions& opt) {
   app.add_option("--show", opt.show, "print the routing of this many tokens")->capture_default_str();
 }
 
+Routing route_on_cpu(const LayerProblem& p) {
+  const int T = p.tokens, H = p.weights.hidden, E = p.weights.num_experts;
+  std::vector<float> logits(size_t(T) * E);
+  router_logits_cpu(p.x, bf16_to_float(std::span<const bf16_bits>(p.weights.gate)), T, H, E, logits);
+  return route(p.router, logits, T, E, p.top_k, p.jitter_eps);
+}
+
 LayerProblem make_layer_problem(const Checkpoint& ckpt, const LayerOptions& opt, std::uint64_t seed,
                                 const std::vector<int>& experts) {
   const ModelConfig& cfg = ckpt.config();

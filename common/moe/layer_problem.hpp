@@ -31,6 +31,9 @@ struct LayerProblem {
   std::vector<float> x;           // the same values widened (exactly representable)
 };
 
+// The router on the CPU for this problem's input: logits = x gate^T (fp32), then the problem's router.
+Routing route_on_cpu(const LayerProblem& p);
+
 // Validates the options against the checkpoint (layer in range, T >= 0, 1 <= top-k <= experts,
 // sparsemixer needs k = 2) and loads the listed experts of the layer (empty = all).
 LayerProblem make_layer_problem(const Checkpoint& ckpt, const LayerOptions& opt, std::uint64_t seed,
