@@ -10,19 +10,27 @@
 // Check: rank 0 also runs the single-process model with all experts (PhimoeCpuModel + LocalMoeBlock) and the
 // generated tokens must be identical (the EP block sums in the reference's order, so they are, bit for bit).
 //
+// GPU: `-np 1 --device gpu` runs the whole model on one GPU with every expert (GpuPhimoeModel, run_gpu below),
+// checked against the fp32 CPU model's greedy tokens up to its first near-tie; EP over GPUs is the next step.
+//
 // Run: mpirun -np 4 05_phi_tiny_ep --prompt-ids 1,450,4996 --max-new-tokens 16
+//      mpirun -np 1 05_phi_tiny_ep --device gpu --prompt-ids 1,450,4996 --max-new-tokens 16
 //      mpirun -np 2 05_phi_tiny_ep --model DIR --prompt "The capital of France is" --chat --trace run.jsonl
 #include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <sstream>
 
+#include "device.hpp"
 #include "dist/communicator.hpp"
 #include "model/phimoe_cpu.hpp"
 #include "model/tokenizer.hpp"
 #include "moe/ep_moe_cpu.hpp"
 #include "moe/placement.hpp"
+#include "phimoe_gpu.hpp"
 #include "trace_writer.hpp"
 #include "util/check.hpp"
 #include "util/cli.hpp"
@@ -114,6 +122,155 @@ double rss_bytes() {
   return 0;
 }
 
+// ---------------------------------------------------------------- the GPU path: -np 1 --device gpu
+// One rank, one GPU, every expert: GpuPhimoeModel (kernels/phimoe_gpu.hpp), one prompt after the other (batch 1).
+// Check: the fp32 CPU reference's greedy tokens. bf16 activations may pick the other token where the reference's
+// top-2 logits are nearly tied, and from there on the two sequences diverge; so the tokens must be identical up
+// to the first step where the reference's top-2 gap is within kTieMargin * rms(logits row) (4 x the logits'
+// rel-L2 tolerance 3e-2: tests/gpu/test_phimoe_gpu.cu says why); what follows such a tie is not judged.
+constexpr double kTieMargin = 4 * 3e-2;
+
+int run_gpu(const Options& o, const Checkpoint& ckpt, const std::optional<Tokenizer>& tok,
+            const std::vector<std::vector<int>>& prompts, const std::vector<int>& stop_ids) {
+  const ModelConfig& c = ckpt.config();
+  const int B = int(prompts.size()), V = c.vocab_size, L = c.num_hidden_layers, E = c.num_local_experts;
+  const DeviceChoice dev = choose_device("gpu");
+  std::printf("05_phi_tiny_ep: 1 rank, --device gpu: %s\n", dev.description.c_str());
+  std::printf("model %s: %d layers, hidden %d, %d experts (top-%d, %s), vocab %d; every expert on this GPU\n",
+              o.common.model.c_str(), L, c.hidden_size, E, c.num_experts_per_tok, router_name(c.router), V);
+  if (tok) std::printf("tokenizer %s (%d tokens)\n", tok->path().c_str(), tok->vocab_size());
+  else std::printf("no tokenizer: prompts and output as token ids\n");
+  int max_len = 0;
+  for (const auto& p : prompts) max_len = std::max(max_len, int(p.size()) + o.max_new_tokens);
+
+  std::printf("loading %d layers to the GPU (bf16): norms, attention, router + all %d experts ...\n", L, E);
+  std::fflush(stdout);
+  WallTimer load_clk;
+  GpuPhimoeModel model = GpuPhimoeModel::load(ckpt, max_len);
+  std::printf("loaded in %.2f s: %s of weights on the GPU; %s in use on the GPU (cudaMemGetInfo: weights, KV cache "
+              "for %d positions, activations, CUDA context)\n",
+              load_clk.ms() / 1e3, human_bytes(double(model.weight_bytes())).c_str(),
+              human_bytes(double(gpu_memory_used_bytes())).c_str(), max_len);
+  model.forward({prompts[0][0]});  // warm-up: cuBLAS handles and lazy module loading stay out of the timings
+  model.reset();
+
+  // --- greedy generation, one prompt at a time. forward() returns host logits, so it has synchronised the GPU:
+  //     the wall time around it is GPU time.
+  std::vector<std::vector<int>> out(B);
+  double prefill_ms = 0, decode_ms = 0;
+  long prefill_tokens = 0, decode_tokens = 0;
+  for (int b = 0; b < B; ++b) {
+    model.reset();
+    WallTimer clk;
+    std::vector<float> logits = model.forward(prompts[b]);
+    prefill_ms += clk.ms();
+    prefill_tokens += long(prompts[b].size());
+    for (;;) {
+      const int t = argmax(logits);
+      out[b].push_back(t);
+      if (int(out[b].size()) == o.max_new_tokens || std::find(stop_ids.begin(), stop_ids.end(), t) != stop_ids.end())
+        break;
+      WallTimer step;
+      logits = model.forward({t});
+      decode_ms += step.ms();
+      ++decode_tokens;
+    }
+  }
+
+  std::printf("\ngenerated (greedy, %d prompt(s), one after the other):\n", B);
+  nlohmann::json texts = nlohmann::json::array();
+  for (int b = 0; b < B; ++b) {
+    if (tok) {
+      const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
+      const std::string text = safe_decode(*tok, out[b]);
+      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
+      texts.push_back(text);
+    }
+    std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
+                id_list(out[b], 64).c_str());
+  }
+  const double pf = prefill_ms > 0 ? prefill_tokens / (prefill_ms / 1e3) : 0;
+  const double dc = decode_ms > 0 ? decode_tokens / (decode_ms / 1e3) : 0;
+  std::printf("\nspeed (GPU, one sequence at a time, CUDA-synchronised wall time):\n");
+  std::printf("  prefill: %ld tokens in %.1f ms = %.1f tokens/s\n", prefill_tokens, prefill_ms, pf);
+  std::printf("  decode:  %ld tokens in %.1f ms = %.1f tokens/s (batch 1)\n", decode_tokens, decode_ms, dc);
+  std::printf("(per-layer routing counts and --trace: CPU path only, so far)\n");
+  const std::uint64_t sum = fnv1a(out);
+  std::printf("\ngenerated tokens: fnv1a64=%016llx\n", (unsigned long long)sum);
+
+  // --- the check against the fp32 CPU reference, along the reference's own greedy path
+  std::string verdict;
+  bool pass = true;
+  const double bytes = double(ckpt.disk_counts().bytes);
+  if (bytes < kReferenceMaxBytes) {
+    std::printf("reference: the fp32 CPU model, all %d experts per layer ...\n", E);
+    std::fflush(stdout);
+    PhimoeCpuModel ref = PhimoeCpuModel::load(ckpt);
+    int compared = 0, ties = 0;
+    std::string tie_note;
+    for (int b = 0; b < B && pass; ++b) {
+      PhimoeSequence seq = ref.new_sequence();
+      std::vector<PhimoeSequence*> ptrs{&seq};
+      std::vector<std::vector<int>> step{prompts[b]};
+      for (std::size_t i = 0; i < out[b].size(); ++i) {
+        const std::vector<float> lg = ref.forward(ptrs, step, LogitRows::Last);
+        const int want = argmax(lg);
+        std::vector<float> top(lg);
+        std::partial_sort(top.begin(), top.begin() + 2, top.end(), std::greater<float>());
+        double ss = 0;
+        for (float x : lg) ss += double(x) * x;
+        const double gap = double(top[0]) - top[1], margin = kTieMargin * std::sqrt(ss / V);
+        if (gap <= margin) {
+          if (ties++ == 0)
+            tie_note = strf("; first near-tie: prompt %d, new token %zu (top-2 gap %.3g <= margin %.3g)", b, i, gap,
+                            margin);
+          break;
+        }
+        if (want != out[b][i]) {
+          pass = false;
+          verdict = strf("prompt %d, new token %zu: GPU gave %d, the CPU reference %d (its top-2 gap %.3g > margin "
+                         "%.3g, so not a bf16 near-tie)", b, i, out[b][i], want, gap, margin);
+          break;
+        }
+        ++compared;
+        step = std::vector<std::vector<int>>{std::vector<int>{want}};
+      }
+    }
+    if (pass && compared == 0) {
+      pass = false;
+      verdict = "nothing compared: every prompt starts with a near-tie of the reference; try another prompt";
+    } else if (pass) {
+      verdict = strf("greedy tokens identical to the fp32 CPU reference on %d compared token(s), %d prompt(s) stopped "
+                     "at a near-tie%s", compared, ties, tie_note.c_str());
+    }
+  } else {
+    verdict = strf("reference skipped: the checkpoint is %s (> %s), too big for a second copy on the CPU",
+                   human_bytes(bytes).c_str(), human_bytes(kReferenceMaxBytes).c_str());
+  }
+  std::printf("%s 05_phi_tiny_ep: N=1 gpu, %d prompt(s) x up to %d new tokens: %s\n", pass ? "CHECK PASS" : "CHECK FAIL",
+              B, o.max_new_tokens, verdict.c_str());
+  if (!o.common.json.empty()) {
+    nlohmann::json j = {{"chapter", "05_phi_tiny_ep"},
+                        {"ranks", 1},
+                        {"device", "gpu"},
+                        {"gpu", dev.description},
+                        {"model", o.common.model},
+                        {"prompt_ids", prompts},
+                        {"generated_ids", out},
+                        {"generated_text", texts},
+                        {"tokens_checksum", strf("%016llx", (unsigned long long)sum)},
+                        {"prefill", {{"tokens", prefill_tokens}, {"ms", prefill_ms}, {"tokens_per_s", pf}}},
+                        {"decode", {{"tokens", decode_tokens}, {"ms", decode_ms}, {"tokens_per_s", dc}, {"batch", 1}}},
+                        {"weight_bytes", model.weight_bytes()},
+                        {"gpu_memory_used_bytes", gpu_memory_used_bytes()},
+                        {"verdict", verdict},
+                        {"pass", pass}};
+    write_json(o.common.json, j);
+  }
+  std::fflush(stdout);
+  return pass ? 0 : 1;
+}
+
 int run(int argc, char** argv) {
   auto comm_ptr = dist::make_mpi_communicator();
   dist::Communicator& comm = *comm_ptr;
@@ -157,8 +314,12 @@ int run(int argc, char** argv) {
     early = parse_cli(app, argc, argv);
     std::cout.clear();
     if (early) return;
-    require(o.common.device != "gpu",
-            "--device gpu: the GPU path of chapter 05 is not there yet (a later step adds it); use --device cpu");
+    require(o.common.device != "gpu" || N == 1, "--device gpu with ", N,
+            " ranks: EP on GPUs for the full model comes next (a later step); run -np 1 --device gpu (one GPU, "
+            "all experts) or --device cpu");
+    require(o.common.device != "gpu" || o.trace.empty(), "--trace: the GPU path does not record routing yet; "
+            "use --device cpu for a trace");
+    if (o.common.device == "gpu") choose_device("gpu");  // one line, not a crash, when there is no GPU
     require(o.max_new_tokens >= 1, "--max-new-tokens must be >= 1, got ", o.max_new_tokens);
     require(!o.prompts.empty() || !o.prompt_ids.empty(), "no prompt: give --prompt TEXT or --prompt-ids 1,450,4996");
     require(!o.chat || !o.prompts.empty(), "--chat formats --prompt texts; it does nothing for --prompt-ids");
@@ -203,11 +364,13 @@ int run(int argc, char** argv) {
     }
   });
   if (early) return *early;
+  if (o.common.device == "gpu") return run_gpu(o, *ckpt, tok, prompts, stop_ids);
   const ModelConfig& c = ckpt->config();
   const int L = c.num_hidden_layers, E = c.num_local_experts, H = c.hidden_size, B = int(prompts.size());
 
   say(strf("05_phi_tiny_ep: %d rank(s), MPI backend: %s\n", N, comm.describe().c_str()));
-  if (o.common.device == "auto") say("device: CPU (--device auto: chapter 05 has no GPU path yet)\n");
+  if (o.common.device == "auto")
+    say("device: CPU (--device auto stays on the CPU here: the GPU path is -np 1 --device gpu, so far)\n");
   say(strf("model %s: %d layers, hidden %d, %d experts (top-%d, %s), vocab %d\n", o.common.model.c_str(), L, H, E,
            c.num_experts_per_tok, router_name(c.router), c.vocab_size));
   say(placement->str());

@@ -1,4 +1,4 @@
-# Chapter 05 (the whole model with expert parallelism) under mpirun, CPU path.
+# Chapter 05 (the whole model with expert parallelism) under mpirun, CPU path; and -np 1 --device gpu (label gpu).
 #  - greedy tokens identical for EP = 1, 2, 4 and both placements (phi_tiny_ep_same_tokens.cmake compares the
 #    tokens checksum across runs; every run also checks itself against the single-process model: CHECK PASS)
 #  - --trace writes one JSON line per (step, layer) in the visualizer's format; --json names the verdict
@@ -63,4 +63,17 @@ _p5_error(unknown_flag "--frobnicate" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --f
 _p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
 _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
-_p5_error(gpu_not_yet "GPU path of chapter 05 is not there yet" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu)
+_p5_error(gpu_ep_not_yet "EP on GPUs for the full model comes next" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu)
+_p5_error(gpu_no_trace "GPU path does not record routing" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu
+          --trace ${_p5_dir}/gpu.jsonl)
+
+# --- the GPU path (-np 1 --device gpu: one GPU, every expert): label gpu, skipped (77) without a GPU. Each run
+#     checks its greedy tokens against the fp32 CPU reference up to the reference's first near-tie (CHECK PASS).
+function(_p5_gpu name)
+  eplab_gpu_test(NAME phi_tiny_ep_gpu_${name} REGEX "CHECK PASS 05_phi_tiny_ep: N=1 gpu" COMMAND ${_mpirun} -np 1 ${ARGN})
+  set_tests_properties(phi_tiny_ep_gpu_${name} PROPERTIES ENVIRONMENT "${_ep_env}")
+endfunction()
+_p5_gpu(one_prompt ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --max-new-tokens 16)
+_p5_gpu(batch_json ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --prompt-ids 1,2,3 --prompt-ids 7
+        --max-new-tokens 8 --json ${_p5_dir}/gpu_np1.json)
+_p5_gpu(text_prompt ${_p5} ${_p5_m} --device gpu --tokenizer ${_p5_tok} --prompt "Hello world" --max-new-tokens 8)

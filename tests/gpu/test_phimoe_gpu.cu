@@ -1,0 +1,248 @@
+// GpuPhimoeModel (kernels/phimoe_gpu.hpp), the whole model on one GPU with a KV cache, against two independent
+// references:
+//  1. transformers' PhimoeForCausalLM fp32 logits on the committed tiny HF fixture (tests/data/hf_tiny_phimoe,
+//     scripts/hf_moe_fixture.py): last-row logits after a full prefill, and after a half prefill + one decode
+//     step per remaining token.
+//  2. PhimoeCpuModel (the fp32 CPU reference, itself checked against HF) on a small generated model: greedy
+//     tokens, and the logits of a teacher-forced run.
+//
+// Tolerances (the reasoning of test_model_kernels.cu's end-to-end test, which chains the same kernels):
+//  * logits rel-L2 <= 3e-2. The GPU chain stores every activation in bf16 (~10 roundings per layer, each
+//    <= 2^-8 of the value, RMS ~1e-3), adding in quadrature to ~5e-3 per layer; LayerNorm and attention pass
+//    relative errors on, so 2 layers + final norm give ~1e-2 at the logits (the generated model's 4 layers:
+//    ~1.4e-2). 3e-2 leaves 2-3x room; the bugs this model could add on top of the kernels (a residual add
+//    dropped, the wrong row taken for the last-row logits, RoPE positions not advanced across calls, the
+//    cache appended at the wrong row, a layer's weights swapped) give >= 1e-1.
+//  * argmax: equal where the reference's top-2 logits differ by more than kMargin = 4 * 3e-2 * rms(row) (each
+//    of the two logits may move by ~2x the RMS error that rel-L2 3e-2 allows). Where they are closer, bf16
+//    may legitimately pick the other token, after which greedy sequences diverge.
+// Every check prints its numbers, so one run on a GPU says how far from the bound each stage is.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "../unit/tmp_dir.hpp"
+#include "model/checkpoint.hpp"
+#include "model/generator.hpp"
+#include "model/phimoe_cpu.hpp"
+#include "model/safetensors.hpp"
+#include "moe/reference.hpp"
+#include "phimoe_gpu.hpp"
+#include "util/check.hpp"
+
+using namespace eplab;
+
+namespace {
+
+constexpr double kTol = 3e-2;
+
+double rms(std::span<const float> v) {
+  double ss = 0;
+  for (float x : v) ss += double(x) * x;
+  return std::sqrt(ss / double(v.size()));
+}
+
+// Gap between the largest and the second largest value.
+double top2_gap(std::span<const float> v) {
+  std::vector<float> s(v.begin(), v.end());
+  std::partial_sort(s.begin(), s.begin() + 2, s.end(), std::greater<float>());
+  return double(s[0]) - double(s[1]);
+}
+
+double margin_of(std::span<const float> ref_row) { return 4 * kTol * rms(ref_row); }
+
+// Argmax equal to the reference's unless the reference's top-2 gap is within the margin. Returns whether the
+// row was checked.
+bool argmax_check(const std::string& what, std::span<const float> got, std::span<const float> ref) {
+  const double gap = top2_gap(ref), margin = margin_of(ref);
+  const int a_ref = argmax(ref), a_got = argmax(got);
+  if (gap <= margin) {
+    MESSAGE(what, ": near-tie in the reference (top-2 gap ", gap, " <= margin ", margin, "), argmax not compared (",
+            a_got, " vs ", a_ref, ")");
+    return false;
+  }
+  CHECK_MESSAGE(a_got == a_ref, what, ": argmax ", a_got, " (logit ", got[a_got], "), reference ", a_ref, " (logit ",
+                ref[a_ref], ", top-2 gap ", gap, " > margin ", margin, ")");
+  return true;
+}
+
+// --------------------------------------------------------------------------- the HF fixture
+const std::string kFixture = std::string(EPLAB_TEST_DATA) + "/hf_tiny_phimoe";
+
+std::vector<float> fixture_get(const SafetensorsFile& f, const std::string& name, std::vector<std::int64_t> shape) {
+  const TensorInfo* t = f.find(name);
+  REQUIRE_MESSAGE(t != nullptr, "fixture.safetensors has no tensor '", name, "' (scripts/hf_moe_fixture.py)");
+  REQUIRE_MESSAGE(t->dtype == Dtype::F32, name, " is not F32");
+  REQUIRE_MESSAGE(t->shape == shape, name, " has shape ", t->shape_str());
+  std::vector<float> v(std::size_t(t->numel()));
+  const auto bytes = f.bytes(*t);
+  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
+  return v;
+}
+
+std::span<const float> row(const std::vector<float>& m, int V, int r) {
+  return std::span<const float>(&m[std::size_t(r) * V], std::size_t(V));
+}
+
+}  // namespace
+
+TEST_CASE("GpuPhimoeModel vs transformers' logits on the tiny HF fixture: full prefill, prefill + decode steps") {
+  namespace fs = std::filesystem;
+  REQUIRE_MESSAGE((fs::exists(kFixture + "/fixture.safetensors") && fs::exists(kFixture + "/model.safetensors")),
+                  kFixture, " is missing (scripts/hf_moe_fixture.py makes it)");
+  const Checkpoint ckpt = Checkpoint::open(kFixture);
+  const SafetensorsFile fx = SafetensorsFile::open(kFixture + "/fixture.safetensors");
+  const int V = ckpt.config().vocab_size;
+  const TensorInfo* ti = fx.find("input_ids");
+  REQUIRE(ti != nullptr);
+  const int T = int(ti->shape.at(0));
+  REQUIRE(T >= 4);
+  const auto ids_f = fixture_get(fx, "input_ids", {T});
+  const std::vector<int> ids(ids_f.begin(), ids_f.end());
+  const auto hf = fixture_get(fx, "logits", {T, V});
+
+  GpuPhimoeModel m = GpuPhimoeModel::load(ckpt, T);  // exactly T rows: one more would throw
+  MESSAGE("fixture: ", T, " tokens, vocab ", V, ", ", m.weight_bytes(), " bytes of weights on the GPU");
+
+  SUBCASE("full prefill: logits of the last position") {
+    const std::vector<float> got = m.forward(ids);
+    REQUIRE(got.size() == std::size_t(V));
+    CHECK(m.length() == T);
+    const double e = rel_l2(got, row(hf, V, T - 1));
+    MESSAGE("prefill of ", T, " tokens, last row: rel-L2 ", e, " (max |diff| ", max_abs_diff(got, row(hf, V, T - 1)),
+            ")");
+    CHECK_MESSAGE(e <= kTol, "prefill last-row logits rel-L2 ", e, " > ", kTol);
+    argmax_check("prefill last row", got, row(hf, V, T - 1));
+
+    // reset() empties the cache: the same prefill again gives the same logits (only the MoE's strategy and
+    // cuBLAS's summation order could differ, and they do not for the same T), and the cache is full again.
+    CHECK_THROWS_AS(m.forward({ids[0]}), Error);  // T rows in a cache of T: no room
+    m.reset();
+    CHECK(m.length() == 0);
+    const std::vector<float> again = m.forward(ids);
+    const double e2 = rel_l2(again, got);
+    MESSAGE("prefill after reset() vs the first prefill: rel-L2 ", e2);
+    CHECK_MESSAGE(e2 <= 1e-3, "prefill after reset() differs from the first one: rel-L2 ", e2);
+  }
+
+  SUBCASE("half prefill, then one token per forward through the KV cache") {
+    const int prefill = T / 2;
+    std::vector<float> got_all, hf_all;
+    std::vector<float> got = m.forward(std::vector<int>(ids.begin(), ids.begin() + prefill));
+    double worst = 0;
+    int worst_pos = -1, checked = 0;
+    for (int p = prefill - 1; p < T; ++p) {  // got = logits of position p
+      const double e = rel_l2(got, row(hf, V, p));
+      if (e > worst) worst = e, worst_pos = p;
+      got_all.insert(got_all.end(), got.begin(), got.end());
+      hf_all.insert(hf_all.end(), row(hf, V, p).begin(), row(hf, V, p).end());
+      checked += argmax_check("position " + std::to_string(p) + (p == prefill - 1 ? " (prefill)" : " (decode)"), got,
+                              row(hf, V, p));
+      if (p + 1 < T) got = m.forward({ids[p + 1]});
+    }
+    CHECK(m.length() == T);
+    const double e = rel_l2(got_all, hf_all);
+    MESSAGE("prefill ", prefill, " + ", T - prefill, " decode steps: rel-L2 over the ", T - prefill + 1,
+            " last-row logits ", e, "; worst single row ", worst, " at position ", worst_pos, "; argmax compared on ",
+            checked, " rows");
+    CHECK_MESSAGE(e <= kTol, "prefill + decode logits rel-L2 ", e, " > ", kTol);
+    // A single row holds a tenth as many values; a routing flip near a sparsemixer tie moves one row's logits
+    // more than the average, so the per-row bound is 2x the aggregate one.
+    CHECK_MESSAGE(worst <= 2 * kTol, "single decode row ", worst_pos, ": rel-L2 ", worst, " > ", 2 * kTol);
+    CHECK(checked >= (T - prefill + 1) / 4);
+  }
+}
+
+TEST_CASE("GpuPhimoeModel: bad input gives one-line errors") {
+  const Checkpoint ckpt = Checkpoint::open(kFixture);
+  const ModelConfig& c = ckpt.config();
+  CHECK_THROWS_AS(GpuPhimoeModel::load(ckpt, 0), Error);
+  if (c.max_position_embeddings > 0) CHECK_THROWS_AS(GpuPhimoeModel::load(ckpt, c.max_position_embeddings + 1), Error);
+  GpuPhimoeModel m = GpuPhimoeModel::load(ckpt, 4);
+  CHECK_THROWS_AS(m.forward({}), Error);
+  CHECK_THROWS_AS(m.forward({c.vocab_size}), Error);
+  CHECK_THROWS_AS(m.forward({-1}), Error);
+  CHECK_THROWS_AS(m.forward({1, 2, 3, 4, 5}), Error);  // 5 > max_len 4
+  CHECK(m.length() == 0);                             // nothing appended by a failed call
+  CHECK(m.forward({1, 2, 3}).size() == std::size_t(c.vocab_size));
+  CHECK_THROWS_AS(m.forward({1, 2}), Error);  // 3 + 2 > 4
+  CHECK(m.length() == 3);
+}
+
+// --------------------------------------------------------------------------- generated model vs the CPU model
+// The "mini" preset (4 layers, H 256, 8 heads / 2 KV heads, D 32, 16 experts, top-2 sparsemixer) with a
+// smaller vocabulary (faster CPU reference) and a sliding window of 6 that the prompts + 8 new tokens pass,
+// so the window is exercised too.
+TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens and teacher-forced logits") {
+  testing::TmpDir dir;
+  ModelConfig c = generator_preset("mini");
+  c.vocab_size = 4096;
+  c.sliding_window = 6;
+  generate_model(dir.path.string(), c, GeneratorOptions{11});
+  const Checkpoint ckpt = Checkpoint::open(dir.path.string());
+  PhimoeCpuModel cpu = PhimoeCpuModel::load(ckpt);
+  constexpr int kNew = 8;
+  const std::vector<std::vector<int>> prompts = {
+      {1, 450, 2996, 17}, {1, 2, 3}, {7}, {1, 100, 200, 300, 400, 500}, {3000, 12, 12, 12, 5}, {42, 4095},
+      {1, 9, 8, 7, 6, 5, 4, 3, 2}, {2048, 1024}};
+  int max_prompt = 0;
+  for (const auto& p : prompts) max_prompt = std::max(max_prompt, int(p.size()));
+  GpuPhimoeModel gpu = GpuPhimoeModel::load(ckpt, max_prompt + kNew);
+  const int V = c.vocab_size;
+
+  int compared_tokens = 0, forced_checked = 0, forced_rows = 0;
+  std::vector<float> forced_gpu, forced_cpu;
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    const std::string pb = "prompt " + std::to_string(b);
+    // (a) greedy generation, each model on its own: identical up to the first near-tie of the CPU logits.
+    //     The CPU's logits along its own greedy path give the gaps.
+    const std::vector<int> got = gpu.generate(prompts[b], kNew);
+    REQUIRE(got.size() == std::size_t(kNew));
+    PhimoeSequence seq = cpu.new_sequence();
+    std::vector<PhimoeSequence*> seqs{&seq};
+    std::vector<std::vector<int>> step{prompts[b]};
+    std::vector<int> want;
+    std::vector<std::vector<float>> cpu_rows;
+    for (int i = 0; i < kNew; ++i) {
+      std::vector<float> lg = cpu.forward(seqs, step, LogitRows::Last);
+      want.push_back(argmax(lg));
+      cpu_rows.push_back(std::move(lg));
+      step = std::vector<std::vector<int>>{std::vector<int>{want.back()}};
+    }
+    int i = 0;
+    for (; i < kNew; ++i) {
+      const double gap = top2_gap(cpu_rows[i]), margin = margin_of(cpu_rows[i]);
+      if (gap <= margin) break;
+      CHECK_MESSAGE(got[i] == want[i], pb, " new token ", i, ": GPU ", got[i], ", CPU ", want[i], " (CPU top-2 gap ",
+                    gap, " > margin ", margin, ")");
+      if (got[i] != want[i]) break;  // the sequences diverged; later tokens mean nothing
+      ++compared_tokens;
+    }
+    MESSAGE(pb, ": ", i, " of ", kNew, " greedy tokens compared", i < kNew ? " (then a near-tie or a mismatch)" : "");
+
+    // (b) teacher forcing: the GPU runs the CPU's tokens, so every step is compared (argmax where not a
+    //     near-tie) and the logits go into one rel-L2.
+    gpu.reset();
+    std::vector<float> g = gpu.forward(prompts[b]);
+    for (int s = 0; s < kNew; ++s) {
+      forced_checked += argmax_check(pb + " forced step " + std::to_string(s), g, cpu_rows[s]);
+      forced_gpu.insert(forced_gpu.end(), g.begin(), g.end());
+      forced_cpu.insert(forced_cpu.end(), cpu_rows[s].begin(), cpu_rows[s].end());
+      ++forced_rows;
+      if (s + 1 < kNew) g = gpu.forward({want[s]});
+    }
+  }
+  REQUIRE(forced_gpu.size() == std::size_t(forced_rows) * V);
+  const double e = rel_l2(forced_gpu, forced_cpu);
+  MESSAGE("greedy: ", compared_tokens, " tokens compared over ", prompts.size(), " prompts; teacher-forced: rel-L2 ",
+          e, " over ", forced_rows, " rows, argmax compared on ", forced_checked);
+  CHECK_MESSAGE(compared_tokens >= 4, "only ", compared_tokens, " greedy tokens were compared (near-ties everywhere?)");
+  CHECK_MESSAGE(e <= kTol, "teacher-forced logits rel-L2 ", e, " > ", kTol);
+  CHECK(forced_checked >= forced_rows / 4);
+}
