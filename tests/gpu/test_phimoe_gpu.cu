@@ -4,7 +4,8 @@
 //     scripts/hf_moe_fixture.py): last-row logits after a full prefill, and after a half prefill + one decode
 //     step per remaining token.
 //  2. PhimoeCpuModel (the fp32 CPU reference, itself checked against HF) on a small generated model: greedy
-//     tokens, and the logits of a teacher-forced run.
+//     tokens (free runs up to the first near-tie; the CPU following the GPU's tokens, as chapter 05 checks), and
+//     the logits of a run teacher-forced with the CPU's tokens.
 //
 // Tolerances (the reasoning of test_model_kernels.cu's end-to-end test, which chains the same kernels):
 //  * logits rel-L2 <= 3e-2. The GPU chain stores every activation in bf16 (~10 roundings per layer, each
@@ -196,7 +197,7 @@ TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens 
   GpuPhimoeModel gpu = GpuPhimoeModel::load(ckpt, max_prompt + kNew);
   const int V = c.vocab_size;
 
-  int compared_tokens = 0, forced_checked = 0, forced_rows = 0;
+  int compared_tokens = 0, forced_checked = 0, forced_rows = 0, gpu_path_exact = 0;
   std::vector<float> forced_gpu, forced_cpu;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     const std::string pb = "prompt " + std::to_string(b);
@@ -226,6 +227,21 @@ TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens 
     }
     MESSAGE(pb, ": ", i, " of ", kNew, " greedy tokens compared", i < kNew ? " (then a near-tie or a mismatch)" : "");
 
+    // (c) chapter 05's check: the CPU runs the GPU's tokens, and every GPU token is the CPU's argmax for that
+    //     prefix or within the margin of the CPU's best logit (covers all kNew tokens, past any near-tie).
+    PhimoeSequence seq2 = cpu.new_sequence();
+    std::vector<PhimoeSequence*> seqs2{&seq2};
+    std::vector<std::vector<int>> step2{prompts[b]};
+    for (int j = 0; j < kNew; ++j) {
+      const std::vector<float> lg = cpu.forward(seqs2, step2, LogitRows::Last);
+      const int w = argmax(lg);
+      const double behind = double(lg[w]) - double(lg[got[j]]), margin = margin_of(lg);
+      CHECK_MESSAGE(behind <= margin, pb, " new token ", j, ": GPU ", got[j], " is ", behind, " below the CPU's best ",
+                    w, " for the same prefix (margin ", margin, ")");
+      gpu_path_exact += got[j] == w;
+      step2 = std::vector<std::vector<int>>{std::vector<int>{got[j]}};
+    }
+
     // (b) teacher forcing: the GPU runs the CPU's tokens, so every step is compared (argmax where not a
     //     near-tie) and the logits go into one rel-L2.
     gpu.reset();
@@ -241,7 +257,8 @@ TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens 
   REQUIRE(forced_gpu.size() == std::size_t(forced_rows) * V);
   const double e = rel_l2(forced_gpu, forced_cpu);
   MESSAGE("greedy: ", compared_tokens, " tokens compared over ", prompts.size(), " prompts; teacher-forced: rel-L2 ",
-          e, " over ", forced_rows, " rows, argmax compared on ", forced_checked);
+          e, " over ", forced_rows, " rows, argmax compared on ", forced_checked, "; along the GPU's tokens ",
+          gpu_path_exact, " of ", prompts.size() * kNew, " are the CPU's exact argmax");
   CHECK_MESSAGE(compared_tokens >= 4, "only ", compared_tokens, " greedy tokens were compared (near-ties everywhere?)");
   CHECK_MESSAGE(e <= kTol, "teacher-forced logits rel-L2 ", e, " > ", kTol);
   CHECK(forced_checked >= forced_rows / 4);
