@@ -84,7 +84,7 @@ std::vector<int> parse_ids(std::string s) {
 
 std::string id_list(const std::vector<int>& v, std::size_t max_shown = 24) {
   std::string s;
-  for (std::size_t i = 0; i < v.size() && i < max_shown; ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (std::size_t i = 0; i < v.size() && i < max_shown; ++i) s += strf(i ? ",%d" : "%d", v[i]);
   if (v.size() > max_shown) s += strf(",... (%zu ids)", v.size());
   return s;
 }
@@ -130,6 +130,24 @@ double rss_bytes() {
 // pick the other token of a near-tie. Following the GPU's tokens keeps every step comparable, where comparing two
 // free greedy runs would have to stop at the first near-tie (on the mini model that is often the 2nd token).
 constexpr double kTieMargin = 4 * 3e-2;
+
+// Prints each prompt and its generated continuation (text when there is a tokenizer, ids always) and
+// returns the generated texts for --json.
+nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
+                               const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out) {
+  nlohmann::json texts = nlohmann::json::array();
+  for (int b = 0; b < int(out.size()); ++b) {
+    if (tok) {
+      const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
+      const std::string text = safe_decode(*tok, out[b]);
+      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
+      texts.push_back(text);
+    }
+    std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
+                id_list(out[b], 64).c_str());
+  }
+  return texts;
+}
 
 int run_gpu(const Options& o, const Checkpoint& ckpt, const std::optional<Tokenizer>& tok,
             const std::vector<std::vector<int>>& prompts, const std::vector<int>& stop_ids) {
@@ -179,17 +197,7 @@ int run_gpu(const Options& o, const Checkpoint& ckpt, const std::optional<Tokeni
   }
 
   std::printf("\ngenerated (greedy, %d prompt(s), one after the other):\n", B);
-  nlohmann::json texts = nlohmann::json::array();
-  for (int b = 0; b < B; ++b) {
-    if (tok) {
-      const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
-      const std::string text = safe_decode(*tok, out[b]);
-      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
-      texts.push_back(text);
-    }
-    std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
-                id_list(out[b], 64).c_str());
-  }
+  const nlohmann::json texts = print_generated(o, tok, prompts, out);
   const double pf = prefill_ms > 0 ? prefill_tokens / (prefill_ms / 1e3) : 0;
   const double dc = decode_ms > 0 ? decode_tokens / (decode_ms / 1e3) : 0;
   std::printf("\nspeed (GPU, one sequence at a time, CUDA-synchronised wall time):\n");
@@ -490,17 +498,7 @@ int run(int argc, char** argv) {
   int pass = 0;
   if (rank == 0) {
     std::printf("\ngenerated (greedy, %d prompt(s) in one batch):\n", B);
-    nlohmann::json texts = nlohmann::json::array();
-    for (int b = 0; b < B; ++b) {
-      if (tok) {
-        const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
-        const std::string text = safe_decode(*tok, out[b]);
-        std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
-        texts.push_back(text);
-      }
-      std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
-                  id_list(out[b], 64).c_str());
-    }
+    const nlohmann::json texts = print_generated(o, tok, prompts, out);
 
     const double pf = prefill_ms > 0 ? prefill_tokens / (prefill_ms / 1e3) : 0;
     const double dc = decode_ms > 0 ? decode_tokens / (decode_ms / 1e3) : 0;
