@@ -21,17 +21,7 @@ RouterKind parse_router(const std::string& name) {
 
 namespace {
 
-template <typename T>
-void get_required(const nlohmann::json& j, const char* key, T& out, const std::string& where) {
-  auto it = j.find(key);
-  require(it != j.end() && !it->is_null(), where, ": missing required field '", key, "'");
-  try {
-    out = it->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    fail(where, ": field '", key, "' has the wrong type (", it->type_name(), ")");
-  }
-}
-
+// Reads j[key] into out when the field is present and not null; a value of the wrong type is an error.
 template <typename T>
 void get_optional(const nlohmann::json& j, const char* key, T& out, const std::string& where) {
   auto it = j.find(key);
@@ -41,6 +31,13 @@ void get_optional(const nlohmann::json& j, const char* key, T& out, const std::s
   } catch (const nlohmann::json::exception&) {
     fail(where, ": field '", key, "' has the wrong type (", it->type_name(), ")");
   }
+}
+
+template <typename T>
+void get_required(const nlohmann::json& j, const char* key, T& out, const std::string& where) {
+  auto it = j.find(key);
+  require(it != j.end() && !it->is_null(), where, ": missing required field '", key, "'");
+  get_optional(j, key, out, where);
 }
 
 // A float as the double with the same shortest decimal form, so 1e-5f is written as 1e-05 and not as
