@@ -14,12 +14,19 @@ constexpr int kMaxD = 32 * kMaxPerLane;
 
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const bf16* __restrict__ q, int heads, int kv_heads, int D, int pos0,
+                     const int* __restrict__ row_seq, const int* __restrict__ row_pos, std::int64_t seq_stride,
                      const bf16* __restrict__ kc, const bf16* __restrict__ vc, int window, float scale,
                      bf16* __restrict__ out) {
   const int t = blockIdx.x / heads, h = blockIdx.x % heads;
   const int g = h / (heads / kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int p = pos0 + t;
+  // One sequence: position pos0 + t in the one cache. Batched rows: each row names its sequence's cache
+  // (seq_stride elements apart) and its position.
+  const int p = row_pos ? row_pos[t] : pos0 + t;
+  if (row_seq) {
+    kc += row_seq[t] * seq_stride;
+    vc += row_seq[t] * seq_stride;
+  }
   const int lo = window > 0 ? max(0, p - window + 1) : 0;
 
   // This lane's slice of q (dims lane + 32 i), in fp32.
@@ -117,8 +124,51 @@ void attention(const bf16* d_q, int T, int heads, int kv_heads, int D, int pos0,
           " rows");
   require(std::int64_t(T) * heads < (std::int64_t(1) << 31), "attention: too many (token, head) pairs");
   const float scale = 1.0f / std::sqrt(float(D));  // as the CPU reference forms it
-  attention_kernel<<<T * heads, kWarps * 32, 0, s>>>(d_q, heads, kv_heads, D, pos0, d_k_cache, d_v_cache, window,
-                                                      scale, d_out);
+  attention_kernel<<<T * heads, kWarps * 32, 0, s>>>(d_q, heads, kv_heads, D, pos0, nullptr, nullptr, 0, d_k_cache,
+                                                      d_v_cache, window, scale, d_out);
+  CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+// row t of [T, kv_heads, D] -> row d_row_pos[t] of sequence d_row_seq[t]'s cache
+__global__ void kv_append_rows_kernel(const bf16* __restrict__ k, const bf16* __restrict__ v, int T, int row_elems,
+                                      const int* __restrict__ row_seq, const int* __restrict__ row_pos, int max_len,
+                                      bf16* __restrict__ kc, bf16* __restrict__ vc) {
+  const int t = blockIdx.x;
+  const std::int64_t dst = (std::int64_t(row_seq[t]) * max_len + row_pos[t]) * row_elems;
+  const std::int64_t src = std::int64_t(t) * row_elems;
+  for (int i = threadIdx.x; i < row_elems; i += blockDim.x) {
+    kc[dst + i] = k[src + i];
+    vc[dst + i] = v[src + i];
+  }
+}
+}  // namespace
+
+void kv_append_rows(const bf16* d_k, const bf16* d_v, int T, int kv_heads, int D, const int* d_row_seq,
+                    const int* d_row_pos, bf16* d_k_cache, bf16* d_v_cache, int max_len, cudaStream_t s) {
+  require(T >= 0 && kv_heads >= 1 && D >= 1 && max_len >= 1, "kv_append_rows: bad sizes T ", T, " kv_heads ",
+          kv_heads, " D ", D, " max_len ", max_len);
+  if (T == 0) return;
+  require(d_k && d_v && d_k_cache && d_v_cache && d_row_seq && d_row_pos, "kv_append_rows: null device pointer");
+  kv_append_rows_kernel<<<T, 128, 0, s>>>(d_k, d_v, T, kv_heads * D, d_row_seq, d_row_pos, max_len, d_k_cache,
+                                          d_v_cache);
+  CUDA_CHECK_LAUNCH();
+}
+
+void attention_rows(const bf16* d_q, int T, int heads, int kv_heads, int D, const int* d_row_seq,
+                    const int* d_row_pos, const bf16* d_k_cache, const bf16* d_v_cache, int max_len, int window,
+                    bf16* d_out, cudaStream_t s) {
+  require(T >= 0 && heads >= 1 && kv_heads >= 1 && max_len >= 1, "attention_rows: bad sizes T ", T, " heads ", heads,
+          " kv_heads ", kv_heads, " max_len ", max_len);
+  if (T == 0) return;
+  require(d_q && d_k_cache && d_v_cache && d_out && d_row_seq && d_row_pos, "attention_rows: null device pointer");
+  require(heads % kv_heads == 0, "attention_rows: heads ", heads, " is not a multiple of kv_heads ", kv_heads);
+  require(D >= 2 && D % 2 == 0 && D <= kMaxD, "attention_rows: head_dim ", D, " must be even and <= ", kMaxD);
+  require(std::int64_t(T) * heads < (std::int64_t(1) << 31), "attention_rows: too many (token, head) pairs");
+  const float scale = 1.0f / std::sqrt(float(D));
+  const std::int64_t seq_stride = std::int64_t(max_len) * kv_heads * D;
+  attention_kernel<<<T * heads, kWarps * 32, 0, s>>>(d_q, heads, kv_heads, D, 0, d_row_seq, d_row_pos, seq_stride,
+                                                      d_k_cache, d_v_cache, window, scale, d_out);
   CUDA_CHECK_LAUNCH();
 }
 

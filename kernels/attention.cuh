@@ -20,7 +20,12 @@
 // loads) instead of every (t, h) block re-reading K/V from L2; (2) tensor-core MMA (bf16 mma.sync/wgmma)
 // for q·K^T and P·V, flash-attention style; (3) for decode (T = 1, long contexts) split the keys across
 // blocks (flash-decoding) and merge the partial (m, l, acc) in a second pass, since T · heads blocks alone
-// cannot fill 132 SMs; (4) a batched version over several sequences' caches (per-row pos0 and cache).
+// cannot fill 132 SMs.
+//
+// Batches of sequences (kv_append_rows, attention_rows): the caches are [B, max_len, kv_heads, D] (sequence
+// b's rows start at b · max_len), and each new row carries its sequence and position in two device arrays,
+// so one launch serves a decode step of B sequences (or a mixed prefill), and a CUDA graph captured once
+// serves every step (the positions are read on the GPU). Same kernel, same arithmetic as one sequence.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -37,5 +42,15 @@ void kv_append(const bf16* d_k, const bf16* d_v, int T, int kv_heads, int D, int
 // heads % kv_heads == 0, D even and <= 256, pos0 + T <= max_len. window <= 0: no sliding window.
 void attention(const bf16* d_q, int T, int heads, int kv_heads, int D, int pos0, const bf16* d_k_cache,
                const bf16* d_v_cache, int max_len, int window, bf16* d_out, cudaStream_t s);
+
+// Batched: row t belongs to sequence d_row_seq[t] at position d_row_pos[t] (device arrays, [T]); caches
+// [B, max_len, kv_heads, D]. The caller guarantees 0 <= pos < max_len and seq < B (they live on the GPU and
+// are not checked here), and, for attention_rows, that rows [0, pos] of the row's sequence are in the cache
+// (kv_append_rows first).
+void kv_append_rows(const bf16* d_k, const bf16* d_v, int T, int kv_heads, int D, const int* d_row_seq,
+                    const int* d_row_pos, bf16* d_k_cache, bf16* d_v_cache, int max_len, cudaStream_t s);
+void attention_rows(const bf16* d_q, int T, int heads, int kv_heads, int D, const int* d_row_seq,
+                    const int* d_row_pos, const bf16* d_k_cache, const bf16* d_v_cache, int max_len, int window,
+                    bf16* d_out, cudaStream_t s);
 
 }  // namespace eplab::gpu

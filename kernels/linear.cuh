@@ -1,16 +1,17 @@
 // Dense projection with bias: y[T, N] = x[T, K] · W[N, K]^T + b[N] (q/k/v/o, lm_head), bf16 in, fp32
 // accumulation (cuBLAS, CUBLAS_COMPUTE_32F), bf16 or fp32 out.
 //
-// What: the bias is folded into the GEMM instead of added afterwards. A small kernel first writes b into
-// every row of y (broadcast), then cublasGemmEx runs with beta = 1: y = 1 · x W^T + 1 · y. cuBLAS forms
-// alpha·acc + beta·C in fp32 and rounds once, so a bf16 output is bf16(fp32(x W^T) + b) -- one rounding,
-// the same as a cuBLASLt BIAS epilogue, with only the plain cuBLAS API. (b is bf16 on disk, so writing it
-// into a bf16 y loses nothing.) Without a bias: beta = 0 and no broadcast.
+// What: with a bias and a bf16 output, cuBLASLt's BIAS epilogue adds b to the fp32 accumulator before the one
+// rounding to bf16: y = bf16(fp32(x W^T) + b). (A first version broadcast b into y and ran cublasGemmEx with
+// beta = 1; measured on an H200, cuBLAS rounds x W^T to bf16 before adding beta * C, an error of up to ~1.5 bf16
+// ulps that tests/gpu/test_model_kernels.cu caught.) With an fp32 output the broadcast + beta = 1 form is
+// kept: C is fp32 there, so the sum is exact to fp32. Without a bias: plain cublasGemmEx, beta = 0.
+// The Lt descriptors and the heuristic's choice are cached per (T, K, N) and device, so a decode step costs
+// no descriptor set-up after its first call (and the calls can be captured in a CUDA graph).
 // Layout (as router.cuh explains): row-major [R, C] is column-major [C, R]; we ask for column-major
 // y^T[N, T] = W[N, K] · x^T[K, T]: A = W (ld K, transposed), B = x (ld K), C = y (ld N); m = N, n = T, k = K.
-// Thread mapping: the broadcast is one thread per output element (grid-stride); the GEMM is cuBLAS's.
-// Why: the projections are plain GEMMs (cuBLAS is at the roofline for them); the broadcast costs one write
-// of y, which for decode (T = 1) is a few KB.
+// Thread mapping: the broadcast is one thread per output element (grid-stride); the GEMMs are cuBLAS's.
+// Why: the projections are plain GEMMs (cuBLAS is at the roofline for them).
 // lm_head: use linear_f32 for fp32 logits (argmax and sampling compare them; bf16 logits would tie), and
 // only on the rows whose logits are needed (the last position of each sequence when generating).
 // Side effects: sets the handle's stream to `s`; restores its pointer mode. T = 0 is a no-op. y must not

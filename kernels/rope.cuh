@@ -10,7 +10,7 @@
 // bit-identical cos/sin; only the final bf16 rounding of q and k differs from the fp32 reference.
 // Thread mapping: one thread per (token, head, pair i): it reads v[i] and v[i + D/2], writes both. Query
 // and key heads share one launch (a flat index over T · (heads + kv_heads) · D/2). Positions are pos0 + t
-// (one sequence; a batched decode would pass a per-row position array instead).
+// for one sequence, or a per-row position array on the GPU for a batch of sequences (rope_inplace_rows).
 // Why: RoPE moves 4 bytes and does ~6 flops per pair; one launch, coalesced over i, is all there is to it
 // (a faster model fuses it into the q/k projection epilogue or the attention kernel's q/k loads).
 #pragma once
@@ -43,5 +43,9 @@ class RopeTable {
 // pos0 + t; requires pos0 + T <= table.len() and D == table.head_dim(). T = 0 is a no-op.
 void rope_inplace(bf16* d_q, int heads, bf16* d_k, int kv_heads, int T, int pos0, const RopeTable& table,
                   cudaStream_t s);
+// The same for rows of several sequences: row t is at position d_row_pos[t] (device array, [T]). The caller
+// guarantees 0 <= d_row_pos[t] < table.len() (the positions live on the GPU, so they are not checked here).
+void rope_inplace_rows(bf16* d_q, int heads, bf16* d_k, int kv_heads, int T, const int* d_row_pos,
+                       const RopeTable& table, cudaStream_t s);
 
 }  // namespace eplab::gpu

@@ -10,11 +10,12 @@
 // Check: rank 0 also runs the single-process model with all experts (PhimoeCpuModel + LocalMoeBlock) and the
 // generated tokens must be identical (the EP block sums in the reference's order, so they are, bit for bit).
 //
-// GPU: `-np 1 --device gpu` runs the whole model on one GPU with every expert (GpuPhimoeModel, run_gpu below),
-// every token checked against the fp32 CPU model run on the same prefix; EP over GPUs is the next step.
+// GPU: `--device gpu` runs the whole model in bf16 on one GPU per rank (run_gpu.cpp): -np 1 holds every
+// expert, -np N is EP over NCCL; every token checked against the fp32 CPU model run on the same prefix.
 //
 // Run: mpirun -np 4 05_phi_tiny_ep --prompt-ids 1,450,4996 --max-new-tokens 16
-//      mpirun -np 1 05_phi_tiny_ep --device gpu --prompt-ids 1,450,4996 --max-new-tokens 16
+//      mpirun -np 2 05_phi_tiny_ep --device gpu --prompt-ids 1,450,4996 --max-new-tokens 16
+//      mpirun -np 1 05_phi_tiny_ep --device gpu --model PHI_TINY_DIR --bench
 //      mpirun -np 2 05_phi_tiny_ep --model DIR --prompt "The capital of France is" --chat --trace run.jsonl
 #include <algorithm>
 #include <cmath>
@@ -31,6 +32,7 @@
 #include "moe/ep_moe_cpu.hpp"
 #include "moe/placement.hpp"
 #include "phimoe_gpu.hpp"
+#include "chapter05.hpp"
 #include "trace_writer.hpp"
 #include "util/check.hpp"
 #include "util/cli.hpp"
@@ -39,241 +41,6 @@
 
 namespace eplab {
 namespace {
-
-constexpr double kReferenceMaxBytes = 2e9;  // rank 0 re-runs the model on one process only below this size
-
-struct Options {
-  CommonOptions common;
-  std::vector<std::string> prompts, prompt_ids;
-  std::string tokenizer, placement = "linear", trace;
-  bool chat = false, ignore_eos = false;
-  int max_new_tokens = 32;
-};
-
-std::uint64_t fnv1a(const std::vector<std::vector<int>>& seqs) {
-  std::uint64_t h = 1469598103934665603ull;
-  auto eat = [&](std::uint32_t v) {
-    for (int i = 0; i < 4; ++i) h = (h ^ ((v >> (8 * i)) & 0xff)) * 1099511628211ull;
-  };
-  for (const auto& s : seqs) {
-    eat(std::uint32_t(s.size()));
-    for (int id : s) eat(std::uint32_t(id));
-  }
-  return h;
-}
-
-std::vector<int> parse_ids(std::string s) {
-  std::replace(s.begin(), s.end(), ',', ' ');
-  std::vector<int> ids;
-  std::stringstream ss(s);
-  std::string p;
-  while (ss >> p) {
-    std::size_t used = 0;
-    long v = -1;
-    try {
-      v = std::stol(p, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    require(used == p.size() && v >= 0 && v < (1l << 31), "--prompt-ids: '", p,
-            "' is not a token id (give ids as 1,450,4996)");
-    ids.push_back(int(v));
-  }
-  return ids;
-}
-
-std::string id_list(const std::vector<int>& v, std::size_t max_shown = 24) {
-  std::string s;
-  for (std::size_t i = 0; i < v.size() && i < max_shown; ++i) s += strf(i ? ",%d" : "%d", v[i]);
-  if (v.size() > max_shown) s += strf(",... (%zu ids)", v.size());
-  return s;
-}
-
-// Text of generated ids. A test tokenizer may know fewer ids than the model can emit (the mini model's vocab
-// is Phi's 32064): ids it does not know are shown as [#id] instead of failing.
-std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids) {
-  std::string s;
-  std::vector<int> run;
-  auto flush = [&] {
-    if (!run.empty()) s += t.decode(run);
-    run.clear();
-  };
-  for (int id : ids)
-    if (id < t.vocab_size()) {
-      run.push_back(id);
-    } else {
-      flush();
-      s += "[#" + std::to_string(id) + "]";
-    }
-  flush();
-  return s;
-}
-
-std::string safe_piece(const Tokenizer& t, int id) {
-  return id < t.vocab_size() ? t.piece(id) : "#" + std::to_string(id);
-}
-
-// Resident memory of this process (VmRSS), bytes; 0 where /proc is not there.
-double rss_bytes() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
-  return 0;
-}
-
-// ---------------------------------------------------------------- the GPU path: -np 1 --device gpu
-// One rank, one GPU, every expert: GpuPhimoeModel (kernels/phimoe_gpu.hpp), one prompt after the other (batch 1).
-// Check: the fp32 CPU reference runs the GPU's own tokens (teacher forcing), and at every step the GPU's token
-// must be the reference's argmax for the same prefix, or within kTieMargin * rms(logits row) of the reference's
-// best logit (4 x the logits' rel-L2 tolerance 3e-2: tests/gpu/test_phimoe_gpu.cu says why): bf16 activations may
-// pick the other token of a near-tie. Following the GPU's tokens keeps every step comparable, where comparing two
-// free greedy runs would have to stop at the first near-tie (on the mini model that is often the 2nd token).
-constexpr double kTieMargin = 4 * 3e-2;
-
-// Prints each prompt and its generated continuation (text when there is a tokenizer, ids always) and
-// returns the generated texts for --json.
-nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
-                               const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out) {
-  nlohmann::json texts = nlohmann::json::array();
-  for (int b = 0; b < int(out.size()); ++b) {
-    if (tok) {
-      const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
-      const std::string text = safe_decode(*tok, out[b]);
-      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
-      texts.push_back(text);
-    }
-    std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
-                id_list(out[b], 64).c_str());
-  }
-  return texts;
-}
-
-int run_gpu(const Options& o, const Checkpoint& ckpt, const std::optional<Tokenizer>& tok,
-            const std::vector<std::vector<int>>& prompts, const std::vector<int>& stop_ids) {
-  const ModelConfig& c = ckpt.config();
-  const int B = int(prompts.size()), V = c.vocab_size, L = c.num_hidden_layers, E = c.num_local_experts;
-  const DeviceChoice dev = choose_device("gpu");
-  std::printf("05_phi_tiny_ep: 1 rank, --device gpu: %s\n", dev.description.c_str());
-  std::printf("model %s: %d layers, hidden %d, %d experts (top-%d, %s), vocab %d; every expert on this GPU\n",
-              o.common.model.c_str(), L, c.hidden_size, E, c.num_experts_per_tok, router_name(c.router), V);
-  if (tok) std::printf("tokenizer %s (%d tokens)\n", tok->path().c_str(), tok->vocab_size());
-  else std::printf("no tokenizer: prompts and output as token ids\n");
-  int max_len = 0;
-  for (const auto& p : prompts) max_len = std::max(max_len, int(p.size()) + o.max_new_tokens);
-
-  std::printf("loading %d layers to the GPU (bf16): norms, attention, router + all %d experts ...\n", L, E);
-  std::fflush(stdout);
-  WallTimer load_clk;
-  GpuPhimoeModel model = GpuPhimoeModel::load(ckpt, max_len);
-  std::printf("loaded in %.2f s: %s of weights on the GPU; %s in use on the GPU (cudaMemGetInfo: weights, KV cache "
-              "for %d positions, activations, CUDA context)\n",
-              load_clk.ms() / 1e3, human_bytes(double(model.weight_bytes())).c_str(),
-              human_bytes(double(gpu_memory_used_bytes())).c_str(), max_len);
-  model.forward({prompts[0][0]});  // warm-up: cuBLAS handles and lazy module loading stay out of the timings
-  model.reset();
-
-  // --- greedy generation, one prompt at a time. forward() returns host logits, so it has synchronised the GPU:
-  //     the wall time around it is GPU time.
-  std::vector<std::vector<int>> out(B);
-  double prefill_ms = 0, decode_ms = 0;
-  long prefill_tokens = 0, decode_tokens = 0;
-  for (int b = 0; b < B; ++b) {
-    model.reset();
-    WallTimer clk;
-    std::vector<float> logits = model.forward(prompts[b]);
-    prefill_ms += clk.ms();
-    prefill_tokens += long(prompts[b].size());
-    for (;;) {
-      const int t = argmax(logits);
-      out[b].push_back(t);
-      if (int(out[b].size()) == o.max_new_tokens || std::find(stop_ids.begin(), stop_ids.end(), t) != stop_ids.end())
-        break;
-      WallTimer step;
-      logits = model.forward({t});
-      decode_ms += step.ms();
-      ++decode_tokens;
-    }
-  }
-
-  std::printf("\ngenerated (greedy, %d prompt(s), one after the other):\n", B);
-  const nlohmann::json texts = print_generated(o, tok, prompts, out);
-  const double pf = prefill_ms > 0 ? prefill_tokens / (prefill_ms / 1e3) : 0;
-  const double dc = decode_ms > 0 ? decode_tokens / (decode_ms / 1e3) : 0;
-  std::printf("\nspeed (GPU, one sequence at a time, CUDA-synchronised wall time):\n");
-  std::printf("  prefill: %ld tokens in %.1f ms = %.1f tokens/s\n", prefill_tokens, prefill_ms, pf);
-  std::printf("  decode:  %ld tokens in %.1f ms = %.1f tokens/s (batch 1)\n", decode_tokens, decode_ms, dc);
-  std::printf("(per-layer routing counts and --trace: CPU path only, so far)\n");
-  const std::uint64_t sum = fnv1a(out);
-  std::printf("\ngenerated tokens: fnv1a64=%016llx\n", (unsigned long long)sum);
-
-  // --- the check against the fp32 CPU reference, along the reference's own greedy path
-  std::string verdict;
-  bool pass = true;
-  const double bytes = double(ckpt.disk_counts().bytes);
-  if (bytes < kReferenceMaxBytes) {
-    std::printf("reference: the fp32 CPU model, all %d experts per layer ...\n", E);
-    std::fflush(stdout);
-    PhimoeCpuModel ref = PhimoeCpuModel::load(ckpt);
-    int exact = 0, near = 0;
-    std::string near_note;
-    for (int b = 0; b < B && pass; ++b) {
-      PhimoeSequence seq = ref.new_sequence();
-      std::vector<PhimoeSequence*> ptrs{&seq};
-      std::vector<std::vector<int>> step{prompts[b]};
-      for (std::size_t i = 0; i < out[b].size(); ++i) {
-        const std::vector<float> lg = ref.forward(ptrs, step, LogitRows::Last);
-        const int want = argmax(lg), got = out[b][i];
-        double ss = 0;
-        for (float x : lg) ss += double(x) * x;
-        const double margin = kTieMargin * std::sqrt(ss / V);
-        const double behind = double(lg[want]) - double(lg[got]);  // the GPU's pick below the reference's best
-        if (got == want) {
-          ++exact;
-        } else if (behind <= margin) {
-          if (near++ == 0)
-            near_note = strf(" (first: prompt %d, new token %zu: GPU %d, reference %d, %.3g below it <= margin %.3g)",
-                             b, i, got, want, behind, margin);
-        } else {
-          pass = false;
-          verdict = strf("prompt %d, new token %zu: GPU gave %d, the CPU reference %d for the same prefix; the GPU's "
-                         "token is %.3g below the best logit, more than the bf16 margin %.3g", b, i, got, want, behind,
-                         margin);
-          break;
-        }
-        step = std::vector<std::vector<int>>{std::vector<int>{got}};  // the reference follows the GPU's tokens
-      }
-    }
-    if (pass)
-      verdict = strf("every GPU token is the fp32 CPU reference's greedy choice for the same prefix: %d exact, %d "
-                     "within the bf16 near-tie margin%s", exact, near, near_note.c_str());
-  } else {
-    verdict = strf("reference skipped: the checkpoint is %s (> %s), too big for a second copy on the CPU",
-                   human_bytes(bytes).c_str(), human_bytes(kReferenceMaxBytes).c_str());
-  }
-  std::printf("%s 05_phi_tiny_ep: N=1 gpu, %d prompt(s) x up to %d new tokens: %s\n", pass ? "CHECK PASS" : "CHECK FAIL",
-              B, o.max_new_tokens, verdict.c_str());
-  if (!o.common.json.empty()) {
-    nlohmann::json j = {{"chapter", "05_phi_tiny_ep"},
-                        {"ranks", 1},
-                        {"device", "gpu"},
-                        {"gpu", dev.description},
-                        {"model", o.common.model},
-                        {"prompt_ids", prompts},
-                        {"generated_ids", out},
-                        {"generated_text", texts},
-                        {"tokens_checksum", strf("%016llx", (unsigned long long)sum)},
-                        {"prefill", {{"tokens", prefill_tokens}, {"ms", prefill_ms}, {"tokens_per_s", pf}}},
-                        {"decode", {{"tokens", decode_tokens}, {"ms", decode_ms}, {"tokens_per_s", dc}, {"batch", 1}}},
-                        {"weight_bytes", model.weight_bytes()},
-                        {"gpu_memory_used_bytes", gpu_memory_used_bytes()},
-                        {"verdict", verdict},
-                        {"pass", pass}};
-    write_json(o.common.json, j);
-  }
-  std::fflush(stdout);
-  return pass ? 0 : 1;
-}
 
 int run(int argc, char** argv) {
   auto comm_ptr = dist::make_mpi_communicator();
@@ -287,7 +54,7 @@ int run(int argc, char** argv) {
   };
 
   Options o;
-  CLI::App app{"Chapter 05: Phi-tiny-MoE with expert parallelism: greedy generation over mpirun ranks (CPU)"};
+  CLI::App app{"Chapter 05: Phi-tiny-MoE with expert parallelism: greedy generation over mpirun ranks (CPU or GPUs)"};
   add_common_options(app, o.common);
   app.add_option("--prompt", o.prompts, "prompt text (repeat the flag for a batch); needs a tokenizer")
       ->expected(1)
@@ -303,6 +70,8 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--trace", o.trace, "write the routing of every step and layer as JSON lines (for the visualizer)");
   app.add_flag("--ignore-eos", o.ignore_eos, "do not stop at the tokenizer's end tokens");
+  app.add_flag("--bench", o.bench, "GPU speed table: prefill of 2048 tokens, decode tokens/s at batch 1 and 16 "
+               "(random token ids; no prompt needed)");
 
   // --- options, model, placement, prompts: all or none (a bad flag ends every rank with one line)
   std::optional<int> early;
@@ -318,14 +87,13 @@ int run(int argc, char** argv) {
     early = parse_cli(app, argc, argv);
     std::cout.clear();
     if (early) return;
-    require(o.common.device != "gpu" || N == 1, "--device gpu with ", N,
-            " ranks: EP on GPUs for the full model comes next (a later step); run -np 1 --device gpu (one GPU, "
-            "all experts) or --device cpu");
     require(o.common.device != "gpu" || o.trace.empty(), "--trace: the GPU path does not record routing yet; "
             "use --device cpu for a trace");
+    require(!o.bench || o.common.device == "gpu", "--bench measures the GPU path: add --device gpu");
     if (o.common.device == "gpu") choose_device("gpu");  // one line, not a crash, when there is no GPU
     require(o.max_new_tokens >= 1, "--max-new-tokens must be >= 1, got ", o.max_new_tokens);
-    require(!o.prompts.empty() || !o.prompt_ids.empty(), "no prompt: give --prompt TEXT or --prompt-ids 1,450,4996");
+    require(o.bench || !o.prompts.empty() || !o.prompt_ids.empty(),
+            "no prompt: give --prompt TEXT or --prompt-ids 1,450,4996");
     require(!o.chat || !o.prompts.empty(), "--chat formats --prompt texts; it does nothing for --prompt-ids");
     ckpt.emplace(Checkpoint::open(o.common.model));
     const ModelConfig& c = ckpt->config();
@@ -368,13 +136,13 @@ int run(int argc, char** argv) {
     }
   });
   if (early) return *early;
-  if (o.common.device == "gpu") return run_gpu(o, *ckpt, tok, prompts, stop_ids);
+  if (o.common.device == "gpu") return run_gpu(o, comm, *ckpt, *placement, tok, prompts, stop_ids);
   const ModelConfig& c = ckpt->config();
   const int L = c.num_hidden_layers, E = c.num_local_experts, H = c.hidden_size, B = int(prompts.size());
 
   say(strf("05_phi_tiny_ep: %d rank(s), MPI backend: %s\n", N, comm.describe().c_str()));
   if (o.common.device == "auto")
-    say("device: CPU (--device auto stays on the CPU here: the GPU path is -np 1 --device gpu, so far)\n");
+    say("device: CPU (--device auto stays on the CPU here; the GPU path is --device gpu)\n");
   say(strf("model %s: %d layers, hidden %d, %d experts (top-%d, %s), vocab %d\n", o.common.model.c_str(), L, H, E,
            c.num_experts_per_tok, router_name(c.router), c.vocab_size));
   say(placement->str());

@@ -1,11 +1,12 @@
 # Chapter 05 end to end, two modes (cmake -DMPIRUN=... -DBIN=... -DMODEL=... -DTOKENIZER=... -DOUT=dir -P this):
 #  default     the greedy tokens must not depend on the EP size or the placement: several runs of one batch
+#              (-DDEVICE=gpu -DRUNS="1 linear;2 linear;2 round-robin": the same on GPUs, one per rank)
 #              (a text prompt through the test tokenizer + two id prompts); each must print CHECK PASS (its own
 #              comparison with the single-process model) and all must write the same generated_ids to --json.
 #  MODE=trace  one run with --chat, --trace and --json; the trace must have one line per (step, layer) with
 #              the fields visualizer/README.md ("Trace format") requires, consistent with the JSON result.
 function(run_p5 out_var json np)
-  execute_process(COMMAND ${MPIRUN} --oversubscribe --allow-run-as-root -np ${np} ${BIN} --model ${MODEL} --device cpu
+  execute_process(COMMAND ${MPIRUN} --oversubscribe --allow-run-as-root -np ${np} ${BIN} --model ${MODEL} --device ${DEVICE}
                           --json ${json} ${ARGN}
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 110)
   if(NOT rc EQUAL 0 OR NOT out MATCHES "CHECK PASS 05_phi_tiny_ep")
@@ -14,14 +15,20 @@ function(run_p5 out_var json np)
   set(${out_var} "${out}" PARENT_SCOPE)
 endfunction()
 
+if(NOT DEVICE)
+  set(DEVICE cpu)
+endif()
 if(NOT MODE STREQUAL "trace")
   set(runs "1 linear" "2 round-robin" "4 linear" "4 round-robin" "3 linear" "2 linear")
+  if(RUNS)
+    set(runs ${RUNS})
+  endif()
   set(first "")
   foreach(run IN LISTS runs)
     separate_arguments(r UNIX_COMMAND "${run}")
     list(GET r 0 np)
     list(GET r 1 pl)
-    set(json ${OUT}/same_np${np}_${pl}.json)
+    set(json ${OUT}/same_${DEVICE}_np${np}_${pl}.json)
     file(REMOVE ${json})
     run_p5(out ${json} ${np} --placement ${pl} --tokenizer ${TOKENIZER} --prompt "Expert parallelism"
            --prompt-ids 1,450,4996,17354 --prompt-ids 9 --max-new-tokens 8 --ignore-eos)

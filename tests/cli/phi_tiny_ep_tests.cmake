@@ -63,18 +63,32 @@ _p5_error(unknown_flag "--frobnicate" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --f
 _p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
 _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
-_p5_error(gpu_ep_not_yet "EP on GPUs for the full model comes next" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu)
+_p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
 _p5_error(gpu_no_trace "GPU path does not record routing" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu
           --trace ${_p5_dir}/gpu.jsonl)
 
-# --- the GPU path (-np 1 --device gpu: one GPU, every expert): label gpu, skipped (77) without a GPU. Each run
-#     checks every greedy token against the fp32 CPU reference run on the same prefix: its argmax, or within the
-#     bf16 near-tie margin of it (CHECK PASS).
-function(_p5_gpu name)
-  eplab_gpu_test(NAME phi_tiny_ep_gpu_${name} REGEX "CHECK PASS 05_phi_tiny_ep: N=1 gpu" COMMAND ${_mpirun} -np 1 ${ARGN})
-  set_tests_properties(phi_tiny_ep_gpu_${name} PROPERTIES ENVIRONMENT "${_ep_env}")
+# --- the GPU path: label gpu, skipped (77) without enough GPUs. -np 1: one GPU with every expert; -np 2: EP over
+#     NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
+set(_p5_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
+function(_p5_gpu name np)
+  add_test(NAME phi_tiny_ep_gpu_${name} COMMAND ${_p5_skip} ${np} ${_mpirun} -np ${np} ${ARGN})
+  set_tests_properties(phi_tiny_ep_gpu_${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON
+                       PASS_REGULAR_EXPRESSION "CHECK PASS 05_phi_tiny_ep: N=${np} gpu")
+  _p5_props(phi_tiny_ep_gpu_${name} TIMEOUT 300)
 endfunction()
-_p5_gpu(one_prompt ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --max-new-tokens 16)
-_p5_gpu(batch_json ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --prompt-ids 1,2,3 --prompt-ids 7
+_p5_gpu(one_prompt 1 ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --max-new-tokens 16)
+_p5_gpu(batch_json 1 ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --prompt-ids 1,2,3 --prompt-ids 7
         --max-new-tokens 8 --json ${_p5_dir}/gpu_np1.json)
-_p5_gpu(text_prompt ${_p5} ${_p5_m} --device gpu --tokenizer ${_p5_tok} --prompt "Hello world" --max-new-tokens 8)
+_p5_gpu(text_prompt 1 ${_p5} ${_p5_m} --device gpu --tokenizer ${_p5_tok} --prompt "Hello world" --max-new-tokens 8)
+foreach(pl linear round-robin)
+  _p5_gpu(np2_${pl} 2 ${_p5} ${_p5_m} --device gpu --placement ${pl} --prompt-ids 1,450,4996,17354 --prompt-ids 1,2,3
+          --prompt-ids 7 --max-new-tokens 8)
+endforeach()
+_p5_gpu(np2_one_token 2 ${_p5} ${_p5_m} --device gpu --prompt-ids 5 --max-new-tokens 4)  # rank 1 owns no rows
+# the tokens on GPUs do not depend on the EP size or the placement either
+add_test(NAME phi_tiny_ep_gpu_same_tokens
+         COMMAND ${_p5_skip} 2 ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
+                 -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir} -DDEVICE=gpu "-DRUNS=1 linear;2 linear;2 round-robin"
+                 -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
+set_tests_properties(phi_tiny_ep_gpu_same_tokens PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
+_p5_props(phi_tiny_ep_gpu_same_tokens TIMEOUT 400)

@@ -520,7 +520,7 @@ struct Layer {
 
 // What one forward records, rows of this forward only.
 struct Trace {
-  std::vector<std::vector<float>> moe_x, layer_out;  // [L][T, H]
+  std::vector<std::vector<float>> moe_x, moe_y, resid, layer_out;  // [L][T, H]; resid = x + attention
   std::vector<Routing> routing;                      // [L]
   std::vector<float> embed, norm_out, logits;        // [T, H], [T, H], [T, V]
 };
@@ -610,8 +610,10 @@ class GpuPhimoe {
       y.upload(float_to_bf16(std::span<const float>(r.y)));
       device_sync();  // a pageable upload may still be in flight for the non-blocking stream
       tr.moe_x.push_back(widen(hb));
+      tr.moe_y.push_back(r.y);
       tr.routing.push_back(std::move(r.routing));
       const std::vector<float> xf = download_f(x);
+      tr.resid.push_back(xf);
       std::vector<float> out(xf.size());
       for (size_t i = 0; i < xf.size(); ++i) out[i] = round_bf16(xf[i] + r.y[i]);  // what add_layer_norm stores
       tr.layer_out.push_back(std::move(out));
@@ -709,6 +711,13 @@ TEST_CASE("tiny HF PhiMoE end to end on the GPU kernels: embedding .. lm_head vs
       const std::string p = "layers." + std::to_string(l) + ".";
       stage("layer " + std::to_string(l) + " MoE input (attention + post-norm)", tr.moe_x[l], get(fx, p + "moe.x", {T, H}));
       routing_report("layer " + std::to_string(l), tr.routing[l], get(fx, p + "topk_ids", {T, 2}), 0);
+      // Where a layer's output error comes from: the MoE's output, or the residual stream x + attention
+      // (HF's is out - moe.y).
+      const auto hf_y = get(fx, p + "moe.y", {T, H}), hf_out = get(fx, p + "out", {T, H});
+      std::vector<float> hf_resid(hf_out.size());
+      for (size_t i = 0; i < hf_out.size(); ++i) hf_resid[i] = hf_out[i] - hf_y[i];
+      stage("layer " + std::to_string(l) + " MoE output", tr.moe_y[l], hf_y);
+      stage("layer " + std::to_string(l) + " residual x + attention", tr.resid[l], hf_resid);
       stage("layer " + std::to_string(l) + " output (residual stream)", tr.layer_out[l], get(fx, p + "out", {T, H}));
     }
     stage("final norm", tr.norm_out, get(fx, "norm_out", {T, H}));

@@ -366,6 +366,17 @@ TEST_CASE("grouped_experts: one expert with many rows (multi-pass streaming), th
   check_grouped_all_strategies(w, counts, 32);
 }
 
+// The tiny HF fixture's expert shape (H 64, I 32: one 16-byte chunk per lane in fewer than a warp's worth of
+// chunks), where the model tests disagreed with HF: every strategy at small and large row counts.
+TEST_CASE("grouped_experts at the tiny HF fixture's shape (H=64, I=32), every strategy") {
+  const MoeLayerWeights w = random_layer(64, 32, 16, 27);
+  Rng rng(28);
+  for (int rows : {1, 2, 5, 32, 33, 64, 200}) {
+    CAPTURE(rows);
+    check_grouped_all_strategies(w, random_counts(rng, rows, 16), 300 + rows);
+  }
+}
+
 TEST_CASE("grouped_experts: H and I not multiples of 8 fall back to the per-expert cuBLAS loop, still right") {
   const MoeLayerWeights w = random_layer(100, 36, 6, 24);
   Rng rng(25);
@@ -480,6 +491,11 @@ TEST_CASE("GpuMoeLayer: H and I not multiples of 8 (scalar kernels, per-expert c
   const MoeLayerWeights w = random_layer(100, 36, 8, 45);
   sweep_layer(w, RouterKind::SoftmaxTopK, {1, 7, 50}, false, 46);
   sweep_layer(w, RouterKind::SparseMixer, {2, 50}, false, 47);
+}
+
+TEST_CASE("GpuMoeLayer at the tiny HF fixture's shape (H=64, I=32, E=16) and the mini model's (H=256, I=64)") {
+  sweep_layer(random_layer(64, 32, 16, 53), RouterKind::SparseMixer, {1, 2, 16, 17, 32, 100}, false, 54);
+  sweep_layer(random_layer(256, 64, 16, 55), RouterKind::SparseMixer, {1, 2, 16, 17, 32, 100}, false, 56);
 }
 
 TEST_CASE("GpuMoeLayer at the Phi-tiny layer shape (H=4096, I=448, E=16, top-2)") {

@@ -180,11 +180,12 @@ TEST_CASE("GpuPhimoeModel: bad input gives one-line errors") {
 // The "mini" preset (4 layers, H 256, 8 heads / 2 KV heads, D 32, 16 experts, top-2 sparsemixer) with a
 // smaller vocabulary (faster CPU reference) and a sliding window of 6 that the prompts + 8 new tokens pass,
 // so the window is exercised too.
-TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens and teacher-forced logits") {
+namespace {
+void check_against_cpu_model(int sliding_window) {
   testing::TmpDir dir;
   ModelConfig c = generator_preset("mini");
   c.vocab_size = 4096;
-  c.sliding_window = 6;
+  c.sliding_window = sliding_window;
   generate_model(dir.path.string(), c, GeneratorOptions{11});
   const Checkpoint ckpt = Checkpoint::open(dir.path.string());
   PhimoeCpuModel cpu = PhimoeCpuModel::load(ckpt);
@@ -256,10 +257,108 @@ TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens 
   }
   REQUIRE(forced_gpu.size() == std::size_t(forced_rows) * V);
   const double e = rel_l2(forced_gpu, forced_cpu);
+  {  // where the error sits: spread over every row (a systematic bug) or in a few rows (routing flips)
+    std::vector<std::pair<double, int>> per_row;
+    for (int r = 0; r < forced_rows; ++r) per_row.push_back({rel_l2(row(forced_gpu, V, r), row(forced_cpu, V, r)), r});
+    std::sort(per_row.begin(), per_row.end());
+    std::string worst;
+    for (int i = forced_rows - 1; i >= std::max(0, forced_rows - 8); --i)
+      worst += " row " + std::to_string(per_row[i].second) + ": " + std::to_string(per_row[i].first);
+    MESSAGE("teacher-forced per-row rel-L2: median ", per_row[forced_rows / 2].first, ", worst:", worst);
+  }
   MESSAGE("greedy: ", compared_tokens, " tokens compared over ", prompts.size(), " prompts; teacher-forced: rel-L2 ",
           e, " over ", forced_rows, " rows, argmax compared on ", forced_checked, "; along the GPU's tokens ",
           gpu_path_exact, " of ", prompts.size() * kNew, " are the CPU's exact argmax");
   CHECK_MESSAGE(compared_tokens >= 4, "only ", compared_tokens, " greedy tokens were compared (near-ties everywhere?)");
   CHECK_MESSAGE(e <= kTol, "teacher-forced logits rel-L2 ", e, " > ", kTol);
   CHECK(forced_checked >= forced_rows / 4);
+}
+}  // namespace
+
+TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model: greedy tokens and teacher-forced logits") {
+  check_against_cpu_model(6);
+}
+
+// The same without a sliding window in reach (the prompts + new tokens stay under 4096): separates a window
+// bug from everything else.
+TEST_CASE("GpuPhimoeModel vs PhimoeCpuModel on a generated model, no sliding window in reach") {
+  check_against_cpu_model(4096);
+}
+
+// --------------------------------------------------------------------------- batches and decode graphs
+// A batch of sequences of different lengths through forward_batch must give, row for row, what each sequence
+// gives alone, and the fp32 CPU model's logits for the same batch (PhimoeCpuModel takes batches too). And a
+// decode step replayed as a CUDA graph must give the same bits as the same step launched eagerly.
+TEST_CASE("GpuPhimoeModel: a batch of 3 sequences = each alone = the CPU model's batch; graphs = eager, bit for bit") {
+  testing::TmpDir dir;
+  ModelConfig c = generator_preset("mini");
+  c.vocab_size = 4096;
+  generate_model(dir.path.string(), c, GeneratorOptions{13});
+  const Checkpoint ckpt = Checkpoint::open(dir.path.string());
+  const int V = c.vocab_size;
+  const std::vector<std::vector<int>> prompts = {{1, 450, 2996, 17, 9}, {7}, {3000, 12, 12}};
+  const int B = int(prompts.size()), kSteps = 5;
+
+  auto make = [&](bool graphs) {
+    GpuModelOptions o;
+    o.max_len = 16;
+    o.max_batch = B;
+    o.max_rows = 16;
+    o.graphs = graphs;
+    return GpuPhimoeModel::load(ckpt, std::move(o));
+  };
+  GpuPhimoeModel with_graphs = make(true), eager = make(false);
+  PhimoeCpuModel cpu = PhimoeCpuModel::load(ckpt);
+  std::vector<PhimoeSequence> cpu_seqs;
+  for (int b = 0; b < B; ++b) cpu_seqs.push_back(cpu.new_sequence());
+  std::vector<PhimoeSequence*> cpu_ptrs;
+  for (auto& s : cpu_seqs) cpu_ptrs.push_back(&s);
+
+  // the same token stream for every model: prompts, then a fixed sequence of decode tokens
+  std::vector<std::vector<std::vector<int>>> steps{prompts};
+  for (int s = 0; s < kSteps; ++s) {
+    std::vector<std::vector<int>> st;
+    for (int b = 0; b < B; ++b) st.push_back({(37 * s + 101 * b + 5) % V});
+    steps.push_back(st);
+  }
+  std::vector<float> all_gpu, all_cpu;
+  for (std::size_t s = 0; s < steps.size(); ++s) {
+    const std::vector<float> g = with_graphs.forward_batch(steps[s]);
+    const std::vector<float> e = eager.forward_batch(steps[s]);
+    const std::vector<float> r = cpu.forward(cpu_ptrs, steps[s], LogitRows::Last);
+    REQUIRE(g.size() == std::size_t(B) * V);
+    REQUIRE(r.size() == g.size());
+    CHECK_MESSAGE(g == e, "step ", s, ": graph replay and eager launches differ (max |diff| ", max_abs_diff(g, e), ")");
+    all_gpu.insert(all_gpu.end(), g.begin(), g.end());
+    all_cpu.insert(all_cpu.end(), r.begin(), r.end());
+  }
+  CHECK(with_graphs.graphs_captured() >= 1);  // the 2nd decode step with 3 sequences was captured
+  CHECK(eager.graphs_captured() == 0);
+  for (int b = 0; b < B; ++b) CHECK(with_graphs.length(b) == int(prompts[b].size()) + kSteps);
+  const double e = rel_l2(all_gpu, all_cpu);
+  MESSAGE("batch of ", B, " sequences, prefill + ", kSteps, " decode steps: logits rel-L2 vs the CPU model ", e,
+          ", graphs captured ", with_graphs.graphs_captured());
+  CHECK_MESSAGE(e <= kTol, "batched logits rel-L2 ", e, " > ", kTol);
+
+  // each sequence alone (a one-sequence model), the same tokens: the same logits as its row of the batch,
+  // to bf16 noise (other row counts may pick other GEMM algorithms)
+  for (int b = 0; b < B; ++b) {
+    GpuPhimoeModel alone = GpuPhimoeModel::load(ckpt, 16);
+    std::vector<float> got, want;
+    for (std::size_t s = 0; s < steps.size(); ++s) {
+      const std::vector<float> lg = alone.forward(steps[s][b]);
+      got.insert(got.end(), lg.begin(), lg.end());
+      want.insert(want.end(), all_gpu.begin() + (s * B + b) * V, all_gpu.begin() + (s * B + b + 1) * V);
+    }
+    const double eb = rel_l2(got, want);
+    MESSAGE("sequence ", b, " alone vs its batch rows: rel-L2 ", eb);
+    CHECK_MESSAGE(eb <= kTol, "sequence ", b, " alone differs from its rows of the batch: rel-L2 ", eb);
+  }
+
+  // bad batches: too many sequences, an empty token list, past max_len, past max_rows; nothing changes
+  const int len0 = with_graphs.length(0);
+  CHECK_THROWS_AS(with_graphs.forward_batch({{1}, {1}, {1}, {1}}), Error);
+  CHECK_THROWS_AS(with_graphs.forward_batch({{1}, {}, {1}}), Error);
+  CHECK_THROWS_AS(with_graphs.forward_batch({std::vector<int>(12, 1)}), Error);  // 10 + 12 > max_len 16
+  CHECK(with_graphs.length(0) == len0);
 }

@@ -1,0 +1,98 @@
+// Chapter 05's shared helpers (chapter05.hpp).
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "chapter05.hpp"
+#include "util/check.hpp"
+#include "util/report.hpp"
+
+namespace eplab {
+
+std::uint64_t fnv1a(const std::vector<std::vector<int>>& seqs) {
+  std::uint64_t h = 1469598103934665603ull;
+  auto eat = [&](std::uint32_t v) {
+    for (int i = 0; i < 4; ++i) h = (h ^ ((v >> (8 * i)) & 0xff)) * 1099511628211ull;
+  };
+  for (const auto& s : seqs) {
+    eat(std::uint32_t(s.size()));
+    for (int id : s) eat(std::uint32_t(id));
+  }
+  return h;
+}
+
+std::vector<int> parse_ids(std::string s) {
+  std::replace(s.begin(), s.end(), ',', ' ');
+  std::vector<int> ids;
+  std::stringstream ss(s);
+  std::string p;
+  while (ss >> p) {
+    std::size_t used = 0;
+    long v = -1;
+    try {
+      v = std::stol(p, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    require(used == p.size() && v >= 0 && v < (1l << 31), "--prompt-ids: '", p,
+            "' is not a token id (give ids as 1,450,4996)");
+    ids.push_back(int(v));
+  }
+  return ids;
+}
+
+std::string id_list(const std::vector<int>& v, std::size_t max_shown) {
+  std::string s;
+  for (std::size_t i = 0; i < v.size() && i < max_shown; ++i) s += strf(i ? ",%d" : "%d", v[i]);
+  if (v.size() > max_shown) s += strf(",... (%zu ids)", v.size());
+  return s;
+}
+
+std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids) {
+  std::string s;
+  std::vector<int> run;
+  auto flush = [&] {
+    if (!run.empty()) s += t.decode(run);
+    run.clear();
+  };
+  for (int id : ids)
+    if (id < t.vocab_size()) {
+      run.push_back(id);
+    } else {
+      flush();
+      s += "[#" + std::to_string(id) + "]";
+    }
+  flush();
+  return s;
+}
+
+std::string safe_piece(const Tokenizer& t, int id) {
+  return id < t.vocab_size() ? t.piece(id) : "#" + std::to_string(id);
+}
+
+double rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
+  return 0;
+}
+
+nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
+                               const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out) {
+  nlohmann::json texts = nlohmann::json::array();
+  for (int b = 0; b < int(out.size()); ++b) {
+    if (tok) {
+      const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
+      const std::string text = safe_decode(*tok, out[b]);
+      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
+      texts.push_back(text);
+    }
+    std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
+                id_list(out[b], 64).c_str());
+  }
+  return texts;
+}
+
+}  // namespace eplab

@@ -1,0 +1,50 @@
+// Chapter 05's pieces shared by its CPU path (main.cpp) and its GPU path (run_gpu.cpp): the options, the
+// prompt and output helpers.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "dist/communicator.hpp"
+#include "model/checkpoint.hpp"
+#include "model/tokenizer.hpp"
+#include "moe/placement.hpp"
+#include "util/cli.hpp"
+
+namespace eplab {
+
+constexpr double kReferenceMaxBytes = 2e9;  // rank 0 re-runs the model on one process only below this size
+
+struct Options {
+  CommonOptions common;
+  std::vector<std::string> prompts, prompt_ids;
+  std::string tokenizer, placement = "linear", trace;
+  bool chat = false, ignore_eos = false;
+  int max_new_tokens = 32;
+  bool bench = false;  // GPU: the speed table (prefill 2048 tokens, decode at batch 1 and 16)
+};
+
+std::uint64_t fnv1a(const std::vector<std::vector<int>>& seqs);   // checksum of generated tokens
+std::vector<int> parse_ids(std::string s);                        // "1,450,4996" -> ids; throws on junk
+std::string id_list(const std::vector<int>& v, std::size_t max_shown = 24);
+// Text of generated ids. A test tokenizer may know fewer ids than the model can emit (the mini model's vocab
+// is Phi's 32064): ids it does not know are shown as [#id] instead of failing.
+std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids);
+std::string safe_piece(const Tokenizer& t, int id);
+double rss_bytes();  // resident memory of this process (VmRSS); 0 where /proc is not there
+
+// Prints each prompt and its generated continuation (text when there is a tokenizer, ids always) and
+// returns the generated texts for --json.
+nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
+                               const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out);
+
+// The GPU path (run_gpu.cpp): -np 1 (one GPU, every expert) or -np N (NCCL expert parallelism, one GPU per
+// rank). Every rank calls it; returns the exit code.
+int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, const Placement& placement,
+            const std::optional<Tokenizer>& tok, const std::vector<std::vector<int>>& prompts,
+            const std::vector<int>& stop_ids);
+
+}  // namespace eplab
