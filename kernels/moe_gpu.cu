@@ -43,11 +43,13 @@
 
 #include "combine.cuh"
 #include "cuda_check.hpp"
+#include "experts_decode.cuh"
 #include "grouped_experts.cuh"
 #include "naive_moe.cuh"
 #include "permute.cuh"
 #include "random_init.cuh"
 #include "router.cuh"
+#include "router_tiled.cuh"
 #include "routing.cuh"
 
 namespace eplab {
@@ -101,6 +103,22 @@ constexpr int kMaxGraphs = 16;  // e.g. the benchmark rotates over 8 input batch
 
 const char* expert_strategy_name(ExpertStrategy s) { return gpu::grouped_strategy_name(to_gpu(s)); }
 
+const char* router_impl_name(RouterImpl r) {
+  switch (r) {
+    case RouterImpl::Auto: return "auto";
+    case RouterImpl::Cublas: return "cublas";
+    case RouterImpl::Fused: return "fused";
+    case RouterImpl::Tiled: return "tiled";
+  }
+  return "?";
+}
+
+RouterImpl parse_router_impl(const std::string& name) {
+  for (RouterImpl r : {RouterImpl::Auto, RouterImpl::Cublas, RouterImpl::Fused, RouterImpl::Tiled})
+    if (name == router_impl_name(r)) return r;
+  fail("unknown router implementation '", name, "': use auto, cublas, fused or tiled");
+}
+
 ExpertStrategy parse_expert_strategy(const std::string& name) {
   for (ExpertStrategy s : {ExpertStrategy::Auto, ExpertStrategy::WeightStream, ExpertStrategy::CublasGrouped,
                            ExpertStrategy::CublasLoop, ExpertStrategy::CublasStreams})
@@ -136,6 +154,7 @@ struct GpuMoeLayer::Impl {
   int* h_offsets = nullptr;                 // pinned [E+1]
 
   gpu::GroupedWorkspace ws;
+  gpu::TiledRouterWorkspace rws;  // router_route_tiled's split-K partials and tile counters
   unsigned generation = 0;  // bumped when a layer buffer is reallocated
 
   // CUDA graphs.
@@ -156,6 +175,12 @@ struct GpuMoeLayer::Impl {
   bool use_graphs = true, graphs_broken = false;
   int fused_router_max_t = 512;  // router_route_fused up to this T, cuBLAS + route_topk above (EPLAB_FUSED_ROUTER_MAX_T)
   bool use_direct = true;  // EPLAB_DIRECT=0: the decode path goes through plan + permute + combine instead
+  // Router: Auto = router_route_tiled wherever it runs (E <= 64, H % 8 == 0, aligned), else the fused
+  // per-token kernel up to fused_router_max_t, else cuBLAS + route_topk. EPLAB_ROUTER=cublas|fused|tiled forces one
+  // (fused / tiled fall back when they cannot run the shape).
+  RouterImpl router_impl = RouterImpl::Auto;
+  bool use_decode = true;  // direct path with T*k <= 32: experts_decode (EPLAB_DECODE=0: experts_direct)
+  bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
   unsigned long long graphs_gen = ~0ull;
@@ -210,6 +235,9 @@ struct GpuMoeLayer::Impl {
     if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
     if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
+    if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
+    if (const char* s = std::getenv("EPLAB_DECODE"); s && std::string(s) == "0") use_decode = false;
+    if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
   }
 
   gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
@@ -252,7 +280,9 @@ struct GpuMoeLayer::Impl {
     ensure_tokens(T);
     if (path == MoePath::Naive) ensure_naive_weights();
     if (path == MoePath::Grouped) gpu::reserve_grouped_workspace(ws, experts(), T * k);
-    const unsigned long long g = (static_cast<unsigned long long>(generation) << 32) | ws.generation;
+    if (gpu::router_route_tiled_ok(d_gate, d_gate, H, E)) gpu::reserve_router_tiled(rws, T, H, E);
+    const unsigned long long g = (static_cast<unsigned long long>(generation) << 40) ^
+                                 (static_cast<unsigned long long>(ws.generation) << 20) ^ rws.generation;
     if (g != graphs_gen) {  // some buffer moved: every captured graph points at freed memory
       clear_graphs();
       warm.clear();
@@ -271,32 +301,18 @@ struct GpuMoeLayer::Impl {
     mark(0);
     if (path == MoePath::Grouped && direct_path(d_x, T, d_y)) {
       // Small batches: 3 kernels, no plan, no permute, no combine (see the header).
-      if (gpu::router_route_fused_ok(d_x, d_gate, H)) {
-        gpu::router_route_fused(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, s);
-        mark(1);
-      } else {
-        gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
-        mark(1);
-        gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
-      }
+      route(d_x, T, s, mark);
       mark(2);
       mark(3);
-      gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
+      if (use_decode && gpu::experts_decode_ok(experts(), d_x, d_y, T, k))
+        gpu::experts_decode(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, use_pdl && evs == nullptr);
+      else
+        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
       mark(4);
       mark(5);
       return;
     }
-    if (T <= fused_router_max_t && gpu::router_route_fused_ok(d_x, d_gate, H)) {
-      // Measured on an H200 (Phi-tiny gate, 16 x 4096), whole layer: T = 512 0.1435 ms fused vs 0.1486 ms
-      // with cuBLAS + route_topk; T = 4096 0.442 vs 0.383 ms (the fused kernel re-reads the 128 KB gate
-      // from L2 per token, 512 MB at T = 4096), so cuBLAS from T = 513 on.
-      gpu::router_route_fused(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, s);
-      mark(1);
-    } else {
-      gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
-      mark(1);
-      gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
-    }
+    route(d_x, T, s, mark);
     mark(2);
     if (path == MoePath::Naive) {
       mark(3);
@@ -320,6 +336,44 @@ struct GpuMoeLayer::Impl {
     gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
     mark(5);
   }
+
+  RouterImpl resolve_router(const bf16* d_x, int T) const {
+    const bool tiled_ok = gpu::router_route_tiled_ok(d_x, d_gate, H, E);
+    const bool fused_ok = gpu::router_route_fused_ok(d_x, d_gate, H);
+    switch (router_impl) {
+      case RouterImpl::Cublas: return RouterImpl::Cublas;
+      case RouterImpl::Fused: return fused_ok ? RouterImpl::Fused : RouterImpl::Cublas;
+      case RouterImpl::Tiled: return tiled_ok ? RouterImpl::Tiled : RouterImpl::Cublas;
+      case RouterImpl::Auto: break;
+    }
+    if (tiled_ok) return RouterImpl::Tiled;
+    // Measured on an H200 (Phi-tiny gate, 16 x 4096), whole layer: T = 512 0.1435 ms fused vs 0.1486 ms
+    // with cuBLAS + route_topk; T = 4096 0.442 vs 0.383 ms (the fused kernel re-reads the 128 KB gate
+    // from L2 per token, 512 MB at T = 4096), so cuBLAS from T = 513 on.
+    return fused_ok && T <= fused_router_max_t ? RouterImpl::Fused : RouterImpl::Cublas;
+  }
+
+  // Router GEMM + routing into d_logits / d_ids / d_weights. mark(1) after the logits (the routing is part of
+  // the router stage for the fused and tiled kernels).
+  template <typename Mark>
+  void route(const bf16* d_x, int T, cudaStream_t s, Mark&& mark) {
+    last_router = resolve_router(d_x, T);
+    switch (last_router) {
+      case RouterImpl::Tiled:
+        gpu::router_route_tiled(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, rws, s);
+        mark(1);
+        break;
+      case RouterImpl::Fused:
+        gpu::router_route_fused(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, s);
+        mark(1);
+        break;
+      default:
+        gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
+        mark(1);
+        gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
+    }
+  }
+  RouterImpl last_router = RouterImpl::Auto;
 
   // The token-direct decode path: weight streaming chosen for this T and its kernels can run the shape.
   bool direct_path(const bf16* d_x, int T, const bf16* d_y) const {
@@ -515,6 +569,21 @@ void GpuMoeLayer::set_direct_small_batches(bool on) {
   if (impl_->use_direct == on) return;
   impl_->use_direct = on;
   impl_->clear_graphs();  // a captured graph has the old chain baked in
+  impl_->warm.clear();
+}
+
+void GpuMoeLayer::set_router_impl(RouterImpl r) {
+  impl_->router_impl = r;
+  impl_->clear_graphs();  // a captured graph has the old router baked in
+  impl_->warm.clear();
+}
+
+RouterImpl GpuMoeLayer::last_router_impl() const { return impl_->last_router; }
+
+void GpuMoeLayer::set_decode_kernels(bool on, bool pdl) {
+  impl_->use_decode = on;
+  impl_->use_pdl = pdl;
+  impl_->clear_graphs();
   impl_->warm.clear();
 }
 

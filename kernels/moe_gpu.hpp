@@ -34,6 +34,15 @@ enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, Cubla
 const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
 ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
 
+// How the router GEMM + routing runs (moe_gpu.cu, router_tiled.cuh, routing.cuh):
+//   Auto    Tiled wherever it can run the shape (E <= 64, H % 8 == 0), else Fused up to T = 512, else Cublas
+//   Cublas  router_logits (cuBLAS) + route_topk: two kernels
+//   Fused   router_route_fused: one block per token, GEMM + routing in one kernel (re-reads the gate per token)
+//   Tiled   router_route_tiled: 32-token tiles on tensor cores, x read once, routing in the epilogue
+enum class RouterImpl { Auto, Cublas, Fused, Tiled };
+const char* router_impl_name(RouterImpl r);              // "auto", "cublas", "fused", "tiled"
+RouterImpl parse_router_impl(const std::string& name);  // the names above; throws on anything else
+
 // Time split of one forward, filled when timing is requested (CUDA events, milliseconds).
 struct MoeTimings {
   float router_ms = 0, routing_ms = 0, permute_ms = 0, experts_ms = 0, combine_ms = 0, total_ms = 0;
@@ -76,6 +85,12 @@ class GpuMoeLayer {
   // captured into a CUDA graph the second time the same (T, path, d_x, d_y) is seen, and replayed after
   // that: one launch instead of ~10. Default on; EPLAB_GRAPHS=0 turns it off.
   void set_use_graphs(bool on);
+  // Router implementation (default Auto, or EPLAB_ROUTER=<name>); last_router_impl: what the last forward ran.
+  void set_router_impl(RouterImpl r);
+  RouterImpl last_router_impl() const;
+  // Direct small-batch path with T*k <= 32: the decode experts kernels (experts_decode.cuh), with programmatic
+  // dependent launch when pdl. Off: experts_direct. Defaults on/on; EPLAB_DECODE=0, EPLAB_PDL=0.
+  void set_decode_kernels(bool on, bool pdl = true);
   int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
 
   int hidden() const;

@@ -92,7 +92,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   cudaStream_t s;
   CUDA_CHECK(cudaStreamCreate(&s));
 
-  Table stages({"T", "experts via", "router", "routing", "permute", "experts", "combine", "total (eager)"});
+  Table stages({"T", "via", "router", "routing", "permute", "experts", "combine", "total (eager)"});
   Table table({"T", "grouped ms", "naive ms", "speedup", "TFLOP/s", "weights GB/s", "%bf16 peak", "%HBM",
                "roofline ms", "% of roofline", "HF ms", "vs HF"});
   nlohmann::json rows = nlohmann::json::array();
@@ -119,7 +119,8 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     const double g_ms = time_cold(iters, s, flush, flush_bytes, run(MoePath::Grouped));
     const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, flush_bytes, run(MoePath::Naive));
 
-    const std::string via = expert_strategy_name(layer.last_expert_strategy());
+    const std::string via =
+        std::string(router_impl_name(layer.last_router_impl())) + " + " + expert_strategy_name(layer.last_expert_strategy());
 
     // Per-stage split: eager forwards (no graph) with CUDA events between the stages, cold L2 (x itself is
     // warm: forward() uploads it first). Median of 5 per stage. On the small-batch direct path the
@@ -160,8 +161,10 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
               " GEMM peak, bytes / HBM copy))\n");
   std::printf("\nper-stage split of the grouped path, ms (one eager forward with events between stages, median of 5):\n%s",
               stages.str().c_str());
-  std::printf("(permute includes the dispatch plan; experts includes SwiGLU; up to T = 512 the router column includes"
-              " routing (one fused kernel); on the weight-stream path the experts column includes the combine)\n");
+  std::printf("(via: router + expert strategy; permute includes the dispatch plan; experts includes SwiGLU;"
+              " with the fused or tiled router the router column includes routing (one kernel); on the weight-stream"
+              " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=0,"
+              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the older paths)\n");
   CUDA_CHECK(cudaStreamDestroy(s));
   CUDA_CHECK(cudaFree(flush));
   CUDA_CHECK(cudaFree(d_x));
