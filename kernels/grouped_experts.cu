@@ -65,13 +65,14 @@ __device__ int nth_nonempty_expert(const int* __restrict__ off, int n, int slot)
 // grid (ceil(I / k13Warps), min(n, rows)), block k13Warps * 32. Requires H % 8 == 0, 16-byte alignment.
 __global__ void __launch_bounds__(k13Warps * 32)
     w13_swiglu_stream(const bf16* __restrict__ w13, const bf16* __restrict__ xp, const int* __restrict__ off, int n,
-                      int H, int I, bf16* __restrict__ h) {
-  const int e = nth_nonempty_expert(off, n, int(blockIdx.y));
-  if (e < 0) return;
+                      const int* __restrict__ gexp, int H, int I, bf16* __restrict__ h) {
+  const int g = nth_nonempty_expert(off, n, int(blockIdx.y));  // group (= expert when gexp is null)
+  if (g < 0) return;
+  const int e = gexp ? gexp[g] : g;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int i = int(blockIdx.x) * k13Warps + warp;
   if (i >= I) return;  // whole warp leaves; no block-level synchronisation below
-  const int beg = off[e], cnt = off[e + 1] - beg;
+  const int beg = off[g], cnt = off[g + 1] - beg;
   const bf16* r1 = w13 + (std::size_t(e) * 2 * I + i) * H;  // row i of w1_e
   const bf16* r3 = r1 + std::size_t(I) * H;                  // row i of w3_e
   const int chunks = H / 8;                                   // 16-byte vectors per row
@@ -132,15 +133,16 @@ __global__ void __launch_bounds__(k13Warps * 32)
 // yp[row, o] = bf16(w2_e[o]·h_row) for every row of expert e.
 // grid (ceil(H / k2FeatPerBlock), min(n, rows)), block k2Warps * 32. Requires I % 8 == 0, 16-byte alignment.
 __global__ void __launch_bounds__(k2Warps * 32)
-    w2_stream(const bf16* __restrict__ w2, const bf16* __restrict__ h, const int* __restrict__ off, int n, int H, int I,
-              bf16* __restrict__ yp) {
-  const int e = nth_nonempty_expert(off, n, int(blockIdx.y));
-  if (e < 0) return;
+    w2_stream(const bf16* __restrict__ w2, const bf16* __restrict__ h, const int* __restrict__ off, int n,
+              const int* __restrict__ gexp, int H, int I, bf16* __restrict__ yp) {
+  const int grp = nth_nonempty_expert(off, n, int(blockIdx.y));  // group (= expert when gexp is null)
+  if (grp < 0) return;
+  const int e = gexp ? gexp[grp] : grp;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int g = lane % k2Lanes;  // position inside the 8-lane group of one feature
   const int o = int(blockIdx.x) * k2FeatPerBlock + warp * k2FeatPerWarp + lane / k2Lanes;
   const bool active = o < H;  // inactive lanes still take part in the shuffles, with zero weights
-  const int beg = off[e], cnt = off[e + 1] - beg;
+  const int beg = off[grp], cnt = off[grp + 1] - beg;
   const bf16* wrow = w2 + (std::size_t(e) * H + (active ? o : 0)) * I;
   const int chunks = I / 8;
 
@@ -437,19 +439,22 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   }
 }
 
-// For the grouped cuBLAS call: slot s = rank of expert e among the non-empty experts (ascending ids, the
-// same order the host builds its group arrays in). ptrs holds 6 arrays of n pointers:
-// [A1 = w13_e, B1 = xp_e, C1 = gate_up_e, A2 = w2_e, B2 = h_e, C2 = yp_e]. One block.
-__global__ void fill_group_pointers(const int* __restrict__ off, int n, const bf16* w13, const bf16* w2,
-                                    const bf16* xp, bf16* gate_up, bf16* h, bf16* yp, int H, int I, void** ptrs) {
+// For the grouped cuBLAS call: slot s = rank of group g among the non-empty groups (ascending, the same
+// order the host builds its group arrays in). ptrs holds 6 arrays of n pointers:
+// [A1 = w13_e, B1 = xp_g, C1 = gate_up_g, A2 = w2_e, B2 = h_g, C2 = yp_g], e = gexp[g] (g when gexp is
+// null). One block.
+__global__ void fill_group_pointers(const int* __restrict__ off, int n, const int* __restrict__ gexp, const bf16* w13,
+                                    const bf16* w2, const bf16* xp, bf16* gate_up, bf16* h, bf16* yp, int H, int I,
+                                    void** ptrs) {
   extern __shared__ int s_off[];  // [n + 1]
   for (int j = int(threadIdx.x); j <= n; j += int(blockDim.x)) s_off[j] = off[j];
   __syncthreads();
-  for (int e = int(threadIdx.x); e < n; e += int(blockDim.x)) {
-    const int beg = s_off[e];
-    if (s_off[e + 1] <= beg) continue;
+  for (int g = int(threadIdx.x); g < n; g += int(blockDim.x)) {
+    const int beg = s_off[g];
+    if (s_off[g + 1] <= beg) continue;
     int slot = 0;
-    for (int j = 0; j < e; ++j) slot += s_off[j + 1] > s_off[j];
+    for (int j = 0; j < g; ++j) slot += s_off[j + 1] > s_off[j];
+    const int e = gexp ? gexp[g] : g;
     ptrs[0 * n + slot] = const_cast<bf16*>(w13 + std::size_t(e) * 2 * I * H);
     ptrs[1 * n + slot] = const_cast<bf16*>(xp + std::size_t(beg) * H);
     ptrs[2 * n + slot] = gate_up + std::size_t(beg) * 2 * I;
@@ -472,7 +477,8 @@ struct HostPointerMode {
   ~HostPointerMode() { cublasSetPointerMode(h, old); }
 };
 
-// gate_up_e[c, 2I] = xp_e[c, H] · w13_eᵀ   (column-major view: m = 2I, n = c, k = H, "TN")
+// gate_up_e[c, 2I] = xp_e[c, H] · w13_eᵀ   (column-major view: m = 2I, n = c, k = H, "TN"); e indexes the
+// weights, rows [beg, beg + c) the buffers (a group of rows, not necessarily expert e's only rows).
 void gemm_w13(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* xp, bf16* gate_up, int e, int beg,
               int c) {
   const float one = 1.f, zero = 0.f;
@@ -586,22 +592,27 @@ bool grouped_strategy_needs_host_offsets(GroupedStrategy s) {
          s == GroupedStrategy::CublasStreams;
 }
 
-void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows) {
+namespace {
+
+// Buffers for `rows` rows cut into `groups` groups (the pointer and argument arrays are per group).
+void reserve_groups(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows, int groups) {
   require(rows >= 0, "grouped_experts: rows must be >= 0, got ", rows);
   require(w.n >= 1 && w.n <= kMaxExperts, "grouped_experts: expert count ", w.n, " outside [1, ", kMaxExperts, "]");
+  require(groups >= 1 && groups <= kMaxExperts, "grouped_experts: group count ", groups, " outside [1, ", kMaxExperts,
+          "]");
   device_grow(ws.gate_up, ws.gate_up_cap, std::size_t(rows) * 2 * w.I, ws.generation);
   device_grow(ws.h, ws.h_cap, std::size_t(rows) * w.I, ws.generation);
   std::size_t ptr_cap = std::size_t(ws.ptrs_cap) * 6;
-  device_grow(ws.ptrs, ptr_cap, std::size_t(w.n) * 6, ws.generation);
+  device_grow(ws.ptrs, ptr_cap, std::size_t(groups) * 6, ws.generation);
   ws.ptrs_cap = int(ptr_cap / 6);
-  if (ws.h_offsets_cap < w.n + 1) {
+  if (ws.h_offsets_cap < groups + 1) {
     if (ws.h_offsets) CUDA_CHECK(cudaFreeHost(ws.h_offsets));
     ws.h_offsets = nullptr;
     ws.h_offsets_cap = 0;
-    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&ws.h_offsets), std::size_t(w.n + 1) * sizeof(int)));
-    ws.h_offsets_cap = w.n + 1;
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&ws.h_offsets), std::size_t(groups + 1) * sizeof(int)));
+    ws.h_offsets_cap = groups + 1;
   }
-  const std::size_t n = std::size_t(w.n);
+  const std::size_t n = std::size_t(groups);
   for (auto* v : {&ws.m1, &ws.n1, &ws.k1, &ws.lda1, &ws.ldb1, &ws.ldc1, &ws.m2, &ws.k2, &ws.lda2, &ws.ldb2, &ws.ldc2,
                   &ws.group_size})
     if (v->size() < n) v->resize(n);
@@ -611,23 +622,48 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
   if (ws.opN.size() < n) ws.opN.assign(n, CUBLAS_OP_N);
 }
 
+}  // namespace
+
+void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows) {
+  reserve_groups(ws, w, rows, w.n);
+}
+
+void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows, int groups) {
+  reserve_groups(ws, w, rows, groups);
+}
+
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
                      const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s) {
+  grouped_experts_segments(handle, w, d_xp, w.n, d_offsets, h_offsets, nullptr, nullptr, rows, d_yp, ws, s);
+}
+
+void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, int G,
+                              const int* d_offsets, const int* h_offsets, const int* d_expert_of,
+                              const int* h_expert_of, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s) {
   require(w.H > 0 && w.I > 0, "grouped_experts: bad expert shape H=", w.H, " I=", w.I);
   require(rows >= 0, "grouped_experts: rows must be >= 0, got ", rows);
+  require((d_expert_of == nullptr) == (h_expert_of == nullptr),
+          "grouped_experts: pass the group->expert map on both the device and the host, or on neither");
+  require(d_expert_of || G == w.n, "grouped_experts: ", G, " groups but ", w.n,
+          " experts and no group->expert map (without a map, group g is expert g)");
+  if (h_expert_of)
+    for (int g = 0; g < G; ++g)
+      require(h_expert_of[g] >= 0 && h_expert_of[g] < w.n, "grouped_experts: group ", g, " names expert ",
+              h_expert_of[g], " but only ", w.n, " are loaded");
   const GroupedStrategy st = choose_grouped_strategy(ws, w, rows, d_xp, d_yp);
   ws.last_used = st;
   if (rows == 0) return;
-  reserve_grouped_workspace(ws, w, rows);
-  const int n = w.n, H = w.H, I = w.I;
+  reserve_groups(ws, w, rows, G);
+  const int n = G, H = w.H, I = w.I;
+  auto expert = [&](int g) { return h_expert_of ? h_expert_of[g] : g; };
 
   if (st == GroupedStrategy::WeightStream) {
-    const unsigned ny = unsigned(std::min(n, rows));  // at most `rows` experts can have rows
+    const unsigned ny = unsigned(std::min(n, rows));  // at most `rows` groups can have rows
     const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), ny);
-    w13_swiglu_stream<<<g13, k13Warps * 32, 0, s>>>(w.w13, d_xp, d_offsets, n, H, I, ws.h);
+    w13_swiglu_stream<<<g13, k13Warps * 32, 0, s>>>(w.w13, d_xp, d_offsets, n, d_expert_of, H, I, ws.h);
     CUDA_CHECK_LAUNCH();
     const dim3 g2(unsigned((H + k2FeatPerBlock - 1) / k2FeatPerBlock), ny);
-    w2_stream<<<g2, k2Warps * 32, 0, s>>>(w.w2, ws.h, d_offsets, n, H, I, d_yp);
+    w2_stream<<<g2, k2Warps * 32, 0, s>>>(w.w2, ws.h, d_offsets, n, d_expert_of, H, I, d_yp);
     CUDA_CHECK_LAUNCH();
     return;
   }
@@ -641,38 +677,38 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
   require(h_offsets[0] == 0 && h_offsets[n] == rows, "grouped_experts: offsets [0]=", h_offsets[0], " [n]=",
           h_offsets[n], " disagree with rows=", rows, " (the dispatch plan and the row count must match)");
   for (int e = 0; e < n; ++e)
-    require(h_offsets[e + 1] >= h_offsets[e], "grouped_experts: offsets decrease at expert ", e);
+    require(h_offsets[e + 1] >= h_offsets[e], "grouped_experts: offsets decrease at group ", e);
 
   CUBLAS_CHECK(cublasSetStream(handle, s));
   const HostPointerMode mode(handle);
 
   if (st == GroupedStrategy::CublasGrouped) {
 #if CUBLAS_VERSION >= 120500
-    int G = 0;
+    int Gn = 0;
     for (int e = 0; e < n; ++e) {
       const int c = h_offsets[e + 1] - h_offsets[e];
       if (c == 0) continue;
-      ws.m1[G] = 2 * I, ws.n1[G] = c, ws.k1[G] = H, ws.lda1[G] = H, ws.ldb1[G] = H, ws.ldc1[G] = 2 * I;
-      ws.m2[G] = H, ws.k2[G] = I, ws.lda2[G] = I, ws.ldb2[G] = I, ws.ldc2[G] = H;
-      ws.group_size[G] = 1;
-      ++G;
+      ws.m1[Gn] = 2 * I, ws.n1[Gn] = c, ws.k1[Gn] = H, ws.lda1[Gn] = H, ws.ldb1[Gn] = H, ws.ldc1[Gn] = 2 * I;
+      ws.m2[Gn] = H, ws.k2[Gn] = I, ws.lda2[Gn] = I, ws.ldb2[Gn] = I, ws.ldc2[Gn] = H;
+      ws.group_size[Gn] = 1;
+      ++Gn;
     }
-    fill_group_pointers<<<1, 256, std::size_t(n + 1) * sizeof(int), s>>>(d_offsets, n, w.w13, w.w2, d_xp, ws.gate_up,
-                                                                          ws.h, d_yp, H, I, ws.ptrs);
+    fill_group_pointers<<<1, 256, std::size_t(n + 1) * sizeof(int), s>>>(d_offsets, n, d_expert_of, w.w13, w.w2, d_xp,
+                                                                          ws.gate_up, ws.h, d_yp, H, I, ws.ptrs);
     CUDA_CHECK_LAUNCH();
     void** P = ws.ptrs;
     auto cptr = [&](int j) { return const_cast<const void* const*>(P + std::size_t(j) * n); };
-    // w13 GEMMs of all non-empty experts: each its own group (n = rows of that expert).
+    // w13 GEMMs of all non-empty groups: each its own cuBLAS group (n = rows of that group).
     CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m1.data(), ws.n1.data(),
                                             ws.k1.data(), ws.alpha.data(), cptr(0), CUDA_R_16BF, ws.lda1.data(),
                                             cptr(1), CUDA_R_16BF, ws.ldb1.data(), ws.beta.data(), P + 2 * n,
-                                            CUDA_R_16BF, ws.ldc1.data(), G, ws.group_size.data(), CUBLAS_COMPUTE_32F));
+                                            CUDA_R_16BF, ws.ldc1.data(), Gn, ws.group_size.data(), CUBLAS_COMPUTE_32F));
     swiglu(ws.gate_up, rows, I, ws.h, s);
-    // w2 GEMMs: same groups, n = rows of that expert again.
+    // w2 GEMMs: same groups, n = rows of that group again.
     CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m2.data(), ws.n1.data(),
                                             ws.k2.data(), ws.alpha.data(), cptr(3), CUDA_R_16BF, ws.lda2.data(),
                                             cptr(4), CUDA_R_16BF, ws.ldb2.data(), ws.beta.data(), P + 5 * n,
-                                            CUDA_R_16BF, ws.ldc2.data(), G, ws.group_size.data(), CUBLAS_COMPUTE_32F));
+                                            CUDA_R_16BF, ws.ldc2.data(), Gn, ws.group_size.data(), CUBLAS_COMPUTE_32F));
     return;
 #endif
   }
@@ -681,7 +717,7 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
     if (!ws.aux) ws.aux = new GroupedWorkspace::Aux();
     auto& A = *ws.aux;
     const int S = std::clamp(ws.streams, 1, GroupedWorkspace::Aux::kStreams);
-    // Largest experts first, each onto the stream with the fewest rows so far.
+    // Largest groups first, each onto the stream with the fewest rows so far.
     A.order.clear();
     for (int e = 0; e < n; ++e)
       if (h_offsets[e + 1] > h_offsets[e]) A.order.push_back(e);
@@ -700,26 +736,27 @@ void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const 
     // at 8192 rows; the host enqueues 16 more launches and is the bottleneck at these GEMM sizes.)
     A.fork_from(s, S);
     for (int e : A.order)
-      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up, e, h_offsets[e],
+      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up, expert(e), h_offsets[e],
                h_offsets[e + 1] - h_offsets[e]);
     A.join_into(s, S);
     swiglu(ws.gate_up, rows, I, ws.h, s);
     A.fork_from(s, S);
     for (int e : A.order)
-      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h, d_yp, e, h_offsets[e], h_offsets[e + 1] - h_offsets[e]);
+      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h, d_yp, expert(e), h_offsets[e],
+              h_offsets[e + 1] - h_offsets[e]);
     A.join_into(s, S);
     return;
   }
 
-  // CublasLoop (and CublasGrouped without the grouped API): per-expert GEMMs on s.
+  // CublasLoop (and CublasGrouped without the grouped API): per-group GEMMs on s.
   for (int e = 0; e < n; ++e) {
     const int c = h_offsets[e + 1] - h_offsets[e];
-    if (c > 0) gemm_w13(handle, w, d_xp, ws.gate_up, e, h_offsets[e], c);
+    if (c > 0) gemm_w13(handle, w, d_xp, ws.gate_up, expert(e), h_offsets[e], c);
   }
   swiglu(ws.gate_up, rows, I, ws.h, s);
   for (int e = 0; e < n; ++e) {
     const int c = h_offsets[e + 1] - h_offsets[e];
-    if (c > 0) gemm_w2(handle, w, ws.h, d_yp, e, h_offsets[e], c);
+    if (c > 0) gemm_w2(handle, w, ws.h, d_yp, expert(e), h_offsets[e], c);
   }
 }
 

@@ -155,8 +155,25 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 // offsets on the host, or nullptr (then a cuBLAS strategy copies them back itself and waits for them;
 // WeightStream never needs them). Writes d_yp [rows, H]. Enqueued on stream s; the handle's stream is
 // set to s. Host-synchronous only when a cuBLAS strategy runs with h_offsets == nullptr.
+// d_yp may alias d_xp: every strategy reads all of xp (w13 GEMMs / kernel) before anything writes yp
+// (w2 GEMMs / kernel, after the SwiGLU); the EP layer relies on this to keep one buffer for both.
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
                      const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s);
+
+// The same over G groups of rows that need not be one per expert: group g = rows [offsets[g], offsets[g+1])
+// of xp, computed with the weights of expert expert_of[g] (several groups may name the same expert; a
+// group may be empty). Chapter 04's expert-parallel layer runs its experts straight on the arrival buffer
+// this way: one group per (source rank, local expert) segment, no local permute. d_expert_of and
+// h_expert_of hold the same G values (device for WeightStream / CublasGrouped, host for the cuBLAS loops);
+// both null means group g is expert g (then G must equal w.n: exactly grouped_experts above). Costs: each
+// group is its own GEMM (or weight-stream block row), so an expert split over N groups does N smaller
+// GEMMs, and on the WeightStream path streams its weights up to N times (later times mostly from L2).
+void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, int G,
+                              const int* d_offsets /*[G+1]*/, const int* h_offsets /*[G+1] or null*/,
+                              const int* d_expert_of /*[G] or null*/, const int* h_expert_of /*[G] or null*/,
+                              int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s);
+// reserve_grouped_workspace for grouped_experts_segments with G groups.
+void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows, int groups);
 
 // Token-direct weight streaming for small batches (GpuMoeLayer's decode path): the same weight-streaming
 // kernels, but each block finds its expert's rows from d_ids [T, k] itself and reads x rows through

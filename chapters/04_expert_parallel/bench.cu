@@ -3,7 +3,10 @@
 //   * route / dispatch / experts / combine / total (max over ranks, median over forwards)
 //   * dispatch+combine busbw, and a raw NCCL all-to-all-v of exactly the same byte counts measured in
 //     the same run: their ratio is what the EP bookkeeping (plan, count exchange, permutes) costs
-//   * both exchange layouts (permute: all-to-all-v + local permutes; direct: per-expert segments)
+//   * the three exchange layouts (permute: all-to-all-v + local permutes; direct: per-expert segments;
+//     inplace: experts straight on the arrival buffer, own rows outside NCCL). The raw all-to-all-v
+//     always moves every row, own rows included (as nccl-tests counts the self-send), so for inplace
+//     "d+c vs raw" compares our exchange of the remote rows plus all bookkeeping with NCCL moving all rows.
 //   * chapter 02's single-GPU grouped layer on rank 0's GPU for the same N*T tokens
 // Before a size is timed, sampled tokens of every rank are checked against the CPU reference.
 #include <cuda_runtime.h>
@@ -91,7 +94,7 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
                "raw a2a ms", "raw busbw", "d+c vs raw", "1 GPU (ch02), N*T"});
   for (int T : tokens) {
     double single_ms = -1;
-    for (EpLayout layout : {EpLayout::Permute, EpLayout::Direct}) {
+    for (EpLayout layout : {EpLayout::Permute, EpLayout::Direct, EpLayout::InPlace}) {
       std::unique_ptr<EpLayer> layer;
       dist::all_or_none(comm, [&] { layer = make_gpu_ep_layer_random(comm, *placement, spec, T, rc, layout); });
       layer->forward();  // warm-up: buffers grow, cuBLAS picks its kernels, NCCL connects
@@ -186,8 +189,9 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
                 "defines it for all-to-all: algbw * (N-1)/N, over the bytes of dispatch + combine)\n",
                 N, iters);
     std::fputs(table.str().c_str(), stdout);
-    std::printf("d+c vs raw: time of a plain all-to-all-v of the same bytes (both directions) / dispatch+combine "
-                "time. 1 GPU (ch02): chapter 02's grouped layer on one GPU holding all experts, N*T tokens.\n");
+    std::printf("d+c vs raw: time of a plain all-to-all-v of the same bytes (both directions, own rows included, "
+                "as nccl-tests counts them) / dispatch+combine time; the inplace layout keeps own rows out of NCCL. "
+                "1 GPU (ch02): chapter 02's grouped layer on one GPU holding all experts, N*T tokens.\n");
   }
   return {{"chapter", "04_expert_parallel"}, {"bench", true}, {"ranks", N}, {"device", comm.describe()},
           {"placement", placement_name(pkind)}, {"rows", rows}, {"pass", *pass}};

@@ -14,11 +14,19 @@
 
 namespace eplab {
 
-const char* layout_name(EpLayout l) { return l == EpLayout::Permute ? "permute" : "direct"; }
+const char* layout_name(EpLayout l) {
+  switch (l) {
+    case EpLayout::Permute: return "permute";
+    case EpLayout::Direct: return "direct";
+    case EpLayout::InPlace: return "inplace";
+  }
+  return "?";
+}
 EpLayout parse_layout(const std::string& s) {
   if (s == "permute") return EpLayout::Permute;
   if (s == "direct") return EpLayout::Direct;
-  fail("unknown --layout '", s, "' (use permute or direct)");
+  if (s == "inplace") return EpLayout::InPlace;
+  fail("unknown --layout '", s, "' (use permute, direct or inplace)");
 }
 
 namespace {

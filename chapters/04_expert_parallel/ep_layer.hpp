@@ -11,11 +11,14 @@
 //   experts   grouped SwiGLU experts over the received rows (only the local experts are loaded)
 //   combine   exchange back (the same messages, reversed) -> y[t] = Σ_j w[t,j] · row(t,j)
 //
-// Two layouts of the exchange (--layout):
+// Three layouts of the exchange (--layout):
 //   permute  one all-to-all-v per direction (rows per peer), then a local permute by local expert on
 //            the receiver (and its inverse before the combine): the textbook flow
 //   direct   one message per (peer, local expert) segment, received straight into expert order: no
 //            local permute at all (see ep_plan.hpp, "Segments")
+//   inplace  (GPU; the CPU runs it as permute) one message per peer, experts straight on the arrival
+//            buffer, one GEMM group per (source, local expert) segment; own rows never enter NCCL
+//            (kernels/ep/ep_moe_gpu.hpp)
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "dist/communicator.hpp"
+#include "ep_moe_gpu.hpp"
 #include "model/checkpoint.hpp"
 #include "moe/ep_plan.hpp"
 #include "moe/placement.hpp"
@@ -30,22 +34,12 @@
 
 namespace eplab {
 
-// EpLayout (permute | direct) is in moe/ep_plan.hpp: the CPU block of common/ implements both too.
+// EpLayout (permute | direct | inplace) is in moe/ep_plan.hpp: the CPU block of common/ implements permute
+// and direct, and runs inplace as permute (the layouts differ in data movement, never in the answer).
 const char* layout_name(EpLayout l);
 EpLayout parse_layout(const std::string& s);
 
-struct RouterCfg {
-  RouterKind kind = RouterKind::SparseMixer;
-  int top_k = 2;
-  float jitter_eps = 0.01f;
-};
-
-// Wall-clock milliseconds of one forward on this rank; each stage ends when its results are in place
-// (GPU: the stream has drained). Waiting for a slower peer shows up in dispatch and combine.
-struct EpTimes {
-  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
-  double total_ms() const { return route_ms + dispatch_ms + experts_ms + combine_ms; }
-};
+// RouterCfg and EpTimes come from the GPU engine's header (ep_moe_gpu.hpp): one definition for both paths.
 
 class EpLayer {
  public:
@@ -66,23 +60,18 @@ std::unique_ptr<EpLayer> make_cpu_ep_layer(dist::Communicator& comm, const Place
                                            const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
                                            const RouterCfg& router, EpLayout layout);
 
-// GPU from checkpoint weights (uploaded; w1/w3 packed into the [n, 2I, H] layout grouped_experts reads).
+// GPU: EpMoeGpu (kernels/ep/ep_moe_gpu.hpp) with this rank's x uploaded once and its own y buffer.
+// From checkpoint weights (uploaded; w1/w3 packed into the [n, 2I, H] layout grouped_experts reads).
 std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Placement& placement,
                                            const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
                                            const RouterCfg& router, EpLayout layout);
 
 // GPU with random weights and tokens made on the device (the benchmark: no checkpoint needed). Every
 // value is a function of (seed, tensor, expert) or (seed, rank), so the benchmark can rebuild any
-// expert or token on any rank to check the answer (random_expert_weights, random_tokens).
-struct RandomLayerSpec {
-  int hidden = 4096, inter = 448, experts = 16;  // Phi-tiny-MoE's layer shape
-  std::uint64_t seed = 1;
-};
+// expert or token on any rank to check the answer (random_layer_weights, random_tokens in ep_moe_gpu.hpp).
+using RandomLayerSpec = EpMoeGpu::RandomSpec;
 std::unique_ptr<EpLayer> make_gpu_ep_layer_random(dist::Communicator& comm, const Placement& placement,
                                                   const RandomLayerSpec& spec, int T, const RouterCfg& router,
                                                   EpLayout layout);
-// The same values on the host, made on this rank's GPU and copied back (for the benchmark's check).
-MoeLayerWeights random_layer_weights(const RandomLayerSpec& spec);          // gate + every expert
-std::vector<bf16_bits> random_tokens(const RandomLayerSpec& spec, int rank, int T);
 
 }  // namespace eplab

@@ -127,9 +127,10 @@ int run(int argc, char** argv) {
       ->check(CLI::IsMember({"linear", "round-robin"}))
       ->capture_default_str();
   app.add_option("--layout", o.layout,
-                 "exchange layout: permute (all-to-all-v + local permute) or direct (one message per expert "
-                 "segment, no permute)")
-      ->check(CLI::IsMember({"permute", "direct"}))
+                 "exchange layout: permute (all-to-all-v + local permute), direct (one message per expert "
+                 "segment, no permute) or inplace (GPU: experts straight on the arrival buffer, own rows "
+                 "outside NCCL; the CPU runs it as permute)")
+      ->check(CLI::IsMember({"permute", "direct", "inplace"}))
       ->capture_default_str();
   app.add_option("--iters", o.iters, "timed forwards (after one warm-up); times are medians")->capture_default_str();
   app.add_flag("--bench", o.bench, "GPU benchmark at the Phi-tiny layer shape (random weights, no checkpoint)");

@@ -36,8 +36,10 @@ namespace eplab {
 
 // How the rows of an EP exchange travel: one all-to-all-v per direction plus a local permute on the
 // receiver (Permute, the textbook flow), or one message per segment received straight into expert
-// order (Direct, see "Segments" above).
-enum class EpLayout { Permute, Direct };
+// order (Direct, see "Segments" above), or (InPlace, GPU only: kernels/ep/ep_moe_gpu.hpp) one message per
+// peer and the experts run straight on the arrival buffer, one GEMM group per (source rank, local expert)
+// segment, with this rank's own rows never entering the exchange. The CPU block treats InPlace as Permute.
+enum class EpLayout { Permute, Direct, InPlace };
 
 struct EpPlan {
   struct Segment {

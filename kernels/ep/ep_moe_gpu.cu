@@ -1,0 +1,665 @@
+// EpMoeGpu: the expert-parallel MoE layer on one rank's GPU (see ep_moe_gpu.hpp for the flow and layouts).
+//
+// Streams. Main stream s = comm.stream(): route, plan, count exchange, NCCL exchanges, experts, combine.
+// Side stream s2 (InPlace only): the send-side permute, in two kernels whose row ranges are read on the GPU:
+//   remote rows  (to other ranks, into the send buffer)  start right after the plan, before the counts are
+//                known on the host, so they overlap the count exchange and the host's planning;
+//   own rows     (straight into the front of the arrival buffer) start once the host has sized that
+//                buffer, and overlap the NCCL exchange of the remote rows.
+// Events order the two: the exchange waits for the remote permute, the experts for the own rows.
+//
+// Host waits: one per forward, for the N x E count table (comm.sync(): NCCL needs every message size on
+// the host); plus, with time_stages, one at the end of each stage.
+//
+// Kernel versions in this file (all bandwidth-bound copies / gathers, one thread per 16 bytes when rows
+// are 16-byte aligned, else per element; grid-stride with a capped grid so NCCL's blocks still find room):
+//   ids_to_slots_kernel    ids -> slots (rank-major expert order), for non-linear placements
+//   permute_part_kernel    send-side permute of the remote rows (-> send buffer) or the own rows (-> arrival)
+//   segment_table_kernel   the (source, local expert) segment offsets of the arrival buffer, from the count table
+//   combine_part_kernel    y[t] = Σ_j w[t,j] · row(t,j), own rows read from the expert output, others from
+//                          the returned rows (unpermute_combine with two sources)
+#include "ep_moe_gpu.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+#include "combine.cuh"
+#include "cuda_check.hpp"
+#include "grouped_experts.cuh"
+#include "permute.cuh"
+#include "random_init.cuh"
+#include "router.cuh"
+#include "routing.cuh"
+#include "util/check.hpp"
+#include "util/timer.hpp"
+
+namespace eplab {
+
+using gpu::bf16;
+static_assert(sizeof(bf16) == sizeof(bf16_bits), "bf16_bits and __nv_bfloat16 must have the same layout");
+
+namespace {
+
+// ---------------------------------------------------------------- kernels
+
+// ids -> slots, so that build_dispatch_plan groups rows by (destination rank, local expert). The E-entry
+// table sits in L1. Skipped for the linear placement, where slot == expert.
+__global__ void ids_to_slots_kernel(const int* ids, int n, const int* slot_of, int* slots) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) slots[i] = slot_of[ids[i]];
+}
+
+// One row = per_row elements of V (int4 = 8 bf16, or one bf16).
+// own == false: send rows [0, lo) and [hi, TK) -> send[r]          (the rows other ranks receive)
+// own == true:  send rows [lo, hi)           -> arrival[r - lo]    (this rank's own rows)
+// lo = offsets[lo_slot], hi = offsets[hi_slot]: this rank's slots in the slot plan, read here because the
+// host does not know them yet when the remote part is launched. Row r holds token assignment[r] / k;
+// a negative assignment (an invalid id upstream) gives a zero row, as permute_rows does.
+template <typename V>
+__global__ void permute_part_kernel(const V* __restrict__ x, const int* __restrict__ assignment, int TK, int k,
+                                    int per_row, const int* __restrict__ offsets, int lo_slot, int hi_slot, bool own,
+                                    V* __restrict__ send, V* __restrict__ arrival) {
+  const int lo = offsets[lo_slot], hi = offsets[hi_slot];
+  const std::size_t rows = own ? std::size_t(hi - lo) : std::size_t(TK - (hi - lo));
+  const std::size_t total = rows * per_row;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const int q = int(i / per_row), v = int(i - std::size_t(q) * per_row);
+    const int r = own ? lo + q : (q < lo ? q : q + (hi - lo));
+    const int a = assignment[r];
+    V val{};
+    if (a >= 0) val = x[std::size_t(a / k) * per_row + v];
+    if (own) arrival[std::size_t(r - lo) * per_row + v] = val;
+    else send[std::size_t(r) * per_row + v] = val;
+  }
+}
+
+// The arrival buffer of the InPlace layout: this rank's own rows first, then every other rank's block in
+// rank order; each block is ordered by local expert. Group g = (block b, local expert le) = b * n + le:
+// goff[G+1] row offsets, gexp[G] = le. One thread: G = N * n entries (about E), once per forward.
+__global__ void segment_table_kernel(const int* __restrict__ all, int N, int E, int me, int my0, int n,
+                                     int* __restrict__ goff, int* __restrict__ gexp) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int g = 0, off = 0;
+  goff[0] = 0;
+  for (int b = 0; b < N; ++b) {
+    const int src = b == 0 ? me : (b <= me ? b - 1 : b);
+    for (int le = 0; le < n; ++le, ++g) {
+      off += all[std::size_t(src) * E + my0 + le];
+      gexp[g] = le;
+      goff[g + 1] = off;
+    }
+  }
+}
+
+__device__ __forceinline__ void accumulate(const int4& q, float g, float* acc) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&q);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const float2 f = __bfloat1622float2(p[c]);
+    acc[2 * c] += g * f.x;
+    acc[2 * c + 1] += g * f.y;
+  }
+}
+__device__ __forceinline__ void accumulate(const bf16& q, float g, float* acc) { acc[0] += g * __bfloat162float(q); }
+__device__ __forceinline__ void store(int4& out, const float* acc) {
+  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) o[c] = __floats2bfloat162_rn(acc[2 * c], acc[2 * c + 1]);
+}
+__device__ __forceinline__ void store(bf16& out, const float* acc) { out = __float2bfloat16_rn(acc[0]); }
+
+// y[t] = Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one rounding: exactly
+// unpermute_combine, except that a row r in [lo, hi) (this rank's own, never sent) is read from
+// own[r - lo] and every other row from returned[r].
+template <typename V, int kElems>
+__global__ void combine_part_kernel(const V* __restrict__ own, const V* __restrict__ returned,
+                                    const int* __restrict__ row_of, const float* __restrict__ weights, int T, int k,
+                                    int per_row, const int* __restrict__ offsets, int lo_slot, int hi_slot,
+                                    V* __restrict__ y) {
+  const int lo = offsets[lo_slot], hi = offsets[hi_slot], rows = T * k;
+  const std::size_t total = std::size_t(T) * per_row;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const int t = int(i / per_row), v = int(i - std::size_t(t) * per_row);
+    float acc[kElems];
+#pragma unroll
+    for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const int r = row_of[std::size_t(t) * k + j];
+      if (r < 0 || r >= rows) continue;
+      const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
+      accumulate(q, weights[std::size_t(t) * k + j], acc);
+    }
+    V out;
+    store(out, acc);
+    y[i] = out;
+  }
+}
+
+// ---------------------------------------------------------------- helpers
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+template <typename T>
+void grow(T*& p, std::size_t& cap, std::size_t need) {
+  if (p && need <= cap) return;
+  if (p) CUDA_CHECK(cudaFree(p));
+  p = nullptr;
+  cap = 0;
+  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
+  cap = std::max<std::size_t>(need, 1);
+}
+template <typename T>
+void grow_pinned(T*& p, std::size_t& cap, std::size_t need) {
+  if (p && need <= cap) return;
+  if (p) CUDA_CHECK(cudaFreeHost(p));
+  p = nullptr;
+  cap = 0;
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
+  cap = std::max<std::size_t>(need, 1);
+}
+
+std::vector<dist::Transfer> to_transfers(const std::vector<EpPlan::Segment>& segs) {
+  std::vector<dist::Transfer> t;
+  t.reserve(segs.size());
+  for (const auto& s : segs) t.push_back({s.peer, std::size_t(s.offset), std::size_t(s.rows)});
+  return t;
+}
+std::vector<std::size_t> to_sizes(const std::vector<int>& v) { return {v.begin(), v.end()}; }
+
+// Seeds of the random layer: one stream of values per (tensor, expert), so any rank can rebuild any part.
+unsigned long long tensor_seed(std::uint64_t seed, int tensor, int index) {
+  std::uint64_t z = seed * 0x9E3779B97F4A7C15ull + std::uint64_t(tensor) * 0xBF58476D1CE4E5B9ull +
+                    std::uint64_t(index + 1) * 0x94D049BB133111EBull;
+  return z ^ (z >> 29);
+}
+enum Tensor { kGate = 1, kW1 = 2, kW3 = 3, kW2 = 4, kTokens = 5 };
+
+// Random weights (generator's scales: gate and w1/w3 std 1/sqrt(H), w2 std 1/sqrt(I)).
+void fill_layer(bf16* gate, bf16* w13, bf16* w2, const std::vector<int>& experts, int H, int I, int E,
+                std::uint64_t seed, cudaStream_t s) {
+  const std::size_t IH = std::size_t(I) * H;
+  const float sh = 1.f / std::sqrt(float(H)), si = 1.f / std::sqrt(float(I));
+  gpu::fill_random_bf16(gate, std::size_t(E) * H, sh, tensor_seed(seed, kGate, 0), s);
+  for (std::size_t le = 0; le < experts.size(); ++le) {
+    const int e = experts[le];
+    gpu::fill_random_bf16(w13 + (2 * le) * IH, IH, sh, tensor_seed(seed, kW1, e), s);
+    gpu::fill_random_bf16(w13 + (2 * le + 1) * IH, IH, sh, tensor_seed(seed, kW3, e), s);
+    gpu::fill_random_bf16(w2 + le * IH, IH, si, tensor_seed(seed, kW2, e), s);
+  }
+}
+
+int sm_count() {
+  int dev = 0, n = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return std::max(n, 1);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- the shared workspace
+
+// Scratch of every EpMoeGpu on one communicator. Used by one forward at a time (they run in order on the
+// communicator's stream), so nothing in here outlives a forward except the capacities.
+struct EpWorkspace {
+  cudaStream_t s = nullptr;   // comm.stream()
+  cudaStream_t s2 = nullptr;  // side stream (own)
+  cublasHandle_t blas = nullptr;
+  gpu::GroupedWorkspace gws;
+  cudaEvent_t ev_plan = nullptr, ev_remote = nullptr, ev_side = nullptr;
+  int sms = 1;
+
+  float* logits = nullptr;
+  int *slot_ids = nullptr, *counts = nullptr, *offsets = nullptr, *row_of = nullptr, *assign = nullptr;
+  int *all_counts = nullptr, *goff = nullptr, *gexp = nullptr, *idx = nullptr;
+  bf16 *send = nullptr, *xg = nullptr, *recv = nullptr;
+  std::size_t c_logits = 0, c_slot = 0, c_counts = 0, c_offsets = 0, c_row = 0, c_assign = 0, c_all = 0, c_goff = 0,
+              c_gexp = 0, c_idx = 0, c_send = 0, c_xg = 0, c_recv = 0;
+  int* h_all = nullptr;  // pinned [N*E]
+  int* h_idx = nullptr;  // pinned uploads of the Permute / Direct layouts
+  std::size_t c_h_all = 0, c_h_idx = 0;
+
+  explicit EpWorkspace(cudaStream_t stream) : s(stream) {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&blas));
+    CUBLAS_CHECK(cublasSetStream(blas, s));
+    for (cudaEvent_t* e : {&ev_plan, &ev_remote, &ev_side}) CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    sms = sm_count();
+  }
+  ~EpWorkspace() {  // no throwing here: errors at exit (dead context) are ignored
+    if (s) cudaStreamSynchronize(s);
+    if (s2) cudaStreamSynchronize(s2);
+    for (void* p : {(void*)logits, (void*)slot_ids, (void*)counts, (void*)offsets, (void*)row_of, (void*)assign,
+                    (void*)all_counts, (void*)goff, (void*)gexp, (void*)idx, (void*)send, (void*)xg, (void*)recv})
+      if (p) cudaFree(p);
+    if (h_all) cudaFreeHost(h_all);
+    if (h_idx) cudaFreeHost(h_idx);
+    for (cudaEvent_t e : {ev_plan, ev_remote, ev_side})
+      if (e) cudaEventDestroy(e);
+    if (blas) cublasDestroy(blas);
+    if (s2) cudaStreamDestroy(s2);
+  }
+  EpWorkspace(const EpWorkspace&) = delete;
+  EpWorkspace& operator=(const EpWorkspace&) = delete;
+
+  // Grid for a grid-stride copy of `work` threads: at most 4 blocks of 256 per SM, so that NCCL's
+  // kernels, which run at the same time, still get SMs.
+  unsigned grid(std::size_t work) const {
+    return unsigned(std::max<std::size_t>(1, std::min<std::size_t>((work + 255) / 256, std::size_t(sms) * 4)));
+  }
+  // s waits for everything queued on s2 so far.
+  void join_side() {
+    CUDA_CHECK(cudaEventRecord(ev_side, s2));
+    CUDA_CHECK(cudaStreamWaitEvent(s, ev_side, 0));
+  }
+};
+
+namespace {
+
+// One workspace per communicator, alive while some layer uses it.
+std::shared_ptr<EpWorkspace> shared_workspace(dist::Communicator& comm) {
+  static std::mutex mu;
+  static std::map<const void*, std::weak_ptr<EpWorkspace>> all;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& w = all[&comm];
+  if (auto p = w.lock()) return p;
+  auto p = std::make_shared<EpWorkspace>(reinterpret_cast<cudaStream_t>(comm.stream()));
+  w = p;
+  return p;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- the layer
+
+struct EpMoeGpu::Impl {
+  dist::Communicator& comm;
+  Placement placement;
+  int H, I, E, N, me, n, k;
+  RouterCfg router;
+  EpLayout layout;
+  std::shared_ptr<EpWorkspace> ws;
+  cudaStream_t s = nullptr;
+  bool identity_slots = true;
+  int lo_slot = 0, hi_slot = 0;  // this rank's slots: [first_slot(me), first_slot(me + 1))
+
+  // per layer: weights, slot table, the last forward's routing and plan
+  bf16 *gate = nullptr, *w13 = nullptr, *w2 = nullptr;
+  int* slot_of = nullptr;
+  int* ids = nullptr;
+  float* weights = nullptr;
+  std::size_t c_ids = 0, c_weights = 0;
+  int last_T = 0;
+  EpPlan plan;
+  std::vector<int> h_goff, h_gexp;  // InPlace: the segment table on the host
+
+  Impl(dist::Communicator& c, const Placement& p, int hidden, int inter, const RouterCfg& r, EpLayout l)
+      : comm(c), placement(p), H(hidden), I(inter), E(p.num_experts()), N(p.num_ranks()), me(c.rank()),
+        n(p.num_local(c.rank())), k(r.top_k), router(r), layout(l) {
+    require(comm.memory() == dist::Memory::Device,
+            "EpMoeGpu needs a device-memory (NCCL) communicator; the MPI one is the CPU path's");
+    require(N == comm.size(), "EpMoeGpu: the placement is for ", N, " ranks but the communicator has ", comm.size());
+    require(H > 0 && I > 0 && k >= 1 && k <= E, "EpMoeGpu: bad layer shape H=", H, " I=", I, " top-k=", k, " E=", E);
+    ws = shared_workspace(comm);
+    s = ws->s;
+    lo_slot = placement.first_slot(me);
+    hi_slot = placement.first_slot(me + 1);
+    std::size_t cap = 0;
+    grow(gate, cap, std::size_t(E) * H);
+    grow(w13, cap, std::size_t(n) * 2 * I * H);
+    grow(w2, cap, std::size_t(n) * H * I);
+    grow(slot_of, cap, std::size_t(E));
+    std::vector<int> so(E);
+    for (int e = 0; e < E; ++e) {
+      so[e] = placement.slot(e);
+      identity_slots &= so[e] == e;
+    }
+    CUDA_CHECK(cudaMemcpy(slot_of, so.data(), sizeof(int) * E, cudaMemcpyHostToDevice));
+  }
+
+  ~Impl() {
+    if (s) cudaStreamSynchronize(s);
+    for (void* p : {(void*)gate, (void*)w13, (void*)w2, (void*)slot_of, (void*)ids, (void*)weights})
+      if (p) cudaFree(p);
+  }
+
+  // Checkpoint weights: gate as is; w1 and w3 of each local expert stacked into [2I, H]; w2 as is.
+  void upload(const MoeLayerWeights& mine) {
+    require(mine.hidden == H && mine.inter == I && mine.num_experts == E, "EpMoeGpu: weights of shape H=", mine.hidden,
+            " I=", mine.inter, " E=", mine.num_experts, " do not match the layer (H=", H, " I=", I, " E=", E, ")");
+    require(mine.expert_ids == placement.experts_of(me), "EpMoeGpu: rank ", me,
+            " was given the wrong experts (load exactly placement.experts_of(rank), in that order)");
+    const std::size_t IH = std::size_t(I) * H;
+    require(mine.gate.size() == std::size_t(E) * H && mine.w1.size() == n * IH && mine.w3.size() == n * IH &&
+                mine.w2.size() == n * IH,
+            "EpMoeGpu: weight tensors have the wrong sizes for ", n, " experts of H=", H, " I=", I);
+    std::vector<bf16_bits> packed(std::size_t(n) * 2 * IH);
+    for (int e = 0; e < n; ++e) {
+      std::copy_n(&mine.w1[e * IH], IH, &packed[(2 * e) * IH]);
+      std::copy_n(&mine.w3[e * IH], IH, &packed[(2 * e + 1) * IH]);
+    }
+    CUDA_CHECK(cudaMemcpy(gate, mine.gate.data(), mine.gate.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(w13, packed.data(), packed.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(w2, mine.w2.data(), mine.w2.size() * 2, cudaMemcpyHostToDevice));
+  }
+
+  gpu::ExpertWeightsDevice experts() const { return {w13, w2, std::max(n, 1), H, I}; }
+
+  // Every rank's E slot counts into ws->all_counts [N*E] on the GPU (NCCL, self by a device copy), then
+  // one copy to the host; the host waits for it in comm.sync().
+  void exchange_counts() {
+    EpWorkspace& w = *ws;
+    const std::size_t row = sizeof(int) * E;
+    CUDA_CHECK(cudaMemcpyAsync(w.all_counts + std::size_t(me) * E, w.counts, row, cudaMemcpyDeviceToDevice, s));
+    if (N > 1) {
+      std::vector<dist::Transfer> sends, recvs;
+      for (int p = 0; p < N; ++p)
+        if (p != me) {
+          sends.push_back({p, 0, 1});
+          recvs.push_back({p, std::size_t(p), 1});
+        }
+      comm.exchange(w.counts, sends, w.all_counts, recvs, row);
+    }
+    if (layout == EpLayout::InPlace && n > 0)
+      segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts, N, E, me, placement.first_slot(me), n, w.goff, w.gexp);
+    CUDA_CHECK_LAUNCH();
+    CUDA_CHECK(cudaMemcpyAsync(w.h_all, w.all_counts, row * N, cudaMemcpyDeviceToHost, s));
+  }
+
+  void permute_part(const bf16* d_x, int TK, bool own, cudaStream_t st) {
+    EpWorkspace& w = *ws;
+    if (TK == 0) return;
+    if (H % 8 == 0 && aligned16(d_x)) {
+      const int per_row = H / 8;
+      permute_part_kernel<int4><<<w.grid(std::size_t(TK) * per_row), 256, 0, st>>>(
+          reinterpret_cast<const int4*>(d_x), w.assign, TK, k, per_row, w.offsets, lo_slot, hi_slot, own,
+          reinterpret_cast<int4*>(w.send), reinterpret_cast<int4*>(w.xg));
+    } else {
+      permute_part_kernel<bf16><<<w.grid(std::size_t(TK) * H), 256, 0, st>>>(d_x, w.assign, TK, k, H, w.offsets,
+                                                                             lo_slot, hi_slot, own, w.send, w.xg);
+    }
+    CUDA_CHECK_LAUNCH();
+  }
+
+  EpTimes forward(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
+    require(T >= 0, "EpMoeGpu::forward_device: T must be >= 0, got ", T);
+    require(T == 0 || (d_x && d_y && d_x != d_y), "EpMoeGpu::forward_device: d_x and d_y must be distinct device buffers");
+    EpWorkspace& w = *ws;
+    EpTimes t;
+    const int TK = T * k;
+    WallTimer clk;
+    auto lap = [&](double& ms) {
+      if (!time_stages) return;
+      comm.sync();  // polls the stream and NCCL's async error state (watchdog)
+      ms = clk.ms();
+      clk.reset();
+    };
+
+    // --- buffers that depend on T only (grow to the largest T seen)
+    grow(ids, c_ids, std::size_t(TK));
+    grow(weights, c_weights, std::size_t(TK));
+    grow(w.logits, w.c_logits, std::size_t(T) * E);
+    grow(w.slot_ids, w.c_slot, std::size_t(TK));
+    grow(w.counts, w.c_counts, std::size_t(E));
+    grow(w.offsets, w.c_offsets, std::size_t(E) + 1);
+    grow(w.row_of, w.c_row, std::size_t(TK));
+    grow(w.assign, w.c_assign, std::size_t(TK));
+    grow(w.all_counts, w.c_all, std::size_t(N) * E);
+    grow(w.goff, w.c_goff, std::size_t(N) * std::max(n, 1) + 1);
+    grow(w.gexp, w.c_gexp, std::size_t(N) * std::max(n, 1));
+    grow(w.send, w.c_send, std::size_t(TK) * H);
+    grow_pinned(w.h_all, w.c_h_all, std::size_t(N) * E);
+    last_T = T;
+
+    // --- route
+    if (T > 0) {
+      gpu::router_logits(w.blas, d_x, gate, T, H, E, w.logits, s);
+      gpu::route_topk(w.logits, T, E, k, router.kind, router.jitter_eps, ids, weights, s);
+    }
+    lap(t.route_ms);
+
+    // --- dispatch: plan over slots, counts, exchange
+    const int* plan_ids = ids;
+    if (!identity_slots && TK > 0) {
+      ids_to_slots_kernel<<<(TK + 255) / 256, 256, 0, s>>>(ids, TK, slot_of, w.slot_ids);
+      CUDA_CHECK_LAUNCH();
+      plan_ids = w.slot_ids;
+    }
+    gpu::build_dispatch_plan(plan_ids, T, k, E, w.counts, w.offsets, w.row_of, w.assign, s);
+    // The send-side permute on the side stream, while the counts travel and the host plans (InPlace: the
+    // remote rows only; the others: every row, into the send buffer).
+    CUDA_CHECK(cudaEventRecord(w.ev_plan, s));
+    CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_plan, 0));
+    if (layout == EpLayout::InPlace) permute_part(d_x, TK, /*own=*/false, w.s2);
+    else if (TK > 0) gpu::permute_rows(d_x, w.assign, TK, k, H, w.send, w.s2);
+    CUDA_CHECK(cudaEventRecord(w.ev_remote, w.s2));
+    exchange_counts();
+    comm.sync();  // the count table is on the host (and the watchdog knows we are alive)
+    plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all + std::size_t(me) * E, E));
+    finish_ep_plan(plan, placement, std::span<const int>(w.h_all, std::size_t(N) * E));
+    const int R = plan.recv_rows();
+    const std::size_t row = std::size_t(H) * sizeof(bf16);
+    grow(w.xg, w.c_xg, std::size_t(R) * H);  // experts' input and (aliased) output
+
+    if (layout == EpLayout::InPlace) {
+      // arrival buffer: own rows [0, own), then every other rank's block in rank order
+      const int own = plan.recv_counts[me];
+      std::vector<dist::Transfer> sends, recvs;
+      int off = own;
+      for (int p = 0; p < N; ++p) {
+        if (p == me) continue;
+        if (plan.send_counts[p]) sends.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
+        if (plan.recv_counts[p]) recvs.push_back({p, std::size_t(off), std::size_t(plan.recv_counts[p])});
+        off += plan.recv_counts[p];
+      }
+      x_blocks_ = recvs;
+      own_rows_ = own;
+      CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));
+      if (!sends.empty() || !recvs.empty()) comm.exchange(w.send, sends, w.xg, recvs, row);
+      if (own > 0) permute_part(d_x, TK, /*own=*/true, w.s2);  // concurrent with the exchange
+      w.join_side();
+      // the same segment table the GPU built, on the host (the cuBLAS paths size their GEMMs from it)
+      h_goff.assign(1, 0);
+      h_gexp.clear();
+      for (int b = 0; b < N && n > 0; ++b) {
+        const int src = b == 0 ? me : (b <= me ? b - 1 : b);
+        for (int le = 0; le < n; ++le) {
+          h_goff.push_back(h_goff.back() + w.h_all[std::size_t(src) * E + lo_slot + le]);
+          h_gexp.push_back(le);
+        }
+      }
+      require(h_goff.back() == R, "EpMoeGpu: segment table covers ", h_goff.back(), " rows, expected ", R);
+    } else {
+      // Index upload, one copy: [local_offsets (n+1) | grouped_to_recv (R) | recv_to_grouped (R)]
+      if (layout == EpLayout::Permute) grow(w.recv, w.c_recv, std::size_t(R) * H);
+      const std::size_t idx_n = std::size_t(n) + 1 + (layout == EpLayout::Permute ? 2 * std::size_t(R) : 0);
+      grow_pinned(w.h_idx, w.c_h_idx, idx_n);
+      grow(w.idx, w.c_idx, idx_n);
+      std::copy(plan.local_offsets.begin(), plan.local_offsets.end(), w.h_idx);
+      if (layout == EpLayout::Permute) {
+        std::copy(plan.grouped_to_recv.begin(), plan.grouped_to_recv.end(), w.h_idx + n + 1);
+        std::copy(plan.recv_to_grouped.begin(), plan.recv_to_grouped.end(), w.h_idx + n + 1 + R);
+      }
+      CUDA_CHECK(cudaMemcpyAsync(w.idx, w.h_idx, sizeof(int) * idx_n, cudaMemcpyHostToDevice, s));
+      CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));  // the send buffer is complete
+      if (layout == EpLayout::Permute) {
+        comm.alltoallv(w.send, to_sizes(plan.send_counts), w.recv, to_sizes(plan.recv_counts), row);
+        if (R > 0) gpu::permute_rows(w.recv, w.idx + n + 1, R, 1, H, w.xg, s);  // a gather: k = 1
+      } else {
+        comm.exchange(w.send, to_transfers(plan.send_segments), w.xg, to_transfers(plan.recv_segments), row);
+      }
+    }
+    lap(t.dispatch_ms);
+
+    // --- experts: output written over their input (grouped_experts reads all of it first)
+    if (R > 0 && n > 0) {
+      if (layout == EpLayout::InPlace)
+        gpu::grouped_experts_segments(w.blas, experts(), w.xg, int(h_gexp.size()), w.goff, h_goff.data(), w.gexp,
+                                      h_gexp.data(), R, w.xg, w.gws, s);
+      else
+        gpu::grouped_experts(w.blas, experts(), w.xg, w.idx, plan.local_offsets.data(), R, w.xg, w.gws, s);
+    }
+    lap(t.experts_ms);
+
+    // --- combine: the rows go back to where they left the send buffer
+    if (layout == EpLayout::InPlace) {
+      std::vector<dist::Transfer> sends, recvs;
+      for (const dist::Transfer& b : x_blocks_) sends.push_back(b);  // my expert outputs, back to their owners
+      for (int p = 0; p < N; ++p)
+        if (p != me && plan.send_counts[p])
+          recvs.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
+      if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
+      if (T > 0) {
+        if (H % 8 == 0 && aligned16(d_y)) {
+          const int per_row = H / 8;
+          combine_part_kernel<int4, 8><<<w.grid(std::size_t(T) * per_row), 256, 0, s>>>(
+              reinterpret_cast<const int4*>(w.xg), reinterpret_cast<const int4*>(w.send), w.row_of, weights, T, k,
+              per_row, w.offsets, lo_slot, hi_slot, reinterpret_cast<int4*>(d_y));
+        } else {
+          combine_part_kernel<bf16, 1><<<w.grid(std::size_t(T) * H), 256, 0, s>>>(
+              w.xg, w.send, w.row_of, weights, T, k, H, w.offsets, lo_slot, hi_slot, d_y);
+        }
+        CUDA_CHECK_LAUNCH();
+      }
+    } else {
+      if (layout == EpLayout::Permute) {
+        if (R > 0) gpu::permute_rows(w.xg, w.idx + n + 1 + R, R, 1, H, w.recv, s);  // back to arrival order
+        comm.alltoallv(w.recv, to_sizes(plan.recv_counts), w.send, to_sizes(plan.send_counts), row);
+      } else {
+        comm.exchange(w.xg, to_transfers(plan.recv_segments), w.send, to_transfers(plan.send_segments), row);
+      }
+      // the returned rows sit where they left the send buffer: row_of of the slot plan finds them
+      gpu::unpermute_combine(w.send, w.row_of, weights, T, k, H, d_y, s);
+    }
+    lap(t.combine_ms);
+    return t;
+  }
+
+  // The same byte counts as the last forward (self rows included, as nccl-tests counts them), as plain
+  // all-to-all-v's between preallocated buffers.
+  std::pair<double, double> raw_exchange_ms() {
+    require(plan.finished, "EpMoeGpu::raw_exchange_ms: run forward_device first");
+    EpWorkspace& w = *ws;
+    const std::size_t row = std::size_t(H) * 2;
+    grow(w.xg, w.c_xg, std::size_t(plan.recv_rows()) * H);
+    comm.sync();
+    comm.barrier();
+    WallTimer clk;
+    comm.alltoallv(w.send, to_sizes(plan.send_counts), w.xg, to_sizes(plan.recv_counts), row);
+    comm.sync();
+    const double t1 = clk.ms();
+    comm.barrier();
+    clk.reset();
+    comm.alltoallv(w.xg, to_sizes(plan.recv_counts), w.send, to_sizes(plan.send_counts), row);
+    comm.sync();
+    return {t1, clk.ms()};
+  }
+
+  std::vector<dist::Transfer> x_blocks_;  // InPlace: the other ranks' blocks of the arrival buffer
+  int own_rows_ = 0;
+};
+
+EpMoeGpu::EpMoeGpu(dist::Communicator& comm, const Placement& placement, const MoeLayerWeights& mine,
+                   const RouterCfg& router, EpLayout layout)
+    : impl_(std::make_unique<Impl>(comm, placement, mine.hidden, mine.inter, router, layout)) {
+  impl_->upload(mine);
+}
+
+EpMoeGpu::EpMoeGpu(dist::Communicator& comm, const Placement& placement, const RandomSpec& spec,
+                   const RouterCfg& router, EpLayout layout)
+    : impl_(std::make_unique<Impl>(comm, placement, spec.hidden, spec.inter, router, layout)) {
+  require(spec.experts == placement.num_experts(), "EpMoeGpu: random spec has ", spec.experts,
+          " experts but the placement ", placement.num_experts());
+  fill_layer(impl_->gate, impl_->w13, impl_->w2, placement.experts_of(comm.rank()), spec.hidden, spec.inter,
+             spec.experts, spec.seed, impl_->s);
+  CUDA_CHECK(cudaStreamSynchronize(impl_->s));
+}
+
+EpMoeGpu::~EpMoeGpu() = default;
+
+EpTimes EpMoeGpu::forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, bool time_stages) {
+  return impl_->forward(d_x, T, d_y, time_stages);
+}
+
+const EpPlan& EpMoeGpu::plan() const { return impl_->plan; }
+
+Routing EpMoeGpu::routing() {
+  Impl& m = *impl_;
+  Routing r;
+  r.tokens = m.last_T;
+  r.k = m.k;
+  r.ids.resize(std::size_t(m.last_T) * m.k);
+  r.weights.resize(r.ids.size());
+  CUDA_CHECK(cudaStreamSynchronize(m.s));
+  if (!r.ids.empty()) {
+    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.ids, r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.weights.data(), m.weights, r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  return r;
+}
+
+int EpMoeGpu::hidden() const { return impl_->H; }
+int EpMoeGpu::inter() const { return impl_->I; }
+int EpMoeGpu::num_local_experts() const { return impl_->n; }
+EpLayout EpMoeGpu::layout() const { return impl_->layout; }
+std::size_t EpMoeGpu::weight_bytes() const {
+  const Impl& m = *impl_;
+  return (std::size_t(m.E) * m.H + std::size_t(m.n) * 3 * m.I * m.H) * sizeof(bf16);
+}
+std::size_t EpMoeGpu::row_bytes() const { return std::size_t(impl_->H) * sizeof(bf16); }
+std::pair<double, double> EpMoeGpu::raw_exchange_ms() { return impl_->raw_exchange_ms(); }
+
+// ---------------------------------------------------------------- the random layer on the host
+
+MoeLayerWeights random_layer_weights(const EpMoeGpu::RandomSpec& spec) {
+  const int H = spec.hidden, I = spec.inter, E = spec.experts;
+  const std::size_t IH = std::size_t(I) * H;
+  MoeLayerWeights w;
+  w.hidden = H;
+  w.inter = I;
+  w.num_experts = E;
+  for (int e = 0; e < E; ++e) w.expert_ids.push_back(e);
+  bf16 *gate = nullptr, *w13 = nullptr, *w2 = nullptr;
+  CUDA_CHECK(cudaMalloc(&gate, std::size_t(E) * H * 2));
+  CUDA_CHECK(cudaMalloc(&w13, 2 * IH * 2));
+  CUDA_CHECK(cudaMalloc(&w2, IH * 2));
+  w.gate.resize(std::size_t(E) * H);
+  w.w1.resize(E * IH);
+  w.w3.resize(E * IH);
+  w.w2.resize(E * IH);
+  for (int e = 0; e < E; ++e) {  // one expert at a time: little extra GPU memory
+    fill_layer(gate, w13, w2, {e}, H, I, E, spec.seed, nullptr);
+    CUDA_CHECK(cudaMemcpy(&w.w1[e * IH], w13, IH * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&w.w3[e * IH], w13 + IH, IH * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&w.w2[e * IH], w2, IH * 2, cudaMemcpyDeviceToHost));
+  }
+  CUDA_CHECK(cudaMemcpy(w.gate.data(), gate, w.gate.size() * 2, cudaMemcpyDeviceToHost));
+  cudaFree(gate);
+  cudaFree(w13);
+  cudaFree(w2);
+  return w;
+}
+
+void random_tokens_device(const EpMoeGpu::RandomSpec& spec, int rank, int T, __nv_bfloat16* d_x) {
+  if (T > 0) gpu::fill_random_bf16(d_x, std::size_t(T) * spec.hidden, 1.f, tensor_seed(spec.seed, kTokens, rank), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<bf16_bits> random_tokens(const EpMoeGpu::RandomSpec& spec, int rank, int T) {
+  std::vector<bf16_bits> x(std::size_t(T) * spec.hidden);
+  bf16* d = nullptr;
+  CUDA_CHECK(cudaMalloc(&d, std::max<std::size_t>(x.size(), 1) * 2));
+  random_tokens_device(spec, rank, T, d);
+  CUDA_CHECK(cudaMemcpy(x.data(), d, x.size() * 2, cudaMemcpyDeviceToHost));
+  cudaFree(d);
+  return x;
+}
+
+}  // namespace eplab

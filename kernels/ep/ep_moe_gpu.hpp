@@ -1,0 +1,118 @@
+// One expert-parallel MoE layer on one rank's GPU, device in / device out: the engine of chapter 04's GPU
+// layer and of chapter 05's multi-GPU model. NCCL between ranks (a Communicator with Memory::Device), the
+// kernels of kernels/ on this rank's GPU.
+//
+//   route     logits = x·gateᵀ (gate replicated on every rank) -> ids, multipliers               [T, k]
+//   dispatch  ids -> slots (rank-major expert order) -> dispatch plan on the GPU -> per-slot counts
+//             exchanged ON THE GPU (NCCL send/recv of E ints per peer, then one device->host copy of the
+//             N x E table: NCCL needs message sizes on the host) -> rows grouped by (destination rank,
+//             local expert) -> NCCL exchange
+//   experts   grouped SwiGLU experts over the received rows (only this rank's experts are on the GPU)
+//   combine   the exchange reversed -> y[t] = Σ_j w[t,j] · row(t,j) on the rank that owns token t
+//
+// Layouts (EpLayout, moe/ep_plan.hpp):
+//   InPlace (default, the fast one)  rows arrive as one message per peer, grouped by (source, local
+//       expert): each such segment is contiguous in the arrival buffer, so the experts run straight on it
+//       (grouped_experts_segments: one GEMM group per segment, with its expert's weights) and write their
+//       outputs in arrival order, which the combine sends straight back. No receive-side permute and no
+//       inverse. This rank's own rows never enter NCCL: the send-side permute writes them straight to the
+//       front of the arrival buffer (on a second stream, while NCCL moves the other ranks' rows), and the
+//       combine reads them from there. The remote rows' permute starts before the counts are known
+//       (its bounds are read on the GPU), so it overlaps the count exchange.
+//   Permute  one all-to-all-v per direction + a local permute by expert and its inverse (the textbook flow).
+//   Direct   one message per (peer, local expert) segment, received straight into expert order.
+//
+// Every rank calls forward_device() once per layer step with its OWN rows (T may differ per rank, and may
+// be 0): it is a collective. Everything runs on the communicator's stream (comm.stream()) plus one side
+// stream that is joined back before forward_device returns its work; callers put their own work on
+// comm.stream() too, or order it with events.
+//
+// Memory. Weights (gate + this rank's experts) and the last call's routing are per layer. All scratch
+// (send / arrival buffers, logits, plan, expert intermediates, cuBLAS handle, side stream) lives in an
+// EpWorkspace shared by every EpMoeGpu on the same communicator (a model's 32 layers share one), grows
+// to the largest call seen and is freed with the last layer. That is safe because the layers of one
+// communicator run one after another on its stream.
+//
+// Precision: as GpuMoeLayer (moe_gpu.hpp): bf16 weights and activations, fp32 accumulation and logits.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "dist/communicator.hpp"
+#include "model/checkpoint.hpp"
+#include "moe/ep_plan.hpp"
+#include "moe/placement.hpp"
+#include "moe/routing.hpp"
+
+namespace eplab {
+
+struct RouterCfg {
+  RouterKind kind = RouterKind::SparseMixer;
+  int top_k = 2;
+  float jitter_eps = 0.01f;
+};
+
+// Wall-clock milliseconds of one forward on this rank; each stage ends when its results are in place (the
+// stream has drained). Waiting for a slower peer shows up in dispatch and combine. All zero when the
+// forward was not timed.
+struct EpTimes {
+  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
+  double total_ms() const { return route_ms + dispatch_ms + experts_ms + combine_ms; }
+};
+
+class EpMoeGpu {
+ public:
+  // Uploads the gate and this rank's experts (mine.expert_ids must be placement.experts_of(comm.rank()), in
+  // that order). Throws eplab::Error (one line) when the communicator is not a device one, or when the
+  // weights do not match the placement.
+  EpMoeGpu(dist::Communicator& comm, const Placement& placement, const MoeLayerWeights& mine, const RouterCfg& router,
+           EpLayout layout = EpLayout::InPlace);
+  // Random weights made on the GPU (the benchmark: no checkpoint). Values are a function of (seed, tensor,
+  // expert), so random_layer_weights(spec) rebuilds them on the host for a check.
+  struct RandomSpec {
+    int hidden = 4096, inter = 448, experts = 16;  // Phi-tiny-MoE's layer shape
+    std::uint64_t seed = 1;
+  };
+  EpMoeGpu(dist::Communicator& comm, const Placement& placement, const RandomSpec& spec, const RouterCfg& router,
+           EpLayout layout = EpLayout::InPlace);
+  ~EpMoeGpu();
+  EpMoeGpu(const EpMoeGpu&) = delete;
+  EpMoeGpu& operator=(const EpMoeGpu&) = delete;
+
+  // y = MoE(x) for this rank's T rows. d_x, d_y: [T, H] bf16 on this rank's GPU (d_y may not alias d_x).
+  // Collective: every rank calls it. time_stages: drain the stream after each stage and fill EpTimes (for
+  // reports); otherwise the call returns with work still queued on comm.stream() (it waits on the host only
+  // where NCCL needs message sizes: after the count exchange, through comm.sync(), which also feeds the
+  // NCCL watchdog). Buffers grow to the largest T seen. d_x must stay unchanged until the queued work
+  // has read it (anything the caller queues on comm.stream() afterwards is ordered after that).
+  EpTimes forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, bool time_stages = false);
+
+  const EpPlan& plan() const;  // the last forward's plan (counts, traffic, segments)
+  Routing routing();           // the last forward's routing, on the host (synchronises the stream)
+  int hidden() const;
+  int inter() const;
+  int num_local_experts() const;
+  EpLayout layout() const;
+  std::size_t weight_bytes() const;      // gate + this rank's experts on the GPU
+  std::size_t row_bytes() const;         // bytes per row on the wire, each direction (H * 2)
+  // A plain all-to-all-v of exactly the last forward's byte counts (dispatch direction, then combine
+  // direction), between preallocated buffers, nothing else: the ceiling dispatch and combine are compared
+  // with. Milliseconds on this rank.
+  std::pair<double, double> raw_exchange_ms();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The random layer's values on the host, made on this rank's GPU and copied back (the benchmark's check).
+MoeLayerWeights random_layer_weights(const EpMoeGpu::RandomSpec& spec);  // gate + every expert
+std::vector<bf16_bits> random_tokens(const EpMoeGpu::RandomSpec& spec, int rank, int T);
+// The same tokens written straight to a device buffer (d_x: [T, H]).
+void random_tokens_device(const EpMoeGpu::RandomSpec& spec, int rank, int T, __nv_bfloat16* d_x);
+
+}  // namespace eplab
