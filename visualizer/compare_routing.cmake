@@ -1,24 +1,32 @@
-# Runs `visualizer --print-routing` twice (A and B: a device and a layer each) and compares the per-token
-# lines "token i → experts [a, b] weights [x, y]":
+# Runs the live routing as text twice (A and B: a device and a layer each) and compares the per-token
+# lines "token i → experts [a, b] weights [x, y]". VIZ is `viz_routing` (headless) or `visualizer` (then pass
+# -DARGS_A=--print-routing); VIZ_B (default VIZ) and ARGS_B run B, so the app can be checked against viz_routing:
 #   expert ids   identical, choice by choice;
 #   multipliers  equal to 2 decimals, allowing 0.01 (one unit of the printed last digit): both backends get
 #                the same bf16 input and gate, but cuBLAS and the CPU loop sum the logits in a different fp32
 #                order (~1e-6 apart), which can move a multiplier across a rounding boundary such as 0.125.
 # Each run's header prints its smallest routing margin: if ids differ on a token and that margin is below
 # ~1e-5, it is a near-tie that summation order can flip, not a routing bug.
+# -DEXACT=ON: besides, the two outputs must be identical byte for byte (same code, same device).
 #
-#   cmake -DVIZ=path/to/visualizer -DMODEL=dir -DPROMPT=text -DLAYER_A=1 -DDEVICE_A=cpu
-#         -DLAYER_B=1 -DDEVICE_B=gpu -P compare_routing.cmake
+#   cmake -DVIZ=path/to/viz_routing -DMODEL=dir -DPROMPT=text -DLAYER_A=1 -DDEVICE_A=cpu
+#         -DLAYER_B=1 -DDEVICE_B=gpu [-DVIZ_B=path/to/visualizer -DARGS_B=--print-routing] [-DEXACT=ON]
+#         -P compare_routing.cmake
 foreach(v VIZ MODEL PROMPT LAYER_A DEVICE_A LAYER_B DEVICE_B)
   if(NOT DEFINED ${v})
     message(FATAL_ERROR "compare_routing.cmake: -D${v}=... is required")
   endif()
 endforeach()
 
-function(run_viz tag layer device out_lines)
-  execute_process(COMMAND ${VIZ} --model ${MODEL} --prompt ${PROMPT} --layer ${layer} --device ${device} --print-routing
+if(NOT DEFINED VIZ_B)
+  set(VIZ_B ${VIZ})
+endif()
+
+function(run_viz tag viz layer device extra out_lines out_text)
+  get_filename_component(name ${viz} NAME)
+  execute_process(COMMAND ${viz} --model ${MODEL} --prompt ${PROMPT} --layer ${layer} --device ${device} ${extra}
                   OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc)
-  message("---- ${tag}: --layer ${layer} --device ${device} (exit ${rc})\n${out}${err}")
+  message("---- ${tag}: ${name} --layer ${layer} --device ${device} ${extra} (exit ${rc})\n${out}${err}")
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "CHECK FAIL: ${tag} (--device ${device}) exited with ${rc}: ${err}")
   endif()
@@ -28,10 +36,11 @@ function(run_viz tag layer device out_lines)
     message(FATAL_ERROR "CHECK FAIL: ${tag} printed no 'token i ...' lines")
   endif()
   set(${out_lines} "${lines}" PARENT_SCOPE)
+  set(${out_text} "${out}" PARENT_SCOPE)
 endfunction()
 
-run_viz(A ${LAYER_A} ${DEVICE_A} a_lines)
-run_viz(B ${LAYER_B} ${DEVICE_B} b_lines)
+run_viz(A ${VIZ} ${LAYER_A} ${DEVICE_A} "${ARGS_A}" a_lines a_text)
+run_viz(B ${VIZ_B} ${LAYER_B} ${DEVICE_B} "${ARGS_B}" b_lines b_text)
 list(LENGTH a_lines na)
 list(LENGTH b_lines nb)
 if(NOT na EQUAL nb)
@@ -86,5 +95,12 @@ if(bad GREATER 0)
   message(FATAL_ERROR "CHECK FAIL: ${bad} of ${na} tokens differ between A (${DEVICE_A}) and B (${DEVICE_B}); "
                       "see MISMATCH lines above and each run's smallest routing margin in its header")
 endif()
+set(exact "")
+if(EXACT)
+  if(NOT a_text STREQUAL b_text)
+    message(FATAL_ERROR "CHECK FAIL: the outputs of A (${VIZ}) and B (${VIZ_B}) are not identical (see above)")
+  endif()
+  set(exact ", identical output")
+endif()
 message("CHECK PASS routing: ${na} tokens, ${DEVICE_A} layer ${LAYER_A} == ${DEVICE_B} layer ${LAYER_B} "
-        "(ids identical, multipliers within 0.01)")
+        "(ids identical, multipliers within 0.01${exact})")

@@ -24,8 +24,8 @@
 #include "app.hpp"
 #include "colors.hpp"
 #include "device.hpp"
-#include "moe/layer_check.hpp"
 #include "options.hpp"
+#include "routing_cli.hpp"
 #include "screenshot.hpp"
 #include "util/check.hpp"
 
@@ -85,28 +85,12 @@ void style_imgui() {
   }
 }
 
-// --print-routing: the live routing as text, no window (and so no display needed). The header names the
-// backend and the smallest routing margin, so a CPU/GPU difference can be told from a near-tie.
-int print_routing_only(const eplab::viz::Options& opt, const eplab::DeviceChoice& dev) {
-  eplab::viz::LiveRouter router(opt.model, dev);
-  const eplab::viz::RoutingFrame f = router.route_prompt(opt.prompt, opt.layer);
-  const eplab::ModelConfig& c = router.config();
-  float margin = 1e30f;
-  for (int t = 0; t < f.T(); ++t)
-    margin = std::min(margin, eplab::routing_margin(c.router, f.logits, t, f.num_experts, c.router_jitter_noise));
-  std::printf("routing on %s\n", router.device_label().c_str());
-  std::printf("model %s, layer %d, %d tokens x %d experts, top-%d, smallest routing margin %.2e\n",
-              router.dir().c_str(), f.layer, f.T(), f.num_experts, f.routing.k, f.T() ? double(margin) : 0.0);
-  eplab::print_routing(f.routing, f.T());
-  return 0;
-}
-
 int run(int argc, char** argv) {
   eplab::viz::Options opt;
   if (auto rc = eplab::viz::parse_options(argc, argv, opt)) return *rc;
   // Before the window: `--device gpu` without a GPU is a flag error (one line, non-zero exit).
   const eplab::DeviceChoice dev = eplab::choose_device(opt.device);
-  if (opt.print_routing) return print_routing_only(opt, dev);
+  if (opt.print_routing) return eplab::viz::print_routing(opt, dev);  // routing_cli.hpp, no window
   GLFWwindow* window = open_window(opt);
   IMGUI_CHECKVERSION();
   ImGui::CreateContext();

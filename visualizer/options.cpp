@@ -7,11 +7,8 @@ namespace eplab::viz {
 
 std::optional<int> parse_options(int argc, char** argv, Options& o) {
   CLI::App app{"EP Lab visualizer: token-to-expert routing, per-GPU load, all-to-all traffic and memory per EP size"};
-  o.model = default_model_dir();
-  app.add_option("--model", o.model, "checkpoint directory (HF format)")->capture_default_str();
+  add_routing_flags(app, o);  // --model, --prompt, --layer, --device
   app.add_option("--trace", o.trace, "routing trace (JSON lines) to follow as it grows, e.g. chapter 05's");
-  app.add_option("--prompt", o.prompt, "prompt routed live (stand-in tokenizer until chapter 05)");
-  app.add_option("--layer", o.layer, "MoE layer to show")->capture_default_str();
   app.add_option("--ep-size", o.ep_size, "number of GPUs the experts are split over")->capture_default_str();
   app.add_option("--placement", o.placement, "expert map: linear, round-robin, or trace (the trace's own)")
       ->check(CLI::IsMember({"linear", "round-robin", "trace"}))
@@ -24,9 +21,6 @@ std::optional<int> parse_options(int argc, char** argv, Options& o) {
   app.add_option("--frames", o.frames, "frames to render before the screenshot")->capture_default_str();
   app.add_option("--width", o.width, "window width in pixels")->capture_default_str();
   app.add_option("--height", o.height, "window height in pixels")->capture_default_str();
-  app.add_option("--device", o.device, "where live routing runs: auto (the GPU when one works), gpu, cpu")
-      ->check(CLI::IsMember({"auto", "gpu", "cpu"}))
-      ->capture_default_str();
   app.add_flag("--print-routing", o.print_routing,
                "no window: print the live routing of --prompt at --layer (token i -> experts, weights), exit 0");
   if (auto rc = parse_cli(app, argc, argv)) return rc;

@@ -3,13 +3,13 @@
 #include <optional>
 #include <string>
 
+#include "routing_cli.hpp"
+
 namespace eplab::viz {
 
-struct Options {
-  std::string model;          // default: default_model_dir() (common/util/cli.hpp)
+// --model, --prompt, --layer, --device come from RoutingFlags (shared with the headless viz_routing).
+struct Options : RoutingFlags {
   std::string trace;          // JSON-lines routing trace to follow (README: "Trace format")
-  std::string prompt = "Expert parallelism sends every token to the GPU that holds its experts.";
-  int layer = 0;
   int ep_size = 4;
   std::string placement = "linear";  // linear | round-robin | trace
   int gpus_per_node = 0;             // 0: all GPUs in one node
@@ -17,7 +17,6 @@ struct Options {
   std::string screenshot;            // write a PNG after --frames frames, then exit
   int frames = 3;
   int width = 1600, height = 1000;
-  std::string device = "auto";       // auto | gpu | cpu: where live routing runs (kernels/device.hpp)
   bool print_routing = false;        // no window: print the live routing of --prompt at --layer, exit
 };
 

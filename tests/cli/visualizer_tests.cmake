@@ -1,36 +1,105 @@
-# The visualizer (issue 5) under Xvfb: real windows, real OpenGL (Mesa), screenshots checked by
-# viz_png_check (size, every panel drew, heat-map colours present), follow mode on a growing trace, and bad
-# input (missing model, unreadable / truncated / non-JSON trace, bad flags): one "error:" line, non-zero
-# exit, no crash. Skipped with a message when Dear ImGui / GLFW / xvfb-run are missing (`make setup`).
+# The visualizer (issue 5). Headless part (always, no GL): follow mode on a growing trace, the trace writer,
+# `viz_routing` (the live routing as text) and CPU vs GPU live routing (label gpu). GL app (when Dear ImGui /
+# GLFW / OpenGL / stb are there, find_deps.cmake): its --help, --print-routing (and that it prints exactly
+# what viz_routing prints) and, under Xvfb, real windows, real OpenGL (Mesa), screenshots checked by
+# viz_png_check (size, every panel drew, heat-map colours present) and bad input (missing model,
+# unreadable / truncated / non-JSON trace, bad flags): one "error:" line, non-zero exit, no crash.
 if(NOT EXISTS ${EPLAB_SOURCE_DIR}/visualizer/CMakeLists.txt)
-  return()
-endif()
-include(${EPLAB_SOURCE_DIR}/visualizer/find_deps.cmake)
-find_program(XVFB_RUN xvfb-run)
-if(EPLAB_VIZ_MISSING OR NOT XVFB_RUN)
-  message(STATUS "visualizer tests: skipped (missing ${EPLAB_VIZ_MISSING} ${XVFB_RUN})")
   return()
 endif()
 if(NOT DEFINED EPLAB_TEST_MODEL)
   set(EPLAB_TEST_MODEL ${CMAKE_BINARY_DIR}/test-models/mini)
 endif()
-
-set(_viz $<TARGET_FILE:visualizer>)
-set(_check $<TARGET_FILE:viz_png_check>)
 set(_dir ${CMAKE_CURRENT_BINARY_DIR}/visualizer)
 file(MAKE_DIRECTORY ${_dir})
+set(_m --model ${EPLAB_TEST_MODEL})
+set(_prompt "Expert parallelism sends every token to the GPU that holds its experts")
+
+# ---- Headless (viz_core tools: no GL, no display) ----
+
+# A trace written from the CPU routing of the mini model (also the input of the GL trace screenshot below).
+add_test(NAME viz_make_trace COMMAND $<TARGET_FILE:viz_make_trace> ${_m} --out ${_dir}/trace.jsonl --steps 5
+                                     --ep-size 4 --placement round-robin)
+set_tests_properties(viz_make_trace PROPERTIES FIXTURES_REQUIRED eplab_mini_model FIXTURES_SETUP viz_trace
+                     LABELS "cli;visualizer" PASS_REGULAR_EXPRESSION "wrote 20 lines")
+
+# Follow mode: a trace that grows while it is read (lines cut mid-way), a bad line, a rewritten file.
+add_test(NAME viz_follow_mode COMMAND $<TARGET_FILE:viz_follow_test> ${_m} --out ${_dir}/follow.jsonl)
+set_tests_properties(viz_follow_mode PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "CHECK PASS viz_follow_test")
+
+# Live routing as text: viz_routing runs the same print_routing (routing_cli.hpp) as `visualizer --print-routing`.
+set(_routing $<TARGET_FILE:viz_routing>)
+set(_routing_re "routing on CPU[^\n]*\n[^\n]*layer 1, 20 tokens x 16 experts, top-2[^\n]*\ntoken 0 [^ ]+ experts \\[[0-9]+, [0-9]+\\] weights \\[[01]\\.[0-9][0-9], [01]\\.[0-9][0-9]\\]\n(.*\n)*token 19 ")
+add_test(NAME viz_routing_print_cpu COMMAND ${_routing} ${_m} --prompt ${_prompt} --layer 1 --device cpu)
+set_tests_properties(viz_routing_print_cpu PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "${_routing_re}")
+add_test(NAME viz_routing_help COMMAND ${_routing} --help)
+set_tests_properties(viz_routing_help PROPERTIES PASS_REGULAR_EXPRESSION "--device" LABELS "cli;visualizer")
+eplab_expect_error(NAME viz_routing_bad_layer REGEX "--layer 9 is out of range" LABELS visualizer
+                   COMMAND ${_routing} ${_m} --layer 9 --device cpu)
+set_tests_properties(viz_routing_bad_layer PROPERTIES FIXTURES_REQUIRED eplab_mini_model)
+eplab_expect_error(NAME viz_routing_missing_model REGEX "does not exist" LABELS visualizer
+                   COMMAND ${_routing} --model /nonexistent/model --device cpu)
+
+# compare_routing.cmake runs two --print-routing style runs (A, B) and compares them token by token.
+set(_cmp ${CMAKE_COMMAND} -DMODEL=${EPLAB_TEST_MODEL} "-DPROMPT=${_prompt}")
+set(_cmp_script -P ${EPLAB_SOURCE_DIR}/visualizer/compare_routing.cmake)
+# The comparer itself: passes on two identical runs, and must fail on two different routings (layers 0, 1).
+add_test(NAME viz_compare_routing_same COMMAND ${_cmp} -DVIZ=${_routing}
+                                               -DLAYER_A=1 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
+add_test(NAME viz_compare_routing_rejects COMMAND ${_cmp} -DVIZ=${_routing}
+                                                  -DLAYER_A=0 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
+set_tests_properties(viz_compare_routing_same viz_compare_routing_rejects PROPERTIES
+                     FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer")
+set_tests_properties(viz_compare_routing_same PROPERTIES PASS_REGULAR_EXPRESSION "CHECK PASS routing: 20 tokens")
+set_tests_properties(viz_compare_routing_rejects PROPERTIES PASS_REGULAR_EXPRESSION "MISMATCH token .*CHECK FAIL")
+# GPU (label gpu; exit 77 = skipped without one): the kernels' routing of the prompt (viz_routing --device
+# gpu: the app's live-routing code, headless, so it runs on a GPU machine without OpenGL) equals the CPU's,
+# on two layers. Prints both outputs and a MISMATCH line per differing token.
+foreach(_l 1 3)
+  eplab_gpu_test(NAME viz_routing_gpu_vs_cpu_layer${_l} REGEX "CHECK PASS routing: 20 tokens"
+                 COMMAND ${_cmp} -DVIZ=${_routing} -DLAYER_A=${_l} -DDEVICE_A=cpu -DLAYER_B=${_l} -DDEVICE_B=gpu
+                         ${_cmp_script})
+  set_tests_properties(viz_routing_gpu_vs_cpu_layer${_l} PROPERTIES LABELS "gpu;visualizer")
+endforeach()
+
+# ---- The GL app (built when find_deps.cmake finds everything and EPLAB_VIZ_APP is ON) ----
+include(${EPLAB_SOURCE_DIR}/visualizer/find_deps.cmake)
+if(EPLAB_VIZ_MISSING)
+  message(STATUS "visualizer tests: GL app tests skipped (${EPLAB_VIZ_MISSING}); headless tests kept")
+  return()
+endif()
+set(_viz $<TARGET_FILE:visualizer>)
+
+add_test(NAME viz_help COMMAND ${_viz} --help)
+set_tests_properties(viz_help PROPERTIES PASS_REGULAR_EXPRESSION "--screenshot" LABELS "cli;visualizer")
+eplab_expect_error(NAME viz_bad_placement REGEX "--placement" LABELS visualizer COMMAND ${_viz} --placement diagonal)
+
+# The app's own --print-routing (no window, no xvfb): the CPU routing, and byte for byte viz_routing's output.
+add_test(NAME viz_print_routing_cpu COMMAND ${_viz} ${_m} --prompt ${_prompt} --layer 1 --device cpu --print-routing)
+set_tests_properties(viz_print_routing_cpu PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
+                     PASS_REGULAR_EXPRESSION "${_routing_re}")
+add_test(NAME viz_print_routing_app_vs_headless COMMAND ${_cmp} -DVIZ=${_viz} -DARGS_A=--print-routing
+                 -DVIZ_B=${_routing} -DEXACT=ON
+                 -DLAYER_A=1 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
+set_tests_properties(viz_print_routing_app_vs_headless PROPERTIES FIXTURES_REQUIRED eplab_mini_model
+                     LABELS "cli;visualizer" PASS_REGULAR_EXPRESSION "CHECK PASS routing: 20 tokens.*identical output")
+
+# Windows under Xvfb (Mesa).
+find_program(XVFB_RUN xvfb-run)
+if(NOT XVFB_RUN)
+  message(STATUS "visualizer tests: window tests skipped (missing xvfb-run; `make setup`)")
+  return()
+endif()
+set(_check $<TARGET_FILE:viz_png_check>)
 # -a picks a free display; the lock keeps parallel ctest runs from racing for the same one.
 set(_x ${XVFB_RUN} -a -s "-screen 0 1920x1200x24")
-set(_m --model ${EPLAB_TEST_MODEL})
 set(_size --width 1280 --height 800)
-set(_prompt "Expert parallelism sends every token to the GPU that holds its experts")
 
 function(_viz_test name)
   set_tests_properties(${name} PROPERTIES LABELS "cli;visualizer" RESOURCE_LOCK xvfb TIMEOUT 120 ${ARGN})
 endfunction()
-
-add_test(NAME viz_help COMMAND ${_viz} --help)
-set_tests_properties(viz_help PROPERTIES PASS_REGULAR_EXPRESSION "--screenshot" LABELS "cli;visualizer")
 
 # 1. Live routing of a fixed prompt on the mini model, 8 GPUs in nodes of 4: screenshot, then the checker.
 add_test(NAME viz_screenshot COMMAND ${_x} ${_viz} ${_m} --prompt ${_prompt} --layer 1 --ep-size 8 --gpus-per-node 4
@@ -41,11 +110,7 @@ add_test(NAME viz_screenshot_check COMMAND ${_check} ${_dir}/live.png --width 12
 set_tests_properties(viz_screenshot_check PROPERTIES FIXTURES_REQUIRED viz_live_png LABELS "cli;visualizer"
                      PASS_REGULAR_EXPRESSION "CHECK PASS")
 
-# 2. A trace written from the CPU routing of the mini model, shown with the trace's own expert map.
-add_test(NAME viz_make_trace COMMAND $<TARGET_FILE:viz_make_trace> ${_m} --out ${_dir}/trace.jsonl --steps 5
-                                     --ep-size 4 --placement round-robin)
-set_tests_properties(viz_make_trace PROPERTIES FIXTURES_REQUIRED eplab_mini_model FIXTURES_SETUP viz_trace
-                     LABELS "cli;visualizer" PASS_REGULAR_EXPRESSION "wrote 20 lines")
+# 2. The trace viz_make_trace wrote (above), shown with the trace's own expert map.
 add_test(NAME viz_trace_screenshot COMMAND ${_x} ${_viz} ${_m} --trace ${_dir}/trace.jsonl --placement trace
                                            --screenshot ${_dir}/trace.png --frames 4 ${_size})
 _viz_test(viz_trace_screenshot FIXTURES_SETUP viz_trace_png)
@@ -54,12 +119,7 @@ add_test(NAME viz_trace_screenshot_check COMMAND ${_check} ${_dir}/trace.png --w
 set_tests_properties(viz_trace_screenshot_check PROPERTIES FIXTURES_REQUIRED viz_trace_png LABELS "cli;visualizer"
                      PASS_REGULAR_EXPRESSION "CHECK PASS")
 
-# 3. Follow mode: a trace that grows while it is read (lines cut mid-way), a bad line, a rewritten file.
-add_test(NAME viz_follow_mode COMMAND $<TARGET_FILE:viz_follow_test> ${_m} --out ${_dir}/follow.jsonl)
-set_tests_properties(viz_follow_mode PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
-                     PASS_REGULAR_EXPRESSION "CHECK PASS viz_follow_test")
-
-# 4. Bad input. The files are written here, at configure time.
+# 3. Bad input. The files are written here, at configure time.
 set(_good_line "{\"step\":0,\"layer\":0,\"tokens\":[1,2],\"pieces\":[\"a\",\"b\"],\"experts\":[[0,1],[2,3]],\"weights\":[[1,0.5],[1,1]],\"rank_of_expert\":[0,0,0,0,1,1,1,1,2,2,2,2,3,3,3,3],\"ep_size\":4}")
 file(WRITE ${_dir}/not_json.jsonl "${_good_line}\n{\"step\":1, this is not json\n")
 file(WRITE ${_dir}/truncated.jsonl "${_good_line}\n{\"step\":1,\"layer\":0,\"tokens\":[1,2],\"pieces\":[\"a\",")
@@ -87,30 +147,8 @@ eplab_expect_error(NAME viz_bad_layer REGEX "--layer 9 is out of range" LABELS v
                    COMMAND ${_x} ${_viz} ${_m} --layer 9 ${_shot})
 eplab_expect_error(NAME viz_ep_too_big REGEX "--ep-size 32" LABELS visualizer
                    COMMAND ${_x} ${_viz} ${_m} --ep-size 32 ${_shot})
-eplab_expect_error(NAME viz_bad_placement REGEX "--placement" LABELS visualizer COMMAND ${_viz} --placement diagonal)
 eplab_expect_error(NAME viz_unwritable_png REGEX "cannot write" LABELS visualizer
                    COMMAND ${_x} ${_viz} ${_m} --screenshot /nonexistent/dir/out.png --frames 1 ${_size})
 set(_bad viz_trace_not_json viz_trace_truncated viz_trace_unreadable viz_trace_missing viz_trace_bad_expert
     viz_bad_layer viz_ep_too_big viz_unwritable_png)
 set_tests_properties(${_bad} PROPERTIES RESOURCE_LOCK xvfb FIXTURES_REQUIRED eplab_mini_model)
-
-# 5. Headless routing (--print-routing, no window, no xvfb) and CPU vs GPU live routing.
-add_test(NAME viz_print_routing_cpu COMMAND ${_viz} ${_m} --prompt ${_prompt} --layer 1 --device cpu --print-routing)
-set_tests_properties(viz_print_routing_cpu PROPERTIES FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer"
-  PASS_REGULAR_EXPRESSION "routing on CPU[^\n]*\n[^\n]*layer 1, 20 tokens x 16 experts, top-2[^\n]*\ntoken 0 [^ ]+ experts \\[[0-9]+, [0-9]+\\] weights \\[[01]\\.[0-9][0-9], [01]\\.[0-9][0-9]\\]\n(.*\n)*token 19 ")
-set(_cmp ${CMAKE_COMMAND} -DVIZ=${_viz} -DMODEL=${EPLAB_TEST_MODEL} "-DPROMPT=${_prompt}")
-set(_cmp_script -P ${EPLAB_SOURCE_DIR}/visualizer/compare_routing.cmake)
-# The comparer itself: passes on two identical runs, and must fail on two different routings (layers 0, 1).
-add_test(NAME viz_compare_routing_same COMMAND ${_cmp} -DLAYER_A=1 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
-add_test(NAME viz_compare_routing_rejects COMMAND ${_cmp} -DLAYER_A=0 -DDEVICE_A=cpu -DLAYER_B=1 -DDEVICE_B=cpu ${_cmp_script})
-set_tests_properties(viz_compare_routing_same viz_compare_routing_rejects PROPERTIES
-                     FIXTURES_REQUIRED eplab_mini_model LABELS "cli;visualizer")
-set_tests_properties(viz_compare_routing_same PROPERTIES PASS_REGULAR_EXPRESSION "CHECK PASS routing: 20 tokens")
-set_tests_properties(viz_compare_routing_rejects PROPERTIES PASS_REGULAR_EXPRESSION "MISMATCH token .*CHECK FAIL")
-# GPU (label gpu; exit 77 = skipped without one): the kernels' routing of the prompt equals the CPU's,
-# on two layers. Prints both outputs and a MISMATCH line per differing token.
-foreach(_l 1 3)
-  eplab_gpu_test(NAME viz_routing_gpu_vs_cpu_layer${_l} REGEX "CHECK PASS routing: 20 tokens"
-                 COMMAND ${_cmp} -DLAYER_A=${_l} -DDEVICE_A=cpu -DLAYER_B=${_l} -DDEVICE_B=gpu ${_cmp_script})
-  set_tests_properties(viz_routing_gpu_vs_cpu_layer${_l} PROPERTIES LABELS "gpu;visualizer")
-endforeach()
