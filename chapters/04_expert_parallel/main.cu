@@ -37,6 +37,9 @@ namespace eplab {
 // bench.cu
 nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind placement, const std::vector<int>& tokens,
                             int iters, std::uint64_t seed, bool* pass);
+// vary.cu
+bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOptions& lo, PlacementKind pkind,
+                 EpLayout layout, std::uint64_t seed);
 
 namespace {
 
@@ -47,6 +50,7 @@ struct Options {
   std::string layout = "permute";
   int iters = 3;
   bool bench = false;
+  bool vary = false;
   std::vector<int> bench_tokens{128, 1024, 4096, 16384};
   int bench_iters = 20;
   int fail_rank = -1;
@@ -134,6 +138,9 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--iters", o.iters, "timed forwards (after one warm-up); times are medians")->capture_default_str();
   app.add_flag("--bench", o.bench, "GPU benchmark at the Phi-tiny layer shape (random weights, no checkpoint)");
+  app.add_flag("--vary", o.vary,
+               "GPU test of the engine: T changes every call and differs per rank (0 included), two layers share "
+               "one workspace; every token checked against the CPU reference");
   app.add_option("--bench-tokens", o.bench_tokens, "tokens per rank for --bench")->capture_default_str();
   app.add_option("--bench-iters", o.bench_iters, "timed forwards per size for --bench")->capture_default_str();
   app.add_option("--fail-rank", o.fail_rank, "test only: this rank exits before the dispatch")->group("");
@@ -181,6 +188,13 @@ int run(int argc, char** argv) {
     say(pass ? strf("CHECK PASS 04_expert_parallel --bench: %zu sizes on %d ranks\n", o.bench_tokens.size(), N)
              : "CHECK FAIL 04_expert_parallel --bench: the output check failed (see above)\n");
     return pass ? 0 : 1;
+  }
+
+  if (o.vary) {
+    dist::all_or_none(comm, [&] { require(gpu, "--vary tests the GPU engine; use --device gpu"); });
+    std::optional<Checkpoint> ck;
+    dist::all_or_none(comm, [&] { ck.emplace(Checkpoint::open(o.common.model)); });
+    return run_ep_vary(comm, *ck, o.layer, pkind, layout, o.common.seed) ? 0 : 1;
   }
 
   // --- set-up, all or none: model, placement, this rank's experts, the global batch

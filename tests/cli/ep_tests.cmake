@@ -87,6 +87,23 @@ foreach(pl linear round-robin)
             ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 256 --placement ${pl} --layout ${lay})
   endforeach()
 endforeach()
+# the inplace layout (kernels/ep/ep_moe_gpu.hpp: experts on the arrival buffer, own rows outside NCCL)
+foreach(pl linear round-robin)
+  _ep_gpu(ep_gpu_np2_${pl}_inplace 2 "CHECK PASS 04_expert_parallel: N=2 ${pl} inplace"
+          ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 256 --placement ${pl} --layout inplace)
+endforeach()
+_ep_gpu(ep_gpu_np1_inplace 1 "CHECK PASS 04_expert_parallel: N=1 linear inplace"
+        ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --tokens 64 --layout inplace)
+_ep_gpu(ep_gpu_np2_inplace_softmax_top4 2 "CHECK PASS 04_expert_parallel: N=2"
+        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 100 --router softmax --top-k 4 --layer 2 --layout inplace)
+# the engine EpMoeGpu with T changing every call, different per rank, 0 on one rank and on all, growing
+# past 4096 rows and shrinking again, two layers sharing one workspace: every token vs the CPU reference
+foreach(lay inplace permute direct)
+  _ep_gpu(ep_gpu_np2_vary_${lay} 2 "CHECK PASS 04_expert_parallel --vary: N=2 round-robin ${lay}"
+          ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement round-robin --layout ${lay})
+endforeach()
+_ep_gpu(ep_gpu_np1_vary 1 "CHECK PASS 04_expert_parallel --vary: N=1 linear inplace"
+        ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --vary --layout inplace)
 _ep_gpu(ep_gpu_np2_small 2 "CHECK PASS 04_expert_parallel: N=2"
         ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 3 --placement round-robin)
 _ep_gpu(ep_gpu_np2_zero_tokens 2 "CHECK PASS 04_expert_parallel: N=2"
