@@ -117,7 +117,7 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
 }
 
 std::vector<int> all_experts(int E) {
-  std::vector<int> v(size_t(E));
+  std::vector<int> v(static_cast<size_t>(E), 0);
   std::iota(v.begin(), v.end(), 0);
   return v;
 }
