@@ -61,7 +61,7 @@ GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prom
   r.prefill_ms = clk.ms();
   for (const auto& p : prompts) r.prefill_tokens += long(p.size());
   for (;;) {
-    std::vector<std::vector<int>> next(std::size_t(B));
+    std::vector<std::vector<int>> next(static_cast<std::size_t>(B));
     int live = 0;
     for (int b = 0; b < B; ++b) {
       const int t = argmax(std::span<const float>(&logits[std::size_t(b) * V], std::size_t(V)));
@@ -119,7 +119,7 @@ std::string check_against_cpu(const Checkpoint& ckpt, const std::vector<std::vec
 }
 
 std::vector<int> random_ids(Rng& rng, int n, int V) {
-  std::vector<int> ids(std::size_t(n));
+  std::vector<int> ids(static_cast<std::size_t>(n));
   for (int& id : ids) id = int(rng.next_u64() % std::uint64_t(V));
   return ids;
 }
@@ -133,7 +133,7 @@ double bench_decode(GpuPhimoeModel& model, Rng& rng, int B) {
   model.reset();
   std::vector<float> logits = model.forward_batch(prompts);
   auto next = [&] {
-    std::vector<std::vector<int>> n(std::size_t(B));
+    std::vector<std::vector<int>> n(static_cast<std::size_t>(B));
     for (int b = 0; b < B; ++b) n[b] = {argmax(std::span<const float>(&logits[std::size_t(b) * V], std::size_t(V)))};
     return n;
   };
@@ -200,7 +200,7 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     mo.max_batch = B;
     mo.max_rows = rows;
     if (N >= 2) {
-      mo.moe = make_ep_moe_step(*nccl, placement, ckpt, EpLayout::Permute);
+      mo.moe = make_ep_moe_step(*nccl, placement, ckpt, EpLayout::InPlace);
       mo.stream = nccl->stream();
     }
     model.emplace(GpuPhimoeModel::load(ckpt, std::move(mo)));

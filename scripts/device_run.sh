@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One batched device call for this session's checks (see notes/NEXT.md): builds, runs the named steps, writes
+# logs under $OUT and a summary to stdout. Steps: build gputests ctestgpu viz bench02 bench05 ep bench04 bench03
+# bench05ep ncu02. Usage: bash scripts/device_run.sh build gputests ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+[ -f .debs/unpack.sh ] && bash .debs/unpack.sh >/dev/null && export CMAKE_PREFIX_PATH=/tmp/deps/usr
+B=build-device
+steps=" $* "
+has() { [[ "$steps" == *" $1 "* ]]; }
+mpirun_=(mpirun --allow-run-as-root --oversubscribe)
+log() { echo "== $1"; }
+if has build; then
+  cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release > "$OUT/configure.log" 2>&1 || tail -20 "$OUT/configure.log"
+  cmake --build $B -j 16 -- -k > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; grep -E "error" "$OUT/build.log" | head -20; }
+  grep -E "visualizer|05_phi|eplab_ep" "$OUT/configure.log" | head -5
+  $B/tools/make_model --preset mini --out $B/test-models/mini --seed 1 >/dev/null
+fi
+if has gputests; then
+  log gpu_tests; $B/tests/gpu_tests > "$OUT/gpu_tests.log" 2>&1
+  grep -E "^\[doctest\] (test cases|assertions)" "$OUT/gpu_tests.log"
+  grep -B3 -A4 "ERROR" "$OUT/gpu_tests.log" | head -60
+  grep -E "MESSAGE: (teacher-forced per-row|batch of|greedy:|layer [01] (MoE output|residual)|prefill of|sequence [0-9] alone)" "$OUT/gpu_tests.log" | head -30
+fi
+if has ctestgpu; then
+  log ctest_gpu; (cd $B && ctest -L gpu -E '^ep_gpu_np2|np2|same_tokens' --output-on-failure -j 4 > "$OUT/ctest_gpu.log" 2>&1)
+  grep -E "tests passed|Failed|\(Failed\)|\*\*\*Failed" "$OUT/ctest_gpu.log" | head -20
+fi
+if has viz; then
+  log viz; (cd $B && ctest -R 'viz_routing|viz_compare|viz_print' --output-on-failure > "$OUT/ctest_viz.log" 2>&1)
+  grep -E "tests passed|Failed|Skipped|Passed" "$OUT/ctest_viz.log" | head -12
+fi
+if has bench02; then
+  log bench02; $B/chapters/02_moe_grouped/02_moe_grouped --bench --json "$OUT/bench02.json" > "$OUT/bench02.log" 2>&1
+  tail -40 "$OUT/bench02.log"
+fi
+if has phi; then
+  [ -d /tmp/phi ] || $B/tools/make_model --preset phi-tiny --out /tmp/phi --seed 3 > "$OUT/phi_gen.log" 2>&1
+fi
+if has bench05; then
+  log bench05; "${mpirun_[@]}" -np 1 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --bench --json "$OUT/bench05_np1.json" > "$OUT/bench05_np1.log" 2>&1
+  tail -22 "$OUT/bench05_np1.log"
+  "${mpirun_[@]}" -np 1 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --prompt-ids 1,450,4996,338,263 --max-new-tokens 32 --ignore-eos > "$OUT/ch05_phi_np1.log" 2>&1
+  tail -12 "$OUT/ch05_phi_np1.log"
+fi
+if has ep; then
+  log ctest_ep; (cd $B && ctest -L gpu -R '^ep_|^03_|np2|same_tokens' --output-on-failure > "$OUT/ctest_ep.log" 2>&1)
+  grep -E "tests passed|\(Failed\)|Passed|Skipped" "$OUT/ctest_ep.log" | head -40
+fi
+if has bench05ep; then
+  log bench05ep; "${mpirun_[@]}" -np 2 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --bench --json "$OUT/bench05_np2.json" > "$OUT/bench05_np2.log" 2>&1
+  tail -22 "$OUT/bench05_np2.log"
+  "${mpirun_[@]}" -np 2 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --prompt-ids 1,450,4996,338,263 --max-new-tokens 32 --ignore-eos > "$OUT/ch05_phi_np2.log" 2>&1
+  tail -16 "$OUT/ch05_phi_np2.log"
+fi
+if has bench04; then
+  log bench04; "${mpirun_[@]}" -np 2 $B/chapters/04_expert_parallel/04_expert_parallel --bench --json "$OUT/bench04.json" > "$OUT/bench04.log" 2>&1
+  tail -30 "$OUT/bench04.log"
+fi
+if has bench03; then
+  log bench03; for g in 1 2; do $B/chapters/03_manual_placement/03_manual_placement --bench --gpus $g > "$OUT/bench03_g$g.log" 2>&1; tail -15 "$OUT/bench03_g$g.log"; done
+  $B/chapters/03_manual_placement/03_manual_placement --device gpu --gpus 2 --tokens 1000 > "$OUT/ch03_split.log" 2>&1; tail -25 "$OUT/ch03_split.log"
+fi
+cd "$OUT" && ls *.log > /dev/null 2>&1 && tar czf logs.tgz *.log *.json 2>/dev/null; rm -f "$OUT"/*.log "$OUT"/*.json
+echo "device_run: done"
