@@ -431,7 +431,10 @@ struct GpuMoeLayer::Impl {
     return exec;
   }
 
+  int last_T = 0;  // rows of the last forward (last_routing)
+
   void forward_device(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s) {
+    last_T = T;
     require(T >= 0, "GpuMoeLayer::forward_device: tokens must be >= 0, got ", T);
     if (T == 0) return;
     prepare(T, path);
@@ -585,6 +588,21 @@ void GpuMoeLayer::set_decode_kernels(bool on, bool pdl) {
   impl_->use_pdl = pdl;
   impl_->clear_graphs();
   impl_->warm.clear();
+}
+
+Routing GpuMoeLayer::last_routing() const {
+  const Impl& m = *impl_;
+  Routing r;
+  r.tokens = m.last_T;
+  r.k = m.k;
+  r.ids.resize(std::size_t(r.tokens) * r.k);
+  r.weights.resize(r.ids.size());
+  CUDA_CHECK(cudaDeviceSynchronize());  // the last forward ran on the caller's stream: wait for all of them
+  if (!r.ids.empty()) {
+    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.d_ids, r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.weights.data(), m.d_weights, r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  return r;
 }
 
 void GpuMoeLayer::set_use_graphs(bool on) {

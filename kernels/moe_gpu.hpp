@@ -92,6 +92,9 @@ class GpuMoeLayer {
   // dependent launch when pdl. Off: experts_direct. Defaults on/on; EPLAB_DECODE=0, EPLAB_PDL=0.
   void set_decode_kernels(bool on, bool pdl = true);
   int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
+  // The routing of the last forward_device / forward (ids and multipliers as the GPU computed them), copied
+  // to the host after a device-wide synchronisation. For reports and tests, not for hot loops.
+  Routing last_routing() const;
 
   int hidden() const;
   int inter() const;

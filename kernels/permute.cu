@@ -209,14 +209,14 @@ int warps_for(int E, int max_warps) { return std::clamp((kSmemInts - E - 33) / E
 
 template <typename V>
 __global__ void permute_rows_kernel(const V* __restrict__ x, const int* __restrict__ assignment, int rows, int k,
-                                    int per_row, V* __restrict__ xp) {
+                                    int bound, int per_row, V* __restrict__ xp) {
   const size_t total = size_t(rows) * per_row;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const int r = int(i / per_row);
     const int v = int(i - size_t(r) * per_row);
     const int a = assignment[r];
     V val{};
-    if (a >= 0 && a < rows) val = x[size_t(a / k) * per_row + v];
+    if (a >= 0 && a < bound) val = x[size_t(a / k) * per_row + v];
     xp[i] = val;
   }
 }
@@ -269,12 +269,30 @@ void permute_rows(const bf16* d_x, const int* d_assignment, int rows, int k, int
   if (H % 8 == 0 && aligned16(d_x) && aligned16(d_xp)) {
     const int per_row = H / 8;
     permute_rows_kernel<int4><<<grid_for(size_t(rows) * per_row, threads), threads, 0, s>>>(
-        reinterpret_cast<const int4*>(d_x), d_assignment, rows, k, per_row, reinterpret_cast<int4*>(d_xp));
+        reinterpret_cast<const int4*>(d_x), d_assignment, rows, k, rows, per_row, reinterpret_cast<int4*>(d_xp));
   } else {
     // bf16 is copied as its raw 16 bits.
     permute_rows_kernel<unsigned short><<<grid_for(size_t(rows) * H, threads), threads, 0, s>>>(
-        reinterpret_cast<const unsigned short*>(d_x), d_assignment, rows, k, H,
+        reinterpret_cast<const unsigned short*>(d_x), d_assignment, rows, k, rows, H,
         reinterpret_cast<unsigned short*>(d_xp));
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows(const bf16* d_src, int src_rows, const int* d_idx, int n, int H, bf16* d_dst, cudaStream_t s) {
+  require(src_rows >= 0 && n >= 0 && H >= 1, "gather_rows: need src_rows >= 0, n >= 0, H >= 1 (got ", src_rows, ", ", n,
+          ", ", H, ")");
+  if (n == 0) return;
+  require(d_src && d_idx && d_dst, "gather_rows: null device pointer");
+  constexpr int threads = 256;
+  if (H % 8 == 0 && aligned16(d_src) && aligned16(d_dst)) {
+    const int per_row = H / 8;
+    permute_rows_kernel<int4><<<grid_for(size_t(n) * per_row, threads), threads, 0, s>>>(
+        reinterpret_cast<const int4*>(d_src), d_idx, n, 1, src_rows, per_row, reinterpret_cast<int4*>(d_dst));
+  } else {
+    permute_rows_kernel<unsigned short><<<grid_for(size_t(n) * H, threads), threads, 0, s>>>(
+        reinterpret_cast<const unsigned short*>(d_src), d_idx, n, 1, src_rows, H,
+        reinterpret_cast<unsigned short*>(d_dst));
   }
   CUDA_CHECK_LAUNCH();
 }

@@ -51,4 +51,9 @@ void build_dispatch_plan(const int* d_ids, int T, int k, int E, int* d_counts /*
 // d_x: [T, H], d_xp: [rows, H], rows = T*k, d_assignment: [rows] from build_dispatch_plan.
 void permute_rows(const bf16* d_x, const int* d_assignment, int rows, int k, int H, bf16* d_xp, cudaStream_t s);
 
+// A plain row gather: dst[i, :] = src[idx[i], :] for i < n, src having src_rows rows. (permute_rows bounds an
+// assignment by ITS row count T*k, so it cannot gather n rows out of more than n; this can.) An index outside
+// [0, src_rows) gives a zero row, as in permute_rows.
+void gather_rows(const bf16* d_src, int src_rows, const int* d_idx, int n, int H, bf16* d_dst, cudaStream_t s);
+
 }  // namespace eplab::gpu

@@ -111,7 +111,7 @@ class LocalMoeStep final : public GpuMoeStep {
   bool graph_safe() const override { return true; }  // decode batches take the weight-stream path (no sync)
   std::size_t weight_bytes() const override { return bytes_; }
   std::string describe() const override { return "all " + std::to_string(experts_) + " experts on this GPU"; }
-  Routing last_routing(int) override { return {}; }
+  Routing last_routing(int layer) override { return layers_.at(std::size_t(layer))->last_routing(); }
 
  private:
   std::vector<std::unique_ptr<GpuMoeLayer>> layers_;
@@ -218,8 +218,8 @@ struct GpuPhimoeModel::Impl {
       moe->forward(l, B(h), R, B(y), s);
     }
     // Only each sequence's last row needs logits: gather x and y there, x += y, LN_final, lm_head (fp32).
-    gpu::permute_rows(B(x), d_last(), nb, 1, H, B(xl), s);  // a gather (k = 1)
-    gpu::permute_rows(B(y), d_last(), nb, 1, H, B(yl), s);
+    gpu::gather_rows(B(x), R, d_last(), nb, H, B(xl), s);
+    gpu::gather_rows(B(y), R, d_last(), nb, H, B(yl), s);
     gpu::add_layer_norm(B(xl), B(yl), B(xl), B(final_w), B(final_b), nb, H, eps, B(hl), s);
     const bf16* lm = c.tie_word_embeddings ? B(embed) : B(lm_w);
     gpu::linear_f32(cublas, B(hl), nb, H, lm, V, B(lm_b), logits.get(), s);
@@ -366,6 +366,11 @@ std::size_t GpuPhimoeModel::kv_cache_bytes() const {
   return b;
 }
 GpuMoeStep& GpuPhimoeModel::moe() { return *impl_->moe; }
+std::vector<Routing> GpuPhimoeModel::last_routing() {
+  std::vector<Routing> r;
+  for (int l = 0; l < impl_->c.num_hidden_layers; ++l) r.push_back(impl_->moe->last_routing(l));
+  return r;
+}
 int GpuPhimoeModel::graphs_captured() const { return int(impl_->graph_execs.size()); }
 
 void GpuPhimoeModel::reset() {

@@ -104,6 +104,10 @@ class GpuPhimoeModel {
   std::size_t weight_bytes() const;  // replicated tensors + the MoE step's
   std::size_t kv_cache_bytes() const;
   GpuMoeStep& moe();
+  // Per layer, the routing of the last forward's rows (in row order: sequence 0's new tokens, then 1's, ...).
+  // Synchronises; for checks and reports. A bf16 model may route a row whose decision is a near-tie in fp32
+  // differently from the CPU reference: the checks use this to tell such a flip from an error.
+  std::vector<Routing> last_routing();
   int graphs_captured() const;  // decode graphs ready to replay (tests: did capture work?)
 
  private:

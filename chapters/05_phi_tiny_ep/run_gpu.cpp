@@ -42,6 +42,8 @@ constexpr int kBenchPrefill = 2048, kBenchContext = 128, kBenchSteps = 64, kBenc
 
 struct GpuRun {
   std::vector<std::vector<int>> out;
+  // routing[b][i]: the expert ids, layer after layer, of the row whose logits gave out[b][i] (when recorded)
+  std::vector<std::vector<std::vector<int>>> routing;
   double prefill_ms = 0, decode_ms = 0;
   long prefill_tokens = 0, decode_tokens = 0;
 };
@@ -49,18 +51,37 @@ struct GpuRun {
 // Greedy generation of every prompt in one batch: one prefill forward for all prompts, then one token per
 // sequence per step. A sequence that has stopped keeps being fed its last token (the batch keeps its shape,
 // so the decode graph keeps replaying); its output stops growing.
+// last_rows[b]: the row of sequence b's last new token in the forward that just ran.
+std::vector<int> routing_of_row(const std::vector<Routing>& layers, int row) {
+  std::vector<int> ids;
+  for (const Routing& r : layers)
+    for (int j = 0; j < r.k; ++j) ids.push_back(r.id(row, j));
+  return ids;
+}
+
 GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prompts, int max_new,
-                const std::vector<int>& stop_ids) {
+                const std::vector<int>& stop_ids, bool record_routing) {
   const int B = int(prompts.size()), V = model.config().vocab_size;
   GpuRun r;
   r.out.assign(std::size_t(B), {});
+  r.routing.assign(std::size_t(B), {});
   std::vector<bool> done(std::size_t(B), false);
   model.reset();
   WallTimer clk;
   std::vector<float> logits = model.forward_batch(prompts);
   r.prefill_ms = clk.ms();
-  for (const auto& p : prompts) r.prefill_tokens += long(p.size());
+  std::vector<int> last_rows;
+  for (const auto& p : prompts) {
+    r.prefill_tokens += long(p.size());
+    last_rows.push_back(int(r.prefill_tokens) - 1);
+  }
   for (;;) {
+    if (record_routing) {  // outside the timed forwards: it synchronises and copies every layer's routing
+      const std::vector<Routing> rt = model.last_routing();
+      for (int b = 0; b < B; ++b)
+        if (!done[b]) r.routing[b].push_back(routing_of_row(rt, last_rows[b]));
+    }
+    for (int b = 0; b < B; ++b) last_rows[b] = b;  // decode: one row per sequence
     std::vector<std::vector<int>> next(static_cast<std::size_t>(B));
     int live = 0;
     for (int b = 0; b < B; ++b) {
@@ -82,19 +103,30 @@ GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prom
 }
 
 // The fp32 CPU model along the GPU's tokens (chapter header). Returns "" on success, else what failed.
+// A token whose row the GPU routed differently from the reference in some layer (a bf16 near-tie of the
+// routing decision, see tests/gpu/test_model_kernels.cu) is not judged by its logits: the two models ran
+// different experts for it. Such flips must stay rare (at most 1 in 8 tokens).
 std::string check_against_cpu(const Checkpoint& ckpt, const std::vector<std::vector<int>>& prompts,
-                              const std::vector<std::vector<int>>& out, std::string& note) {
+                              const GpuRun& run, std::string& note) {
+  const std::vector<std::vector<int>>& out = run.out;
   const int V = ckpt.config().vocab_size;
   PhimoeCpuModel ref = PhimoeCpuModel::load(ckpt);
-  int exact = 0, near = 0;
+  int exact = 0, near = 0, flips = 0, tokens = 0;
   std::string near_note;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     PhimoeSequence seq = ref.new_sequence();
     std::vector<PhimoeSequence*> ptrs{&seq};
     std::vector<std::vector<int>> step{prompts[b]};
     for (std::size_t i = 0; i < out[b].size(); ++i) {
-      const std::vector<float> lg = ref.forward(ptrs, step, LogitRows::Last);
+      PhimoeTrace tr;
+      const std::vector<float> lg = ref.forward(ptrs, step, LogitRows::Last, &tr);
       const int want = argmax(lg), got = out[b][i];
+      ++tokens;
+      if (routing_of_row(tr.routing, tr.routing[0].tokens - 1) != run.routing[b][i]) {
+        ++flips;  // different experts ran for this row: not comparable
+        step = std::vector<std::vector<int>>{std::vector<int>{got}};
+        continue;
+      }
       double ss = 0;
       for (float x : lg) ss += double(x) * x;
       const double margin = kTieMargin * std::sqrt(ss / V);
@@ -113,8 +145,12 @@ std::string check_against_cpu(const Checkpoint& ckpt, const std::vector<std::vec
       step = std::vector<std::vector<int>>{std::vector<int>{got}};  // the reference follows the GPU's tokens
     }
   }
+  if (flips * 8 > tokens)
+    return strf("%d of %d tokens came from rows the GPU routed differently from the fp32 reference: more than "
+                "routing near-ties explain", flips, tokens);
   note = strf("every GPU token is the fp32 CPU reference's greedy choice for the same prefix: %d exact, %d within "
-              "the bf16 near-tie margin%s", exact, near, near_note.c_str());
+              "the bf16 near-tie margin%s, %d from a row routed differently (a routing near-tie)",
+              exact, near, near_note.c_str(), flips);
   return "";
 }
 
@@ -269,7 +305,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
   }
 
   // --- greedy generation, every prompt in one batch
-  GpuRun run = generate(*model, prompts, o.max_new_tokens, stop_ids);
+  const bool checking = double(ckpt.disk_counts().bytes) < kReferenceMaxBytes;
+  GpuRun run = generate(*model, prompts, o.max_new_tokens, stop_ids, checking);
   const double prefill_ms = mpi.max(run.prefill_ms), decode_ms = mpi.max(run.decode_ms);
   const std::uint64_t sum = fnv1a(run.out);
   const std::int64_t sum63 = std::int64_t(sum >> 1);
@@ -293,11 +330,11 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     bool ok = ranks_agree != 0;
     if (!ok) {
       verdict = "ranks generated different tokens";
-    } else if (double(ckpt.disk_counts().bytes) < kReferenceMaxBytes) {
+    } else if (checking) {
       std::printf("reference: the fp32 CPU model, all %d experts per layer ...\n", E);
       std::fflush(stdout);
       std::string note;
-      verdict = check_against_cpu(ckpt, prompts, run.out, note);
+      verdict = check_against_cpu(ckpt, prompts, run, note);
       ok = verdict.empty();
       if (ok) verdict = note + (N > 1 ? strf("; all %d ranks generated the same tokens", N) : "");
     } else {

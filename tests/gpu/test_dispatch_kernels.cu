@@ -336,3 +336,33 @@ TEST_CASE("plan -> permute -> combine on the GPU: an identity expert gives y = (
     CHECK_MESSAGE(err <= 1e-2, "rel-L2 " << err);
   }
 }
+
+// gather_rows picks n rows out of a larger matrix (the model's last-row-of-each-sequence gather): exactly the
+// indexed rows, bit for bit, and zero rows for indices outside [0, src_rows). permute_rows cannot do this (it
+// bounds indices by its own row count), which is the bug this test was written for.
+TEST_CASE("gather_rows: n rows out of src_rows > n, bit-exact; out-of-range indices give zero rows") {
+  Stream s;
+  Rng rng(91);
+  for (int H : {64, 4096, 36}) {  // 36: the scalar (non 16-byte) path
+    CAPTURE(H);
+    const int src_rows = 40;
+    const Bf16Data src = random_bf16(rng, size_t(src_rows) * H);
+    const std::vector<int> idx = {39, 0, 17, 17, -1, 40, 5};
+    DevBuf<bf16_bits> d_src(src.bits), d_dst(idx.size() * H);
+    DevBuf<int> d_idx(idx);
+    d_dst.poison();
+    gpu::gather_rows(as_bf16(d_src), src_rows, d_idx.get(), int(idx.size()), H, as_bf16(d_dst), s);
+    s.sync();
+    const std::vector<bf16_bits> got = d_dst.download();
+    for (size_t i = 0; i < idx.size(); ++i) {
+      const bool in = idx[i] >= 0 && idx[i] < src_rows;
+      int bad = 0;
+      for (int c = 0; c < H; ++c) {
+        const bf16_bits want = in ? src.bits[size_t(idx[i]) * H + c] : bf16_bits(0);
+        bad += got[i * H + c] != want;
+      }
+      CHECK_MESSAGE(bad == 0, "row ", i, " (index ", idx[i], "): ", bad, " of ", H, " values wrong");
+    }
+  }
+  CHECK_THROWS_AS(gpu::gather_rows(nullptr, 4, nullptr, 2, 8, nullptr, s), Error);
+}

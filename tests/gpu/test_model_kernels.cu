@@ -33,6 +33,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -643,16 +644,32 @@ std::vector<float> rows_of(const std::vector<float>& m, int cols, int r0, int n)
 }
 
 // rel-L2 check of one stage, printed either way.
-void stage(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
-  const double e = rel_l2(got, want);
-  MESSAGE(what, ": rel-L2 ", e, " (max |diff| ", max_abs_diff(got, want), ")");
+// The rows of a [T, cols] matrix that are not in `skip`.
+std::vector<float> rows_except(const std::vector<float>& m, int cols, const std::set<int>& skip) {
+  std::vector<float> out;
+  const int T = int(m.size() / size_t(cols));
+  for (int t = 0; t < T; ++t)
+    if (!skip.count(t)) out.insert(out.end(), m.begin() + size_t(t) * cols, m.begin() + size_t(t + 1) * cols);
+  return out;
+}
+
+// rel-L2 check of one stage, printed either way, over the rows not in `skip` (rows a routing flip changed).
+void stage(const std::string& what, const std::vector<float>& got, const std::vector<float>& want,
+           const std::set<int>& skip = {}, int cols = 1) {
+  const std::vector<float> g = skip.empty() ? got : rows_except(got, cols, skip);
+  const std::vector<float> w = skip.empty() ? want : rows_except(want, cols, skip);
+  const double e = rel_l2(g, w);
+  MESSAGE(what, ": rel-L2 ", e, " (max |diff| ", max_abs_diff(g, w), ")",
+          skip.empty() ? "" : (", " + std::to_string(skip.size()) + " flipped rows left out").c_str());
   CHECK_MESSAGE(e <= kTol, what, ": rel-L2 ", e, " > ", kTol);
 }
 
 // Argmax agreement on rows where HF's top-2 gap exceeds the margin (see the header of this section).
-void argmax_check(const std::string& what, const std::vector<float>& got, const std::vector<float>& hf, int T, int V) {
+void argmax_check(const std::string& what, const std::vector<float>& got, const std::vector<float>& hf, int T, int V,
+                  const std::set<int>& skip = {}) {
   int checked = 0, agree_all = 0;
   for (int t = 0; t < T; ++t) {
+    if (skip.count(t)) continue;
     const std::span<const float> hr(&hf[size_t(t) * V], V), gr(&got[size_t(t) * V], V);
     std::vector<float> sorted(hr.begin(), hr.end());
     std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
@@ -668,20 +685,31 @@ void argmax_check(const std::string& what, const std::vector<float>& got, const 
     }
   }
   MESSAGE(what, ": argmax checked on ", checked, " of ", T, " rows (gap > margin); equal to HF on ", agree_all, " of ", T);
-  CHECK(checked >= T / 4);  // the check must cover a good part of the rows to mean anything
+  CHECK(checked >= (T - int(skip.size())) / 4);  // the check must cover a good part of the rows to mean anything
 }
 
-void routing_report(const std::string& what, const Routing& got, const std::vector<float>& hf_ids, int row0) {
+// A bf16 model may route a row differently from HF where HF's decision was a near-tie: its MoE input differs
+// from HF's by the stages' rounding (rel-L2 ~1e-2 by layer 1), and so do its router logits. Each flipped row
+// must have an HF decision margin (routing_margin: the gap between the deciding logit and its competitor,
+// relative to the logits' scale) below kFlipMargin, 5x the relative error of the router's input; a routing
+// bug flips rows with large margins. Flipped rows are added to `flipped` and left out of later comparisons.
+constexpr float kFlipMargin = 5e-2f;
+void routing_report(const std::string& what, const Routing& got, const std::vector<float>& hf_ids,
+                    const std::vector<float>& hf_logits, int E, float eps, int row0, std::set<int>& flipped) {
   int flips = 0;
-  std::string first;
-  for (int t = 0; t < got.tokens; ++t)
-    for (int j = 0; j < got.k; ++j)
-      if (got.id(t, j) != int(hf_ids[size_t(row0 + t) * 2 + j])) {
-        if (flips++ == 0)
-          first = " (first: row " + std::to_string(row0 + t) + " choice " + std::to_string(j) + ": ours " +
-                  std::to_string(got.id(t, j)) + ", HF " + std::to_string(int(hf_ids[size_t(row0 + t) * 2 + j])) + ")";
-      }
-  MESSAGE(what, ": ", flips, " of ", got.tokens * got.k, " expert choices differ from HF", first);
+  std::string list;
+  for (int t = 0; t < got.tokens; ++t) {
+    bool differs = false;
+    for (int j = 0; j < got.k; ++j) differs |= got.id(t, j) != int(hf_ids[size_t(row0 + t) * 2 + j]);
+    if (!differs) continue;
+    ++flips;
+    const float m = routing_margin(RouterKind::SparseMixer, hf_logits, row0 + t, E, eps);
+    list += " row " + std::to_string(row0 + t) + " (HF margin " + std::to_string(m) + ")";
+    CHECK_MESSAGE(m <= kFlipMargin, what, " row ", row0 + t, ": routed differently from HF although HF's decision "
+                  "margin ", m, " > ", kFlipMargin, " (not a near-tie: a routing bug)");
+    flipped.insert(row0 + t);
+  }
+  MESSAGE(what, ": ", flips, " of ", got.tokens, " rows routed differently from HF", list);
 }
 
 }  // namespace fixture
@@ -707,40 +735,60 @@ TEST_CASE("tiny HF PhiMoE end to end on the GPU kernels: embedding .. lm_head vs
     const Trace tr = m.forward(ids);
     const auto hf_embed = get(fx, "embed_out", {T, H});
     CHECK_MESSAGE(max_abs_diff(tr.embed, hf_embed) == 0.0, "embedding must equal HF's exactly (bf16 table rows)");
+    std::set<int> flipped;  // rows routed differently from HF in this layer or an earlier one
     for (int l = 0; l < L; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";
-      stage("layer " + std::to_string(l) + " MoE input (attention + post-norm)", tr.moe_x[l], get(fx, p + "moe.x", {T, H}));
-      routing_report("layer " + std::to_string(l), tr.routing[l], get(fx, p + "topk_ids", {T, 2}), 0);
+      stage("layer " + std::to_string(l) + " MoE input (attention + post-norm)", tr.moe_x[l],
+            get(fx, p + "moe.x", {T, H}), flipped, H);
+      routing_report("layer " + std::to_string(l), tr.routing[l], get(fx, p + "topk_ids", {T, 2}),
+                     get(fx, p + "router_logits", {T, c.num_local_experts}), c.num_local_experts,
+                     c.router_jitter_noise, 0, flipped);
       // Where a layer's output error comes from: the MoE's output, or the residual stream x + attention
       // (HF's is out - moe.y).
       const auto hf_y = get(fx, p + "moe.y", {T, H}), hf_out = get(fx, p + "out", {T, H});
       std::vector<float> hf_resid(hf_out.size());
       for (size_t i = 0; i < hf_out.size(); ++i) hf_resid[i] = hf_out[i] - hf_y[i];
-      stage("layer " + std::to_string(l) + " MoE output", tr.moe_y[l], hf_y);
-      stage("layer " + std::to_string(l) + " residual x + attention", tr.resid[l], hf_resid);
-      stage("layer " + std::to_string(l) + " output (residual stream)", tr.layer_out[l], get(fx, p + "out", {T, H}));
+      stage("layer " + std::to_string(l) + " MoE output", tr.moe_y[l], hf_y, flipped, H);
+      stage("layer " + std::to_string(l) + " residual x + attention", tr.resid[l], hf_resid, flipped, H);
+      stage("layer " + std::to_string(l) + " output (residual stream)", tr.layer_out[l], get(fx, p + "out", {T, H}),
+            flipped, H);
     }
-    stage("final norm", tr.norm_out, get(fx, "norm_out", {T, H}));
-    stage("logits (prefill)", tr.logits, hf_logits);
-    argmax_check("prefill", tr.logits, hf_logits, T, V);
+    CHECK_MESSAGE(flipped.size() * 8 <= size_t(T), flipped.size(), " of ", T, " rows flipped: more than near-ties");
+    stage("final norm", tr.norm_out, get(fx, "norm_out", {T, H}), flipped, H);
+    stage("logits (prefill)", tr.logits, hf_logits, flipped, V);
+    argmax_check("prefill", tr.logits, hf_logits, T, V, flipped);
   }
 
   SUBCASE("prefill of a prefix, then one token at a time through the KV cache") {
     const int prefill = T / 2;
     GpuPhimoe m(ckpt, T);  // exactly T rows: decoding past the cache would throw
-    std::vector<float> all = m.forward(std::vector<int>(ids.begin(), ids.begin() + prefill)).logits;
+    std::set<int> flipped;
+    auto note_flips = [&](const Trace& tr, int row0) {
+      for (int l = 0; l < L; ++l) {
+        const std::string p = "layers." + std::to_string(l) + ".";
+        routing_report("layer " + std::to_string(l) + " rows from " + std::to_string(row0), tr.routing[l],
+                       get(fx, p + "topk_ids", {T, 2}), get(fx, p + "router_logits", {T, c.num_local_experts}),
+                       c.num_local_experts, c.router_jitter_noise, row0, flipped);
+      }
+    };
+    const Trace first = m.forward(std::vector<int>(ids.begin(), ids.begin() + prefill));
+    note_flips(first, 0);
+    std::vector<float> all = first.logits;
     double worst = 0;
     int worst_pos = -1;
     for (int p = prefill; p < T; ++p) {
       const Trace tr = m.forward({ids[p]});
+      note_flips(tr, p);
       const double e = rel_l2(tr.logits, rows_of(hf_logits, V, p, 1));
-      if (e > worst) worst = e, worst_pos = p;
+      if (!flipped.count(p) && e > worst) worst = e, worst_pos = p;
       all.insert(all.end(), tr.logits.begin(), tr.logits.end());
     }
-    MESSAGE("decode steps: worst single-row logits rel-L2 ", worst, " at position ", worst_pos);
+    MESSAGE("decode steps: worst single-row logits rel-L2 ", worst, " at position ", worst_pos, " (rows with a "
+            "routing flip left out)");
+    CHECK_MESSAGE(flipped.size() * 8 <= size_t(T), flipped.size(), " of ", T, " rows flipped: more than near-ties");
     stage("logits (prefill " + std::to_string(prefill) + " + " + std::to_string(T - prefill) + " decode steps)", all,
-          hf_logits);
-    argmax_check("prefill + decode", all, hf_logits, T, V);
+          hf_logits, flipped, V);
+    argmax_check("prefill + decode", all, hf_logits, T, V, flipped);
   }
 }
 
