@@ -179,7 +179,9 @@ struct GpuMoeLayer::Impl {
   // per-token kernel up to fused_router_max_t, else cuBLAS + route_topk. EPLAB_ROUTER=cublas|fused|tiled forces one
   // (fused / tiled fall back when they cannot run the shape).
   RouterImpl router_impl = RouterImpl::Auto;
-  bool use_decode = true;  // direct path with T*k <= 32: experts_decode (EPLAB_DECODE=0: experts_direct)
+  // direct path with T*k <= 32: experts_direct by default; experts_decode with EPLAB_DECODE=1. Measured on an
+  // H200 (notes/perf-02.md, v5): experts_decode is slower (T=1 0.048 vs 0.041 ms, T=8 0.119 vs 0.095 ms).
+  bool use_decode = false;
   bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
@@ -236,7 +238,7 @@ struct GpuMoeLayer::Impl {
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
     if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
     if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
-    if (const char* s = std::getenv("EPLAB_DECODE"); s && std::string(s) == "0") use_decode = false;
+    if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) use_decode = std::string(s) != "0";
     if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
   }
 

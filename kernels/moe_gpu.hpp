@@ -89,7 +89,8 @@ class GpuMoeLayer {
   void set_router_impl(RouterImpl r);
   RouterImpl last_router_impl() const;
   // Direct small-batch path with T*k <= 32: the decode experts kernels (experts_decode.cuh), with programmatic
-  // dependent launch when pdl. Off: experts_direct. Defaults on/on; EPLAB_DECODE=0, EPLAB_PDL=0.
+  // dependent launch when pdl. Off: experts_direct. Defaults off/on (measured slower: notes/perf-02.md v5);
+  // EPLAB_DECODE=1, EPLAB_PDL=0.
   void set_decode_kernels(bool on, bool pdl = true);
   int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
   // The routing of the last forward_device / forward (ids and multipliers as the GPU computed them), copied

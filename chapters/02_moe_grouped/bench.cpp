@@ -163,8 +163,8 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
               stages.str().c_str());
   std::printf("(via: router + expert strategy; permute includes the dispatch plan; experts includes SwiGLU;"
               " with the fused or tiled router the router column includes routing (one kernel); on the weight-stream"
-              " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=0,"
-              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the older paths)\n");
+              " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=1,"
+              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the other paths)\n");
   CUDA_CHECK(cudaStreamDestroy(s));
   CUDA_CHECK(cudaFree(flush));
   CUDA_CHECK(cudaFree(d_x));

@@ -694,15 +694,28 @@ void argmax_check(const std::string& what, const std::vector<float>& got, const 
 // relative to the logits' scale) below kFlipMargin, 5x the relative error of the router's input; a routing
 // bug flips rows with large margins. Flipped rows are added to `flipped` and left out of later comparisons.
 constexpr float kFlipMargin = 5e-2f;
+// A multiplier more than kWeightFlip from HF's with the same experts is a flip of sparsemixer's threshold
+// mask (a hard decision at 2 * jitter_eps): counted and left out like an expert flip.
+constexpr float kWeightFlip = 1e-2f;
 void routing_report(const std::string& what, const Routing& got, const std::vector<float>& hf_ids,
-                    const std::vector<float>& hf_logits, int E, float eps, int row0, std::set<int>& flipped) {
+                    const std::vector<float>& hf_w, const std::vector<float>& hf_logits, int E, float eps, int row0,
+                    std::set<int>& flipped) {
   int flips = 0;
   std::string list;
   for (int t = 0; t < got.tokens; ++t) {
-    bool differs = false;
-    for (int j = 0; j < got.k; ++j) differs |= got.id(t, j) != int(hf_ids[size_t(row0 + t) * 2 + j]);
+    bool differs = false, weight_only = true;
+    for (int j = 0; j < got.k; ++j) {
+      const bool id_differs = got.id(t, j) != int(hf_ids[size_t(row0 + t) * 2 + j]);
+      differs |= id_differs || std::fabs(got.weight(t, j) - hf_w[size_t(row0 + t) * 2 + j]) > kWeightFlip;
+      weight_only &= !id_differs;
+    }
     if (!differs) continue;
     ++flips;
+    if (weight_only) {
+      list += " row " + std::to_string(row0 + t) + " (multiplier: mask near-tie)";
+      flipped.insert(row0 + t);
+      continue;
+    }
     const float m = routing_margin(RouterKind::SparseMixer, hf_logits, row0 + t, E, eps);
     list += " row " + std::to_string(row0 + t) + " (HF margin " + std::to_string(m) + ")";
     CHECK_MESSAGE(m <= kFlipMargin, what, " row ", row0 + t, ": routed differently from HF although HF's decision "
@@ -741,7 +754,8 @@ TEST_CASE("tiny HF PhiMoE end to end on the GPU kernels: embedding .. lm_head vs
       stage("layer " + std::to_string(l) + " MoE input (attention + post-norm)", tr.moe_x[l],
             get(fx, p + "moe.x", {T, H}), flipped, H);
       routing_report("layer " + std::to_string(l), tr.routing[l], get(fx, p + "topk_ids", {T, 2}),
-                     get(fx, p + "router_logits", {T, c.num_local_experts}), c.num_local_experts,
+                     get(fx, p + "topk_weights", {T, 2}), get(fx, p + "router_logits", {T, c.num_local_experts}),
+                     c.num_local_experts,
                      c.router_jitter_noise, 0, flipped);
       // Where a layer's output error comes from: the MoE's output, or the residual stream x + attention
       // (HF's is out - moe.y).
@@ -767,7 +781,8 @@ TEST_CASE("tiny HF PhiMoE end to end on the GPU kernels: embedding .. lm_head vs
       for (int l = 0; l < L; ++l) {
         const std::string p = "layers." + std::to_string(l) + ".";
         routing_report("layer " + std::to_string(l) + " rows from " + std::to_string(row0), tr.routing[l],
-                       get(fx, p + "topk_ids", {T, 2}), get(fx, p + "router_logits", {T, c.num_local_experts}),
+                       get(fx, p + "topk_ids", {T, 2}), get(fx, p + "topk_weights", {T, 2}),
+                       get(fx, p + "router_logits", {T, c.num_local_experts}),
                        c.num_local_experts, c.router_jitter_noise, row0, flipped);
       }
     };
