@@ -8,7 +8,7 @@
 namespace eplab::gpu {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 16;  // decode: T * heads blocks only (16 for Phi-tiny), so each block spreads its keys over 16 warps
 constexpr int kMaxPerLane = 8;  // D <= 32 * 8 = 256
 constexpr int kMaxD = 32 * kMaxPerLane;
 

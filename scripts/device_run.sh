@@ -61,7 +61,7 @@ if has bench04; then
 fi
 if has bench03; then
   log bench03; for g in 1 2; do $B/chapters/03_manual_placement/03_manual_placement --bench --gpus $g > "$OUT/bench03_g$g.log" 2>&1; tail -15 "$OUT/bench03_g$g.log"; done
-  $B/chapters/03_manual_placement/03_manual_placement --device gpu --gpus 2 --tokens 1000 > "$OUT/ch03_split.log" 2>&1; tail -25 "$OUT/ch03_split.log"
+  $B/chapters/03_manual_placement/03_manual_placement --model $B/test-models/mini --device gpu --gpus 2 --tokens 1000 > "$OUT/ch03_split.log" 2>&1; tail -25 "$OUT/ch03_split.log"
 fi
 cd "$OUT" && ls *.log > /dev/null 2>&1 && tar czf logs.tgz *.log *.json 2>/dev/null; rm -f "$OUT"/*.log "$OUT"/*.json
 echo "device_run: done"

@@ -217,8 +217,9 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
   //     line when there are more ranks than GPUs); the first GPU for N = 1
   std::unique_ptr<dist::Communicator> nccl;
   std::string gpu_name;
+  const bool ep = N >= 2 || o.moe_path == "ep";  // the EP engine (NCCL, one GPU per rank), even for one rank
   dist::all_or_none(mpi, [&] {
-    if (N >= 2) {
+    if (ep) {
       nccl = dist::make_nccl_communicator();
       gpu_name = nccl->describe();
     } else {
@@ -246,8 +247,9 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
   }
 
   // --- load: replicated tensors + this rank's experts (N >= 2) or all of them (N = 1)
-  say(strf("loading %d layers to the GPU%s (bf16): norms, attention, router + %s ...\n", L, N > 1 ? "s" : "",
-           N > 1 ? "this rank's experts" : strf("all %d experts", E).c_str()));
+  say(strf("loading %d layers to the GPU%s (bf16): norms, attention, router + %s (MoE: %s) ...\n", L,
+           N > 1 ? "s" : "", N > 1 ? "this rank's experts" : strf("all %d experts", E).c_str(),
+           ep ? "the EP engine, NCCL" : "chapter 02's layer, CUDA graphs"));
   WallTimer load_clk;
   std::optional<GpuPhimoeModel> model;
   dist::all_or_none(mpi, [&] {
@@ -255,7 +257,7 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     mo.max_len = max_len;
     mo.max_batch = B;
     mo.max_rows = rows;
-    if (N >= 2) {
+    if (ep) {
       mo.moe = make_ep_moe_step(*nccl, placement, ckpt, EpLayout::InPlace);
       mo.stream = nccl->stream();
     }

@@ -64,6 +64,7 @@ _p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
 _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
 _p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
+_p5_error(bad_moe_path "--moe-path" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --moe-path fast)
 _p5_error(gpu_no_trace "GPU path does not record routing" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu
           --trace ${_p5_dir}/gpu.jsonl)
 
@@ -85,10 +86,13 @@ foreach(pl linear round-robin)
           --prompt-ids 7 --max-new-tokens 8)
 endforeach()
 _p5_gpu(np2_one_token 2 ${_p5} ${_p5_m} --device gpu --prompt-ids 5 --max-new-tokens 4)  # rank 1 owns no rows
+_p5_gpu(np1_ep_engine 1 ${_p5} ${_p5_m} --device gpu --moe-path ep --prompt-ids 1,450,4996,17354 --prompt-ids 7
+        --max-new-tokens 8)
 # the tokens on GPUs do not depend on the EP size or the placement either
 add_test(NAME phi_tiny_ep_gpu_same_tokens
          COMMAND ${_p5_skip} 2 ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
                  -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir} -DDEVICE=gpu "-DRUNS=1 linear;2 linear;2 round-robin"
+                 "-DEXTRA=--moe-path;ep"
                  -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
 set_tests_properties(phi_tiny_ep_gpu_same_tokens PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
 _p5_props(phi_tiny_ep_gpu_same_tokens TIMEOUT 400)
