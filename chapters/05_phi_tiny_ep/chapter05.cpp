@@ -95,4 +95,42 @@ nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>&
   return texts;
 }
 
+std::pair<nlohmann::json, nlohmann::json> print_routing_counts(const EpMoeCounts& cnt, int L, int E, int N) {
+  std::vector<std::string> head{"layer"};
+  for (int e = 0; e < E; ++e) head.push_back(strf("e%d", e));
+  Table te(head);
+  for (int l = 0; l < L; ++l) {
+    std::vector<std::string> row{strf("%d", l)};
+    for (int e = 0; e < E; ++e) row.push_back(strf("%lld", (long long)cnt.expert_rows[l][e]));
+    te.add_row(row);
+  }
+  std::printf("\nrows per expert and layer (a row = one token's choice of that expert), all steps:\n%s",
+              te.str().c_str());
+  std::vector<std::string> rhead{"layer"};
+  for (int r = 0; r < N; ++r) rhead.push_back(strf("rank %d", r));
+  rhead.push_back("max/mean");
+  rhead.push_back("off-rank");
+  Table tr(rhead);
+  nlohmann::json jrank = nlohmann::json::array(), jexp = nlohmann::json::array();
+  for (int l = 0; l < L; ++l) {
+    const std::vector<std::int64_t> rr = cnt.rank_rows(l);
+    std::int64_t tot = 0, mx = 0;
+    std::vector<std::string> row{strf("%d", l)};
+    for (std::int64_t v : rr) {
+      row.push_back(strf("%lld", (long long)v));
+      tot += v;
+      mx = std::max(mx, v);
+    }
+    row.push_back(tot ? strf("%.2f", double(mx) * N / tot) : "-");
+    row.push_back(tot ? strf("%.0f%%", 100.0 * cnt.off_rank_rows(l) / tot) : "-");
+    tr.add_row(row);
+    jrank.push_back(rr);
+    jexp.push_back(cnt.expert_rows[l]);
+  }
+  std::printf("\nrows per rank and layer (max/mean = load imbalance: the busiest rank sets the pace; "
+              "off-rank = rows the all-to-all moved to another rank):\n%s",
+              tr.str().c_str());
+  return {jexp, jrank};
+}
+
 }  // namespace eplab

@@ -11,7 +11,9 @@
 #include "dist/communicator.hpp"
 #include "model/checkpoint.hpp"
 #include "model/tokenizer.hpp"
+#include "moe/ep_moe_cpu.hpp"
 #include "moe/placement.hpp"
+#include "trace_writer.hpp"
 #include "util/cli.hpp"
 
 namespace eplab {
@@ -44,10 +46,14 @@ double rss_bytes();  // resident memory of this process (VmRSS); 0 where /proc i
 nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
                                const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out);
 
+// Prints per layer the rows (token choices) per expert and per rank, summed over the run, with the load
+// imbalance and the share of rows that crossed ranks; returns them as JSON (per expert, per rank).
+std::pair<nlohmann::json, nlohmann::json> print_routing_counts(const EpMoeCounts& cnt, int L, int E, int N);
+
 // The GPU path (run_gpu.cpp): -np 1 (one GPU, every expert) or -np N (NCCL expert parallelism, one GPU per
 // rank). Every rank calls it; returns the exit code.
 int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, const Placement& placement,
             const std::optional<Tokenizer>& tok, const std::vector<std::vector<int>>& prompts,
-            const std::vector<int>& stop_ids);
+            const std::vector<int>& stop_ids, TraceWriter& trace);
 
 }  // namespace eplab

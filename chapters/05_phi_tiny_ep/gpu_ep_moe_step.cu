@@ -9,6 +9,7 @@
 
 #include "cuda_check.hpp"
 #include "ep/ep_moe_gpu.hpp"
+#include "moe/ep_moe_cpu.hpp"  // rows_of: the same row blocks as the CPU path
 #include "util/check.hpp"
 
 namespace eplab {
@@ -34,10 +35,10 @@ class EpMoeStep final : public GpuMoeStep {
   void forward(int layer, const void* d_h, int R, void* d_y, CUstream_st* s) override {
     require(s == comm_.stream(), "EP MoE step: the model must run on the communicator's stream");
     const int N = comm_.size(), r = comm_.rank();
-    const int S = (R + N - 1) / N;
-    auto share = [&](int rank, int& first, int& rows) {
-      first = std::min(R, rank * S);
-      rows = std::min(R, first + S) - first;
+    auto share = [&](int rank, int& first, int& rows) {  // the CPU path's blocks (ep_moe_cpu.hpp)
+      const RowRange rr = rows_of(rank, N, R);
+      first = rr.first;
+      rows = rr.count;
     };
     int r0 = 0, n = 0;
     share(r, r0, n);
@@ -90,7 +91,7 @@ class EpMoeStep final : public GpuMoeStep {
     out.tokens = R;
     out.k = k;
     for (int p = 0; p < N; ++p) {
-      const int first = std::min(R, p * S), rows = std::min(R, first + S) - first;
+      const int rows = rows_of(p, N, R).count;
       for (int i = 0; i < rows * k; ++i) {
         const std::int64_t* e = &all[(std::size_t(p) * S * k + i) * 2];
         const std::uint32_t bits = std::uint32_t(e[1]);

@@ -2,8 +2,8 @@
 //
 // Every rank runs attention for the whole batch (replicated, like the CPU path), so every rank holds the
 // same rows h [R, H] when a layer's MoE begins. The EP step then
-//   1. takes this rank's share of the rows: rank r owns rows [r·S, min(R, (r+1)·S)), S = ceil(R / N)
-//      (as data-parallel attention would have left them);
+//   1. takes this rank's share of the rows: the block rows_of(r, N, R) (R / N rows, the first R mod N ranks
+//      one more: the CPU path's blocks, common/moe/ep_moe_cpu.hpp), as data-parallel attention would leave them;
 //   2. runs chapter 04's expert-parallel layer on them (EpMoeGpu, kernels/ep/ep_moe_gpu.hpp): route with the
 //      replicated gate, NCCL all-to-all-v to the experts' ranks, this rank's experts, all-to-all-v back,
 //      weighted sum;

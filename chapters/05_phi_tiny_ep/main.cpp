@@ -91,8 +91,6 @@ int run(int argc, char** argv) {
     early = parse_cli(app, argc, argv);
     std::cout.clear();
     if (early) return;
-    require(o.common.device != "gpu" || o.trace.empty(), "--trace: the GPU path does not record routing yet; "
-            "use --device cpu for a trace");
     require(!o.bench || o.common.device == "gpu", "--bench measures the GPU path: add --device gpu");
     if (o.common.device == "gpu") choose_device("gpu");  // one line, not a crash, when there is no GPU
     require(o.max_new_tokens >= 1, "--max-new-tokens must be >= 1, got ", o.max_new_tokens);
@@ -140,7 +138,7 @@ int run(int argc, char** argv) {
     }
   });
   if (early) return *early;
-  if (o.common.device == "gpu") return run_gpu(o, comm, *ckpt, *placement, tok, prompts, stop_ids);
+  if (o.common.device == "gpu") return run_gpu(o, comm, *ckpt, *placement, tok, prompts, stop_ids, trace);
   const ModelConfig& c = ckpt->config();
   const int L = c.num_hidden_layers, E = c.num_local_experts, H = c.hidden_size, B = int(prompts.size());
 
@@ -284,41 +282,7 @@ int run(int argc, char** argv) {
                 100 * t_comb / moe, t_gath, 100 * t_gath / moe);
 
     // per layer: rows (token choices) per expert and per rank, summed over the run
-    const EpMoeCounts& cnt = ep->counts();
-    std::vector<std::string> head{"layer"};
-    for (int e = 0; e < E; ++e) head.push_back(strf("e%d", e));
-    Table te(head);
-    for (int l = 0; l < L; ++l) {
-      std::vector<std::string> row{strf("%d", l)};
-      for (int e = 0; e < E; ++e) row.push_back(strf("%lld", (long long)cnt.expert_rows[l][e]));
-      te.add_row(row);
-    }
-    std::printf("\nrows per expert and layer (a row = one token's choice of that expert), all steps:\n%s",
-                te.str().c_str());
-    std::vector<std::string> rhead{"layer"};
-    for (int r = 0; r < N; ++r) rhead.push_back(strf("rank %d", r));
-    rhead.push_back("max/mean");
-    rhead.push_back("off-rank");
-    Table tr(rhead);
-    nlohmann::json jrank = nlohmann::json::array(), jexp = nlohmann::json::array();
-    for (int l = 0; l < L; ++l) {
-      const std::vector<std::int64_t> rr = cnt.rank_rows(l);
-      std::int64_t tot = 0, mx = 0;
-      std::vector<std::string> row{strf("%d", l)};
-      for (std::int64_t v : rr) {
-        row.push_back(strf("%lld", (long long)v));
-        tot += v;
-        mx = std::max(mx, v);
-      }
-      row.push_back(tot ? strf("%.2f", double(mx) * N / tot) : "-");
-      row.push_back(tot ? strf("%.0f%%", 100.0 * cnt.off_rank_rows(l) / tot) : "-");
-      tr.add_row(row);
-      jrank.push_back(rr);
-      jexp.push_back(cnt.expert_rows[l]);
-    }
-    std::printf("\nrows per rank and layer (max/mean = load imbalance: the busiest rank sets the pace; "
-                "off-rank = rows the all-to-all moved to another rank):\n%s",
-                tr.str().c_str());
+    const auto [jexp, jrank] = print_routing_counts(ep->counts(), L, E, N);
     if (trace.active()) std::printf("trace: %d steps x %d layers = %d lines in %s\n", steps, L, steps * L, o.trace.c_str());
 
     std::printf("\ngenerated tokens: fnv1a64=%016llx (equal for every EP size and placement)\n",

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <memory>
 
 #include "chapter05.hpp"
@@ -77,8 +78,12 @@ RowRouting routing_of_row(const std::vector<Routing>& layers, int row) {
   return rr;
 }
 
+// Called after every forward (outside the timed part) with the tokens it was fed and every layer's routing
+// of its rows (the EP step gathers them from all ranks: every rank calls it).
+using StepHook = std::function<void(int step, const std::vector<std::vector<int>>& fed, const std::vector<Routing>&)>;
+
 GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prompts, int max_new,
-                const std::vector<int>& stop_ids, bool record_routing) {
+                const std::vector<int>& stop_ids, bool record_routing, const StepHook& hook) {
   const int B = int(prompts.size()), V = model.config().vocab_size;
   GpuRun r;
   r.out.assign(std::size_t(B), {});
@@ -93,11 +98,14 @@ GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prom
     r.prefill_tokens += long(p.size());
     last_rows.push_back(int(r.prefill_tokens) - 1);
   }
-  for (;;) {
-    if (record_routing) {  // outside the timed forwards: it synchronises and copies every layer's routing
+  std::vector<std::vector<int>> fed = prompts;
+  for (int step = 0;; ++step) {
+    if (record_routing || hook) {  // outside the timed forwards: it synchronises and copies every layer's routing
       const std::vector<Routing> rt = model.last_routing();
-      for (int b = 0; b < B; ++b)
-        if (!done[b]) r.routing[b].push_back(routing_of_row(rt, last_rows[b]));
+      if (record_routing)
+        for (int b = 0; b < B; ++b)
+          if (!done[b]) r.routing[b].push_back(routing_of_row(rt, last_rows[b]));
+      if (hook) hook(step, fed, rt);
     }
     for (int b = 0; b < B; ++b) last_rows[b] = b;  // decode: one row per sequence
     std::vector<std::vector<int>> next(static_cast<std::size_t>(B));
@@ -112,6 +120,7 @@ GpuRun generate(GpuPhimoeModel& model, const std::vector<std::vector<int>>& prom
       next[b] = {done[b] ? r.out[b].back() : t};
     }
     if (live == 0) break;
+    fed = next;
     clk.reset();
     logits = model.forward_batch(next);
     r.decode_ms += clk.ms();
@@ -203,7 +212,7 @@ double bench_decode(GpuPhimoeModel& model, Rng& rng, int B) {
 
 int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, const Placement& placement,
             const std::optional<Tokenizer>& tok, const std::vector<std::vector<int>>& prompts,
-            const std::vector<int>& stop_ids) {
+            const std::vector<int>& stop_ids, TraceWriter& trace) {
   const ModelConfig& c = ckpt.config();
   const int rank = mpi.rank(), N = mpi.size(), V = c.vocab_size, L = c.num_hidden_layers, E = c.num_local_experts;
   auto say = [&](const std::string& s) {
@@ -328,7 +337,37 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
 
   // --- greedy generation, every prompt in one batch
   const bool checking = double(ckpt.disk_counts().bytes) < kReferenceMaxBytes;
-  GpuRun run = generate(*model, prompts, o.max_new_tokens, stop_ids, checking);
+  // Per layer: rows per expert, and the rank-to-rank traffic of rows (token's rank -> expert's rank), over
+  // the whole run; and the --trace lines. Row r of a forward belongs to the rank rows_of() gives it (the
+  // EP step's shares).
+  EpMoeCounts counts;
+  counts.expert_rows.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(E), 0));
+  counts.traffic.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(N) * N, 0));
+  std::vector<int> rank_of_expert(static_cast<std::size_t>(E));
+  for (int e = 0; e < E; ++e) rank_of_expert[e] = placement.owner(e);
+  int steps = 0;
+  const StepHook hook = [&](int step, const std::vector<std::vector<int>>& fed, const std::vector<Routing>& rt) {
+    steps = step + 1;
+    if (rank != 0) return;
+    std::vector<int> ids, rank_of_row;
+    std::vector<std::string> pieces;
+    for (const auto& f : fed) ids.insert(ids.end(), f.begin(), f.end());
+    for (int r = 0; r < N; ++r) rank_of_row.insert(rank_of_row.end(), rows_of(r, N, int(ids.size())).count, r);
+    if (tok)
+      for (int id : ids) pieces.push_back(safe_piece(*tok, id));
+    for (int l = 0; l < L; ++l) {
+      const Routing& r = rt[std::size_t(l)];
+      for (int t = 0; t < r.tokens; ++t)
+        for (int j = 0; j < r.k; ++j) {
+          const int e = r.id(t, j);
+          if (e < 0 || e >= E) continue;
+          ++counts.expert_rows[l][e];
+          ++counts.traffic[l][std::size_t(rank_of_row[t]) * N + rank_of_expert[e]];
+        }
+      if (trace.active()) trace.write(step, l, N, E, c.hidden_size, ids, pieces, r, rank_of_expert, rank_of_row);
+    }
+  };
+  GpuRun run = generate(*model, prompts, o.max_new_tokens, stop_ids, checking, hook);
   const double prefill_ms = mpi.max(run.prefill_ms), decode_ms = mpi.max(run.decode_ms);
   const std::uint64_t sum = fnv1a(run.out);
   const std::int64_t sum63 = std::int64_t(sum >> 1);
@@ -346,6 +385,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     std::printf("  prefill: %ld tokens in %.1f ms = %.1f tokens/s\n", run.prefill_tokens, prefill_ms, pf);
     std::printf("  decode:  %ld tokens in %.1f ms = %.1f tokens/s (batch %d)\n", run.decode_tokens, decode_ms, dc,
                 int(prompts.size()));
+    const auto [jexp, jrank] = print_routing_counts(counts, L, E, N);
+    if (trace.active()) std::printf("trace: %d steps x %d layers = %d lines\n", steps, L, steps * L);
     std::printf("\ngenerated tokens: fnv1a64=%016llx\n", (unsigned long long)sum);
 
     std::string verdict;
@@ -382,6 +423,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
                   {"prefill", {{"tokens", run.prefill_tokens}, {"ms", prefill_ms}, {"tokens_per_s", pf}}},
                   {"decode",
                    {{"tokens", run.decode_tokens}, {"ms", decode_ms}, {"tokens_per_s", dc}, {"batch", int(prompts.size())}}},
+                  {"rows_per_expert", jexp},
+                  {"rows_per_rank", jrank},
                   {"weight_bytes", model->weight_bytes()},
                   {"gpu_memory_used_bytes", gpu_memory_used_bytes()},
                   {"verdict", verdict},

@@ -11,7 +11,7 @@ set(_p5 $<TARGET_FILE:05_phi_tiny_ep>)
 include(${EPLAB_SOURCE_DIR}/tests/cli/mpi_launch.cmake)  # the same launcher and environment as chapter 04's
 set(_p5_m --model ${EPLAB_TEST_MODEL})
 set(_p5_dir ${CMAKE_CURRENT_BINARY_DIR}/phi_tiny_ep)
-file(MAKE_DIRECTORY ${_p5_dir})
+file(MAKE_DIRECTORY ${_p5_dir} ${_p5_dir}/gpu)
 set(_p5_tok ${EPLAB_SOURCE_DIR}/tests/data/tokenizer/tokenizer.json)
 
 function(_p5_props name)
@@ -65,8 +65,6 @@ _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
 _p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
 _p5_error(bad_moe_path "--moe-path" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --moe-path fast)
-_p5_error(gpu_no_trace "GPU path does not record routing" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --device gpu
-          --trace ${_p5_dir}/gpu.jsonl)
 
 # --- the GPU path: label gpu, skipped (77) without enough GPUs. -np 1: one GPU with every expert; -np 2: EP over
 #     NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
@@ -96,3 +94,10 @@ add_test(NAME phi_tiny_ep_gpu_same_tokens
                  -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
 set_tests_properties(phi_tiny_ep_gpu_same_tokens PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
 _p5_props(phi_tiny_ep_gpu_same_tokens TIMEOUT 400)
+# --trace on GPUs: the same trace format and checks as the CPU run (2 ranks, round-robin, --chat, --json)
+add_test(NAME phi_tiny_ep_gpu_trace_json
+         COMMAND ${_p5_skip} 2 ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
+                 -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir}/gpu -DDEVICE=gpu -DMODE=trace
+                 -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
+set_tests_properties(phi_tiny_ep_gpu_trace_json PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
+_p5_props(phi_tiny_ep_gpu_trace_json)
