@@ -93,9 +93,10 @@ struct LayerWeights {
 // ------------------------------------------------------------------ every expert on this GPU
 class LocalMoeStep final : public GpuMoeStep {
  public:
-  explicit LocalMoeStep(const Checkpoint& ckpt) {
+  LocalMoeStep(const Checkpoint& ckpt, const LoadProgress& progress) {
     const ModelConfig& c = ckpt.config();
     for (int l = 0; l < c.num_hidden_layers; ++l) {
+      if (progress) progress("experts", l, c.num_hidden_layers);
       layers_.push_back(std::make_unique<GpuMoeLayer>(load_moe_layer(ckpt, l), c.router, c.num_experts_per_tok,
                                                       c.router_jitter_noise));
       // The model captures whole decode steps; a layer capturing its own graph inside that would fail.
@@ -128,8 +129,10 @@ bool graphs_wanted_by_env() {
 
 void GpuMoeStep::synchronize(CUstream_st* s) { CUDA_CHECK(cudaStreamSynchronize(s)); }
 
-std::unique_ptr<GpuMoeStep> make_local_moe_step(const Checkpoint& ckpt) {
-  return std::make_unique<LocalMoeStep>(ckpt);
+std::unique_ptr<GpuMoeStep> make_local_moe_step(const Checkpoint& ckpt, const LoadProgress& progress) {
+  std::unique_ptr<GpuMoeStep> step = std::make_unique<LocalMoeStep>(ckpt, progress);
+  if (progress) progress("experts", ckpt.config().num_hidden_layers, ckpt.config().num_hidden_layers);
+  return step;
 }
 
 struct GpuPhimoeModel::Impl {
@@ -314,6 +317,7 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
   const std::size_t cache_elems = std::size_t(opt.max_batch) * max_len * NKV;
   I.embed = I.upload(ckpt, names::embed_tokens(), {V, H});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
+    if (opt.progress) opt.progress("attention", l, c.num_hidden_layers);
     LayerWeights L;
     L.ln_in_w = I.upload(ckpt, names::layer_norm(l, "input", "weight"), {H});
     L.ln_in_b = I.upload(ckpt, names::layer_norm(l, "input", "bias"), {H});
@@ -337,7 +341,8 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
   I.final_b = I.upload(ckpt, names::final_norm("bias"), {H});
   if (!c.tie_word_embeddings) I.lm_w = I.upload(ckpt, names::lm_head("weight"), {V, H});
   if (c.lm_head_bias) I.lm_b = I.upload(ckpt, names::lm_head("bias"), {V});
-  I.moe = opt.moe ? std::move(opt.moe) : make_local_moe_step(ckpt);
+  if (opt.progress) opt.progress("attention", c.num_hidden_layers, c.num_hidden_layers);
+  I.moe = opt.moe ? std::move(opt.moe) : make_local_moe_step(ckpt, opt.progress);
 
   const std::size_t R = std::size_t(max_rows), NB = std::size_t(opt.max_batch);
   for (auto* buf : {&I.x, &I.h, &I.o, &I.y}) *buf = DevArray<bf16_bits>(R * H);

@@ -26,6 +26,7 @@
 // Host-only header (no CUDA types), so a .cpp chapter can use it.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,8 +55,11 @@ class GpuMoeStep {
   virtual void synchronize(CUstream_st* s);
 };
 
+// Loading progress: called after each layer's part is on the GPU (what: "attention" or "experts").
+using LoadProgress = std::function<void(const char* what, int layers_done, int layers)>;
+
 // Every expert of every layer on the current GPU (GpuMoeLayer, the grouped path of chapter 02).
-std::unique_ptr<GpuMoeStep> make_local_moe_step(const Checkpoint& ckpt);
+std::unique_ptr<GpuMoeStep> make_local_moe_step(const Checkpoint& ckpt, const LoadProgress& progress = nullptr);
 
 struct GpuModelOptions {
   int max_len = 0;                  // KV-cache rows per sequence (prompt + new tokens)
@@ -64,6 +68,7 @@ struct GpuModelOptions {
   std::unique_ptr<GpuMoeStep> moe;  // null: make_local_moe_step(ckpt)
   CUstream_st* stream = nullptr;    // null: the model makes its own (EP: the communicator's stream)
   bool graphs = true;               // capture decode steps (when the MoE step is graph-safe)
+  LoadProgress progress;            // optional: per layer of replicated tensors, and of the local experts
 };
 
 class GpuPhimoeModel {

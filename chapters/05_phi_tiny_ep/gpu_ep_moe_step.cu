@@ -17,7 +17,8 @@ namespace {
 
 class EpMoeStep final : public GpuMoeStep {
  public:
-  EpMoeStep(dist::Communicator& comm, const Placement& placement, const Checkpoint& ckpt, EpLayout layout)
+  EpMoeStep(dist::Communicator& comm, const Placement& placement, const Checkpoint& ckpt, EpLayout layout,
+            const LoadProgress& progress)
       : comm_(comm), placement_(placement) {
     const ModelConfig& c = ckpt.config();
     require(comm.memory() == dist::Memory::Device, "EP on GPUs needs the NCCL communicator");
@@ -25,6 +26,7 @@ class EpMoeStep final : public GpuMoeStep {
     const std::vector<int>& mine = placement.experts_of(comm.rank());
     hidden_ = c.hidden_size;
     for (int l = 0; l < c.num_hidden_layers; ++l) {
+      if (progress) progress("experts", l, c.num_hidden_layers);
       const MoeLayerWeights w = load_moe_layer(ckpt, l, mine);
       layers_.push_back(std::make_unique<EpMoeGpu>(comm, placement, w, router, layout));
       bytes_ += layers_.back()->weight_bytes();
@@ -116,8 +118,10 @@ class EpMoeStep final : public GpuMoeStep {
 }  // namespace
 
 std::unique_ptr<GpuMoeStep> make_ep_moe_step(dist::Communicator& comm, const Placement& placement,
-                                             const Checkpoint& ckpt, EpLayout layout) {
-  return std::make_unique<EpMoeStep>(comm, placement, ckpt, layout);
+                                             const Checkpoint& ckpt, EpLayout layout, const LoadProgress& progress) {
+  std::unique_ptr<GpuMoeStep> step = std::make_unique<EpMoeStep>(comm, placement, ckpt, layout, progress);
+  if (progress) progress("experts", ckpt.config().num_hidden_layers, ckpt.config().num_hidden_layers);
+  return step;
 }
 
 }  // namespace eplab

@@ -24,6 +24,7 @@ namespace eplab {
 // Loads, for every layer, the gate and only this rank's experts (placement.experts_of(comm.rank())) to this
 // rank's GPU. comm must be a device (NCCL) communicator; the model must run on comm.stream().
 std::unique_ptr<GpuMoeStep> make_ep_moe_step(dist::Communicator& comm, const Placement& placement,
-                                             const Checkpoint& ckpt, EpLayout layout);
+                                             const Checkpoint& ckpt, EpLayout layout,
+                                             const LoadProgress& progress = nullptr);
 
 }  // namespace eplab

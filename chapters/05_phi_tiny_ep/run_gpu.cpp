@@ -261,13 +261,24 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
            ep ? "the EP engine, NCCL" : "chapter 02's layer, CUDA graphs"));
   WallTimer load_clk;
   std::optional<GpuPhimoeModel> model;
+  // A progress bar on rank 0 (every rank loads at about the same pace): one line, redrawn per layer.
+  const LoadProgress progress = [&](const char* what, int done, int layers) {
+    if (rank != 0) return;
+    constexpr int kWidth = 32;
+    const int filled = layers ? done * kWidth / layers : kWidth;
+    std::printf("\r  %-9s [%s%s] %2d/%d layers (%.1f s)%s", what, std::string(std::size_t(filled), '#').c_str(),
+                std::string(std::size_t(kWidth - filled), '.').c_str(), done, layers, load_clk.ms() / 1e3,
+                done == layers ? "\n" : "");
+    std::fflush(stdout);
+  };
   dist::all_or_none(mpi, [&] {
     GpuModelOptions mo;
+    mo.progress = progress;
     mo.max_len = max_len;
     mo.max_batch = B;
     mo.max_rows = rows;
     if (ep) {
-      mo.moe = make_ep_moe_step(*nccl, placement, ckpt, EpLayout::InPlace);
+      mo.moe = make_ep_moe_step(*nccl, placement, ckpt, EpLayout::InPlace, progress);
       mo.stream = nccl->stream();
     }
     model.emplace(GpuPhimoeModel::load(ckpt, std::move(mo)));
