@@ -40,7 +40,7 @@ struct LtPlan {
 struct LtDevice {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
-  std::map<std::tuple<int, int, int>, LtPlan> plans;  // (T, K, N); never freed: a few per model shape
+  std::map<std::tuple<int, int, int>, LtPlan> plans;  // (T, K, N): one per row count seen; never freed
 };
 constexpr std::size_t kLtWorkspace = 32u << 20;
 
@@ -56,9 +56,9 @@ LtPlan& lt_plan(int T, int K, int N, LtDevice*& dev_out) {
     CUDA_CHECK(cudaMalloc(&d.workspace, kLtWorkspace));
   }
   dev_out = &d;
-  auto [it, fresh] = d.plans.try_emplace({T, K, N});
-  LtPlan& p = it->second;
-  if (!fresh) return p;
+  if (auto it = d.plans.find({T, K, N}); it != d.plans.end()) return it->second;
+  // Built in full before it goes into the cache, so a failure here leaves no half-made plan behind.
+  LtPlan p;
   LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
@@ -84,7 +84,7 @@ LtPlan& lt_plan(int T, int K, int N, LtDevice*& dev_out) {
   cublasLtMatmulPreferenceDestroy(pref);
   require(found > 0, "linear: cuBLASLt has no bf16 GEMM with a bias epilogue for T ", T, " K ", K, " N ", N);
   p.algo = result.algo;
-  return p;
+  return d.plans.emplace(std::make_tuple(T, K, N), p).first->second;
 }
 
 // y = bf16(x W^T + b) with the bias added in fp32 by the epilogue (linear.cuh says why).
@@ -115,7 +115,11 @@ void run(cublasHandle_t h, const bf16* x, int T, int K, const bf16* w, int N, co
     bias_broadcast_kernel<Out><<<blocks, threads, 0, s>>>(b, total, N, y);
     CUDA_CHECK_LAUNCH();
   }
-  CUBLAS_CHECK(cublasSetStream(h, s));
+  // Only when it changes: cublasSetStream also resets the handle's workspace to cuBLAS's default pool, which
+  // would throw away a workspace the caller set for graph capture (GpuPhimoeModel does).
+  cudaStream_t current = nullptr;
+  CUBLAS_CHECK(cublasGetStream(h, &current));
+  if (current != s) CUBLAS_CHECK(cublasSetStream(h, s));
   cublasPointerMode_t mode;
   CUBLAS_CHECK(cublasGetPointerMode(h, &mode));
   CUBLAS_CHECK(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST));

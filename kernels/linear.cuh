@@ -14,8 +14,9 @@
 // Why: the projections are plain GEMMs (cuBLAS is at the roofline for them).
 // lm_head: use linear_f32 for fp32 logits (argmax and sampling compare them; bf16 logits would tie), and
 // only on the rows whose logits are needed (the last position of each sequence when generating).
-// Side effects: sets the handle's stream to `s`; restores its pointer mode. T = 0 is a no-op. y must not
-// alias x.
+// Side effects: sets the handle's stream to `s` when it is another one (which also resets the handle's
+// workspace: set the stream first, then the workspace); restores its pointer mode. T = 0 is a no-op. y must
+// not alias x. The cuBLASLt plans and workspace are per device and shared: one model per GPU at a time.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>

@@ -592,10 +592,15 @@ void GpuMoeLayer::set_decode_kernels(bool on, bool pdl) {
   impl_->warm.clear();
 }
 
-Routing GpuMoeLayer::last_routing() const {
+Routing GpuMoeLayer::last_routing() const { return last_routing(impl_->last_T); }
+
+std::uint64_t GpuMoeLayer::buffers_generation() const { return impl_->graphs_gen; }
+
+Routing GpuMoeLayer::last_routing(int rows) const {
   const Impl& m = *impl_;
+  require(rows >= 0, "GpuMoeLayer::last_routing: rows must be >= 0, got ", rows);
   Routing r;
-  r.tokens = m.last_T;
+  r.tokens = rows;
   r.k = m.k;
   r.ids.resize(std::size_t(r.tokens) * r.k);
   r.weights.resize(r.ids.size());

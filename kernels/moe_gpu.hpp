@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -94,8 +95,13 @@ class GpuMoeLayer {
   void set_decode_kernels(bool on, bool pdl = true);
   int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
   // The routing of the last forward_device / forward (ids and multipliers as the GPU computed them), copied
-  // to the host after a device-wide synchronisation. For reports and tests, not for hot loops.
+  // to the host after a device-wide synchronisation. For reports and tests, not for hot loops. A caller that
+  // replays the layer inside its own CUDA graph passes the graph's row count (host code did not run then).
   Routing last_routing() const;
+  Routing last_routing(int rows) const;
+  // Changes whenever a buffer of the layer is reallocated (a forward with more rows than before): a caller
+  // that captured the layer into its own CUDA graph must capture again.
+  std::uint64_t buffers_generation() const;
 
   int hidden() const;
   int inter() const;

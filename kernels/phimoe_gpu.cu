@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <map>
 #include <numeric>
 #include <set>
@@ -112,7 +114,12 @@ class LocalMoeStep final : public GpuMoeStep {
   bool graph_safe() const override { return true; }  // decode batches take the weight-stream path (no sync)
   std::size_t weight_bytes() const override { return bytes_; }
   std::string describe() const override { return "all " + std::to_string(experts_) + " experts on this GPU"; }
-  Routing last_routing(int layer) override { return layers_.at(std::size_t(layer))->last_routing(); }
+  Routing last_routing(int layer, int rows) override { return layers_.at(std::size_t(layer))->last_routing(rows); }
+  std::uint64_t buffers_epoch() const override {
+    std::uint64_t e = 0;
+    for (const auto& l : layers_) e = e * 0x9E3779B97F4A7C15ull + l->buffers_generation();
+    return e;
+  }
 
  private:
   std::vector<std::unique_ptr<GpuMoeLayer>> layers_;
@@ -161,6 +168,8 @@ struct GpuPhimoeModel::Impl {
   std::map<int, int> decode_seen;
   std::map<int, cudaGraphExec_t> graph_execs;
   std::set<int> graph_failed;
+  std::uint64_t graphs_epoch = 0;  // the MoE step's buffers_epoch() the graphs were captured with
+  int last_rows = 0;               // rows of the last forward (last_routing)
 
   int* d_ids() const { return d_meta.get(); }
   int* d_seq() const { return d_meta.get() + max_rows; }
@@ -168,7 +177,7 @@ struct GpuPhimoeModel::Impl {
   int* d_last() const { return d_meta.get() + 3 * std::size_t(max_rows); }
 
   ~Impl() {
-    for (auto& [nb, g] : graph_execs) cudaGraphExecDestroy(g);
+    drop_graphs();
     layers.clear();
     moe.reset();  // MoE layers and device arrays free before the stream and handle go
     if (cublas) cublasDestroy(cublas);
@@ -232,21 +241,48 @@ struct GpuPhimoeModel::Impl {
 
   // A decode step of nb sequences as one graph launch, capturing it on the second sight of nb. Returns
   // false (and the caller runs eagerly) when graphs are off or the capture failed once for this nb.
+  void drop_graphs() {
+    for (auto& [n, g] : graph_execs) cudaGraphExecDestroy(g);
+    graph_execs.clear();
+    decode_seen.clear();
+    graph_failed.clear();
+  }
+
   bool run_decode_graph(int nb) {
-    if (!graphs || !moe->graph_safe() || graph_failed.count(nb)) return false;
+    if (!graphs || !moe->graph_safe()) return false;
+    // An eager forward with more rows than before may have reallocated the MoE's buffers: graphs captured
+    // earlier point at freed memory. Capture again (the next decode runs eagerly first).
+    if (moe->buffers_epoch() != graphs_epoch) {
+      drop_graphs();
+      graphs_epoch = moe->buffers_epoch();
+    }
+    if (graph_failed.count(nb)) return false;
     auto it = graph_execs.find(nb);
     if (it == graph_execs.end()) {
       if (decode_seen[nb]++ == 0) return false;  // first time eager: lazy allocations happen outside capture
       cudaGraph_t graph = nullptr;
       CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
       bool ok = true;
+      std::exception_ptr other;
+      std::string why;
       try {
         enqueue(nb, nb);
-      } catch (const Error&) {
+      } catch (const Error& e) {
         ok = false;  // something in the step synchronised or allocated: run this nb eagerly from now on
+        why = e.what();
+      } catch (...) {
+        ok = false;
+        other = std::current_exception();  // not a capture problem: end the capture, then rethrow
       }
       const cudaError_t end = cudaStreamEndCapture(stream, &graph);
       cudaGetLastError();  // a failed capture leaves a (non-sticky) error behind
+      if (other) {
+        if (graph) cudaGraphDestroy(graph);
+        std::rethrow_exception(other);
+      }
+      if (!ok)
+        std::fprintf(stderr, "note: decode step with %d sequence(s) not captured as a CUDA graph (%s); it runs "
+                     "eagerly\n", nb, why.c_str());
       cudaGraphExec_t exec = nullptr;
       if (ok && end == cudaSuccess && graph && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
         graph_execs[nb] = exec;
@@ -309,6 +345,9 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
   }
   CUBLAS_CHECK(cublasCreate(&I.cublas));
   I.cublas_ws = DevArray<char>(std::size_t(32) << 20);
+  // cublasSetStream resets the workspace to cuBLAS's default pool, so the stream is set first, once, and
+  // linear() does not set it again while it is the same (linear.cuh).
+  CUBLAS_CHECK(cublasSetStream(I.cublas, I.stream));
   CUBLAS_CHECK(cublasSetWorkspace(I.cublas, I.cublas_ws.get(), I.cublas_ws.bytes()));
   I.rope = std::make_unique<gpu::RopeTable>(max_len, c.head_dim, c.rope_theta);
 
@@ -373,7 +412,7 @@ std::size_t GpuPhimoeModel::kv_cache_bytes() const {
 GpuMoeStep& GpuPhimoeModel::moe() { return *impl_->moe; }
 std::vector<Routing> GpuPhimoeModel::last_routing() {
   std::vector<Routing> r;
-  for (int l = 0; l < impl_->c.num_hidden_layers; ++l) r.push_back(impl_->moe->last_routing(l));
+  for (int l = 0; l < impl_->c.num_hidden_layers; ++l) r.push_back(impl_->moe->last_routing(l, impl_->last_rows));
   return r;
 }
 int GpuPhimoeModel::graphs_captured() const { return int(impl_->graph_execs.size()); }
@@ -418,6 +457,7 @@ std::vector<float> GpuPhimoeModel::forward_batch(const std::vector<std::vector<i
 
   const bool decode = R == nb;  // one new token per sequence: fixed shapes, a graph can replay it
   if (!(decode && I.run_decode_graph(nb))) I.enqueue(R, nb);
+  I.last_rows = R;
   I.moe->synchronize(I.stream);
   CUDA_CHECK(cudaGetLastError());
   std::vector<float> out(I.h_logits.get(), I.h_logits.get() + std::size_t(nb) * V);

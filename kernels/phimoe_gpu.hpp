@@ -7,7 +7,7 @@
 //                 RoPE(q, k); append k, v to each row's sequence cache     rope.cuh, attention.cuh (*_rows)
 //                 a = attention; x += linear_o(a);  h = LN_post(x)         add_layer_norm
 //                 y = MoE_l(h)             a GpuMoeStep (below): every expert on this GPU (GpuMoeLayer), or
-//                                          expert parallel over ranks (kernels/ep/ep_moe_model.hpp)
+//                                          expert parallel over ranks (chapters/05_phi_tiny_ep/gpu_ep_moe_step.hpp)
 //   logits = lm_head(LN_final(x + y_{L-1})) for the LAST new row of each sequence only, fp32
 //
 // Rows: one forward takes new tokens for sequences 0 .. nb-1 (each at least one), concatenated; row r belongs
@@ -26,6 +26,7 @@
 // Host-only header (no CUDA types), so a .cpp chapter can use it.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -48,8 +49,11 @@ class GpuMoeStep {
   virtual bool graph_safe() const = 0;              // no host synchronisation inside: capturable
   virtual std::size_t weight_bytes() const = 0;     // bytes of gates + experts on this GPU
   virtual std::string describe() const = 0;         // "all 16 experts on this GPU", "EP 2: experts 0-7 here"
-  // The routing of the last forward of `layer` for all R rows (host; synchronises). Empty when not kept.
-  virtual Routing last_routing(int layer) = 0;
+  // The routing of the last forward of `layer`, its `rows` rows (host; synchronises). The model passes the
+  // row count because a replayed CUDA graph runs no host code. EP: a collective, every rank calls it.
+  virtual Routing last_routing(int layer, int rows) = 0;
+  // Changes whenever the step reallocated a buffer; a CUDA graph captured before points at freed memory.
+  virtual std::uint64_t buffers_epoch() const { return 0; }
   // Waits for everything queued on s. Default: cudaStreamSynchronize. The EP step waits through the
   // communicator instead, which also notices a dead or stalled peer (NCCL's async error, the watchdog).
   virtual void synchronize(CUstream_st* s);
@@ -96,8 +100,8 @@ class GpuPhimoeModel {
   // tokens[b]: the new tokens of sequence b, for b < tokens.size() <= max_batch, each list non-empty.
   // Returns the fp32 logits of each sequence's last new row, [tokens.size(), vocab]. Synchronises the GPU
   // (the logits are on the host), so wall time around a call is GPU time. Throws, changing nothing, when a
-  // sequence would pass max_len, the rows pass max_rows, an id is outside the vocabulary; and when a logit
-  // is not finite.
+  // sequence would pass max_len, the rows pass max_rows, or an id is outside the vocabulary. Throws after the
+  // step (the caches hold it) when a logit is not finite.
   std::vector<float> forward_batch(const std::vector<std::vector<int>>& tokens);
   std::vector<float> forward(const std::vector<int>& new_tokens);  // sequence 0 only: [vocab]
 
@@ -110,7 +114,7 @@ class GpuPhimoeModel {
   std::size_t kv_cache_bytes() const;
   GpuMoeStep& moe();
   // Per layer, the routing of the last forward's rows (in row order: sequence 0's new tokens, then 1's, ...).
-  // Synchronises; for checks and reports. A bf16 model may route a row whose decision is a near-tie in fp32
+  // Synchronises; for checks and reports. Under EP a collective: every rank calls it. A bf16 model may route a row whose decision is a near-tie in fp32
   // differently from the CPU reference: the checks use this to tell such a flip from an error.
   std::vector<Routing> last_routing();
   int graphs_captured() const;  // decode graphs ready to replay (tests: did capture work?)

@@ -76,8 +76,9 @@ class EpMoeStep final : public GpuMoeStep {
 
   // Every row's routing: this rank's share from its EpMoeGpu, the others' over a host allgather (ids and
   // the multipliers' bits, padded to the largest share).
-  Routing last_routing(int layer) override {
+  Routing last_routing(int layer, int rows) override {
     const int R = last_rows_.at(std::size_t(layer)), N = comm_.size();
+    require(rows == R, "EP MoE step: last_routing asked for ", rows, " rows, the last forward had ", R);
     const int S = (R + N - 1) / N;
     const Routing mine = layers_[std::size_t(layer)]->routing();
     const int k = std::max(mine.k, 1);

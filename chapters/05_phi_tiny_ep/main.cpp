@@ -92,7 +92,10 @@ int run(int argc, char** argv) {
     std::cout.clear();
     if (early) return;
     require(!o.bench || o.common.device == "gpu", "--bench measures the GPU path: add --device gpu");
-    if (o.common.device == "gpu") choose_device("gpu");  // one line, not a crash, when there is no GPU
+    if (o.common.device == "gpu") {  // one line, not a crash, when there is no GPU; no CUDA context here:
+      std::string why;                // with N ranks each would open one on GPU 0 (NCCL picks the GPUs later)
+      require(gpu_count(&why) > 0, "--device gpu: no usable GPU (", why, ")");
+    }
     require(o.max_new_tokens >= 1, "--max-new-tokens must be >= 1, got ", o.max_new_tokens);
     require(o.bench || !o.prompts.empty() || !o.prompt_ids.empty(),
             "no prompt: give --prompt TEXT or --prompt-ids 1,450,4996");

@@ -67,7 +67,7 @@ struct GpuRun {
 // Greedy generation of every prompt in one batch: one prefill forward for all prompts, then one token per
 // sequence per step. A sequence that has stopped keeps being fed its last token (the batch keeps its shape,
 // so the decode graph keeps replaying); its output stops growing.
-// The routing of one row of the last forward, every layer.
+// One row's routing of the last forward, every layer.
 RowRouting routing_of_row(const std::vector<Routing>& layers, int row) {
   RowRouting rr;
   for (const Routing& r : layers)
@@ -282,10 +282,12 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
       mo.stream = nccl->stream();
     }
     model.emplace(GpuPhimoeModel::load(ckpt, std::move(mo)));
-    // warm-up: cuBLAS handles, lazy module loading and NCCL connections stay out of the timings
-    model->forward({0});
-    model->reset();
   });
+  // Warm-up, after every rank has loaded (it is a collective under EP: inside the load's all_or_none, a rank
+  // that failed to load would leave the others waiting in NCCL): cuBLAS handles, lazy module loading and NCCL
+  // connections stay out of the timings.
+  model->forward({0});
+  model->reset();
   const double load_s = mpi.max(load_clk.ms() / 1e3);
 
   // --- memory per rank: measured (cudaMemGetInfo) next to chapter 00's model of the weights
@@ -317,7 +319,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     const std::vector<int> long_prompt = random_ids(rng, kBenchPrefill, V);
     WallTimer clk;
     model->forward_batch({long_prompt});
-    const double prefill_tps = mpi.max(clk.ms()) > 0 ? kBenchPrefill / (mpi.max(clk.ms()) / 1e3) : 0;
+    const double prefill_ms = mpi.max(clk.ms());
+    const double prefill_tps = prefill_ms > 0 ? kBenchPrefill / (prefill_ms / 1e3) : 0;
     const double d1 = bench_decode(*model, rng, 1), d16 = bench_decode(*model, rng, 16);
     const double dec1 = -mpi.max(-d1), dec16 = -mpi.max(-d16);  // the slowest rank's rate
     if (rank == 0) {
@@ -350,7 +353,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
   const bool checking = double(ckpt.disk_counts().bytes) < kReferenceMaxBytes;
   // Per layer: rows per expert, and the rank-to-rank traffic of rows (token's rank -> expert's rank), over
   // the whole run; and the --trace lines. Row r of a forward belongs to the rank rows_of() gives it (the
-  // EP step's shares).
+  // EP step's shares). Unlike the CPU path, a sequence that has stopped keeps its row in the batch (the
+  // decode graph keeps its shape), so its rows are counted and traced too.
   EpMoeCounts counts;
   counts.expert_rows.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(E), 0));
   counts.traffic.assign(std::size_t(L), std::vector<std::int64_t>(std::size_t(N) * N, 0));

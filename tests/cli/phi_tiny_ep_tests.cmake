@@ -1,4 +1,5 @@
-# Chapter 05 (the whole model with expert parallelism) under mpirun, CPU path; and -np 1 --device gpu (label gpu).
+# Chapter 05 (the whole model with expert parallelism) under mpirun: the CPU path, and the GPU path with -np 1
+# and -np 2 (label gpu, skipped without enough GPUs).
 #  - greedy tokens identical for EP = 1, 2, 4 and both placements (phi_tiny_ep_same_tokens.cmake compares the
 #    tokens checksum across runs; every run also checks itself against the single-process model: CHECK PASS)
 #  - --trace writes one JSON line per (step, layer) in the visualizer's format; --json names the verdict

@@ -3,9 +3,9 @@
 //  1. transformers' PhimoeForCausalLM fp32 logits on the committed tiny HF fixture (tests/data/hf_tiny_phimoe,
 //     scripts/hf_moe_fixture.py): last-row logits after a full prefill, and after a half prefill + one decode
 //     step per remaining token.
-//  2. PhimoeCpuModel (the fp32 CPU reference, itself checked against HF) on a small generated model: greedy
-//     tokens (free runs up to the first near-tie; the CPU following the GPU's tokens, as chapter 05 checks), and
-//     the logits of a run teacher-forced with the CPU's tokens.
+//  2. PhimoeCpuModel (the fp32 CPU reference, itself checked against HF) on a small generated model: a run
+//     teacher-forced with the CPU's greedy tokens, the routing of every row compared, and on the rows routed
+//     alike the logits (rel-L2) and the argmax; and a batch of sequences vs each alone and vs the CPU's batch.
 //
 // Tolerances (the reasoning of test_model_kernels.cu's end-to-end test, which chains the same kernels):
 //  * logits rel-L2 <= 3e-2. The GPU chain stores every activation in bf16 (~10 roundings per layer, each
@@ -399,7 +399,7 @@ TEST_CASE("GpuPhimoeModel: a batch of 3 sequences = each alone = the CPU model's
     CHECK_MESSAGE(eb <= kTol, "sequence ", b, " alone differs from its rows of the batch: rel-L2 ", eb);
   }
 
-  // bad batches: too many sequences, an empty token list, past max_len, past max_rows; nothing changes
+  // bad batches: too many sequences, an empty token list, past max_len; nothing changes
   const int len0 = with_graphs.length(0);
   CHECK_THROWS_AS(with_graphs.forward_batch({{1}, {1}, {1}, {1}}), Error);
   CHECK_THROWS_AS(with_graphs.forward_batch({{1}, {}, {1}}), Error);
