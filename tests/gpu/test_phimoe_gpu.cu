@@ -232,11 +232,13 @@ std::vector<int> flipped_layers(const std::vector<Routing>& gpu, int rg, const s
 // (where not a near-tie). A row whose routing differs is a routing flip: bf16 activations moved a decision
 // that the fp32 reference took by a small margin (test_model_kernels.cu's end-to-end test checks that flips
 // happen only at near-ties of HF's router logits). Its logits legitimately differ; it is counted, not
-// compared. On the generated models flips are the rule, not the exception: their routers share a large
-// common direction (generator.cpp, add_shared_router_direction), so logits sit ~30x their spread and bf16's
-// 0.3 % noise moves them by ~0.1, enough to cross sparsemixer's mask for most rows (measured on an H200: 56 of
-// 64 rows). So no flip-rate bound here (the HF fixture tests above bound it at 1/8 for a realistic router);
-// instead at least 8 rows must agree in routing, and those rows must match tightly.
+// compared. The generated models' routers share a large common direction (generator.cpp,
+// add_shared_router_direction), so their logits sit ~30x their spread and bf16's 0.3 % noise moves them by
+// ~0.1, near sparsemixer's mask: flips are expected to be far more common than on the HF fixture (1-3 of 32).
+// No flip-rate bound here, then (the HF fixture tests above bound it at 1/8); at least 8 rows must agree in
+// routing, and those rows must match tightly. (Session 7 measured 56 of 64 flipped rows, but with a bug that
+// read a replayed decode step's routing from the wrong rows, fixed after the last device run: re-measure, and
+// bound the rate here if it turns out small.)
 void check_against_cpu_model(int sliding_window) {
   testing::TmpDir dir;
   ModelConfig c = generator_preset("mini");
