@@ -7,12 +7,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "cuda_check.hpp"
+#include "model/checkpoint.hpp"
 #include "util/bf16.hpp"
 #include "util/rng.hpp"
 
@@ -126,6 +128,25 @@ inline std::string int_mismatches(const char* what, const std::vector<int>& got,
   }
   if (count) *count = bad;
   return os.str();
+}
+
+// Random bf16 MoE layer weights, every expert: std 1/sqrt(fan_in), so activations stay unit-scale throughout.
+inline MoeLayerWeights random_layer(int H, int I, int E, std::uint64_t seed) {
+  Rng rng(seed);
+  MoeLayerWeights w;
+  w.hidden = H, w.inter = I, w.num_experts = E;
+  w.expert_ids.resize(size_t(E));
+  std::iota(w.expert_ids.begin(), w.expert_ids.end(), 0);
+  auto fill = [&](std::vector<bf16_bits>& v, size_t n, float sd) {
+    v.resize(n);
+    for (auto& b : v) b = float_to_bf16(sd * rng.normal());
+  };
+  const float sh = 1.f / std::sqrt(float(H)), si = 1.f / std::sqrt(float(I));
+  fill(w.gate, size_t(E) * H, sh);
+  fill(w.w1, size_t(E) * I * H, sh);
+  fill(w.w3, size_t(E) * I * H, sh);
+  fill(w.w2, size_t(E) * H * I, si);
+  return w;
 }
 
 }  // namespace eplab::test

@@ -25,24 +25,6 @@ namespace {
 
 constexpr double kYTol = 1e-2;
 
-MoeLayerWeights random_layer(int H, int I, int E, std::uint64_t seed) {
-  Rng rng(seed);
-  MoeLayerWeights w;
-  w.hidden = H, w.inter = I, w.num_experts = E;
-  w.expert_ids.resize(size_t(E));
-  std::iota(w.expert_ids.begin(), w.expert_ids.end(), 0);
-  auto fill = [&](std::vector<bf16_bits>& v, size_t n, float sd) {
-    v.resize(n);
-    for (auto& b : v) b = float_to_bf16(sd * rng.normal());
-  };
-  const float sh = 1.f / std::sqrt(float(H)), si = 1.f / std::sqrt(float(I));
-  fill(w.gate, size_t(E) * H, sh);
-  fill(w.w1, size_t(E) * I * H, sh);
-  fill(w.w3, size_t(E) * I * H, sh);
-  fill(w.w2, size_t(E) * H * I, si);
-  return w;
-}
-
 struct DeviceExperts {
   DevBuf<bf16_bits> w13, w2;
   gpu::ExpertWeightsDevice view{};

@@ -44,25 +44,6 @@ constexpr float kWeightTol = 1e-4f;
 const char* router_str(RouterKind k) { return k == RouterKind::SparseMixer ? "sparsemixer" : "softmax-top-k"; }
 const char* path_str(MoePath p) { return p == MoePath::Naive ? "naive" : "grouped"; }
 
-// Random bf16 layer weights, std 1/sqrt(fan_in) (unit-scale activations throughout).
-MoeLayerWeights random_layer(int H, int I, int E, std::uint64_t seed) {
-  Rng rng(seed);
-  MoeLayerWeights w;
-  w.hidden = H, w.inter = I, w.num_experts = E;
-  w.expert_ids.resize(size_t(E));
-  std::iota(w.expert_ids.begin(), w.expert_ids.end(), 0);
-  auto fill = [&](std::vector<bf16_bits>& v, size_t n, float sd) {
-    v.resize(n);
-    for (auto& b : v) b = float_to_bf16(sd * rng.normal());
-  };
-  const float sh = 1.f / std::sqrt(float(H)), si = 1.f / std::sqrt(float(I));
-  fill(w.gate, size_t(E) * H, sh);
-  fill(w.w1, size_t(E) * I * H, sh);
-  fill(w.w3, size_t(E) * I * H, sh);
-  fill(w.w2, size_t(E) * H * I, si);
-  return w;
-}
-
 // Phi-tiny-MoE's layer shape, generated once for the tests that need it (~88 M random values).
 const MoeLayerWeights& phi_layer() {
   static const MoeLayerWeights w = random_layer(4096, 448, 16, 26);
