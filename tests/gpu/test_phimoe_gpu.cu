@@ -408,3 +408,45 @@ TEST_CASE("GpuPhimoeModel: a batch of 3 sequences = each alone = the CPU model's
   CHECK_THROWS_AS(with_graphs.forward_batch({std::vector<int>(12, 1)}), Error);  // 10 + 12 > max_len 16
   CHECK(with_graphs.length(0) == len0);
 }
+
+// A decode graph captured while the MoE layers' buffers were small must not be replayed after a longer
+// prefill grew them (it would point at freed memory), and last_routing() after a replayed step must describe
+// that step's rows. Same token stream through a graphs-on and a graphs-off model: identical logits and
+// routing at every step, the graph re-captured after the longer prefill.
+TEST_CASE("GpuPhimoeModel: decode graphs after a longer prefill; last_routing after a replay") {
+  testing::TmpDir dir;
+  ModelConfig c = generator_preset("mini");
+  c.vocab_size = 4096;
+  generate_model(dir.path.string(), c, GeneratorOptions{17});
+  const Checkpoint ckpt = Checkpoint::open(dir.path.string());
+  auto make = [&](bool graphs) {
+    GpuModelOptions o;
+    o.max_len = 64;
+    o.graphs = graphs;
+    return GpuPhimoeModel::load(ckpt, std::move(o));
+  };
+  GpuPhimoeModel g = make(true), e = make(false);
+  // prompt A (2 tokens) + 4 decode steps: the graph for one sequence is captured on the 2nd step; then
+  // prompt B (40 tokens) grows the MoE buffers; then 4 more decode steps
+  const std::vector<std::vector<int>> prompts = {{5, 9}, std::vector<int>(40, 0)};
+  int step = 0;
+  for (const auto& p : prompts) {
+    g.reset();
+    e.reset();
+    std::vector<int> feed = p;
+    for (int s = 0; s < 5; ++s, ++step) {
+      const std::vector<float> lg = g.forward(feed), le = e.forward(feed);
+      CHECK_MESSAGE(lg == le, "step ", step, " (", feed.size(), " rows): graph and eager logits differ, max |diff| ",
+                    max_abs_diff(lg, le));
+      const std::vector<Routing> rg = g.last_routing(), re = e.last_routing();
+      REQUIRE(rg.size() == re.size());
+      for (std::size_t l = 0; l < rg.size(); ++l) {
+        CHECK_MESSAGE(rg[l].tokens == int(feed.size()), "step ", step, " layer ", l, ": last_routing has ",
+                      rg[l].tokens, " rows, the forward had ", feed.size());
+        CHECK_MESSAGE(rg[l].ids == re[l].ids, "step ", step, " layer ", l, ": routing after a replay differs");
+      }
+      feed = {argmax(le)};
+    }
+  }
+  CHECK(g.graphs_captured() >= 1);
+}
