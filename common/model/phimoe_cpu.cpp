@@ -118,6 +118,7 @@ MoeBlockOutput LocalMoeBlock::forward(int layer, std::span<const float> x, int T
     MoeRefResult r = moe_layer_reference(w, x, T, opt_);
     out.y = std::move(r.y);
     out.routing = std::move(r.routing);
+    out.router_logits = std::move(r.logits);
     return out;
   }
   // Some experts only: the same steps as moe_layer_reference; a row routed to an expert not held fails.
@@ -126,6 +127,7 @@ MoeBlockOutput LocalMoeBlock::forward(int layer, std::span<const float> x, int T
   router_logits_cpu(x, gate, T, w.hidden, w.num_experts, logits);
   out.routing = route(opt_.router, logits, T, w.num_experts, opt_.top_k, opt_.jitter_eps);
   out.y = moe_experts_reference(w, x, out.routing, opt_.round_h_to_bf16);
+  out.router_logits = std::move(logits);
   return out;
 }
 
@@ -269,6 +271,7 @@ std::vector<float> PhimoeCpuModel::forward(std::span<PhimoeSequence* const> seqs
 
   if (trace) {
     trace->routing.assign(L, Routing{});
+    trace->router_logits.assign(L, {});
     trace->layer_out.clear();
   }
   std::vector<float> x(size_t(R) * H), h(size_t(R) * H), q(size_t(R) * NQ), k(size_t(R) * NKV),
@@ -346,6 +349,7 @@ std::vector<float> PhimoeCpuModel::forward(std::span<PhimoeSequence* const> seqs
       for (size_t i = 0; i < x.size(); ++i) x[i] += mo.y[i];
       if (trace) {
         trace->routing[l] = std::move(mo.routing);
+        trace->router_logits[l] = std::move(mo.router_logits);
         if (trace->hidden) trace->layer_out.push_back(x);
       }
     }

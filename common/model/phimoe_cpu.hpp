@@ -44,6 +44,7 @@ namespace eplab {
 struct MoeBlockOutput {
   std::vector<float> y;  // [T, H] block output, before the residual add
   Routing routing;       // [T, k] the experts and multipliers of each row (for stats and traces)
+  std::vector<float> router_logits;  // [T, E] the router's logits, when the block computed them here (else empty)
 };
 
 class MoeBlock {
@@ -87,6 +88,7 @@ struct PhimoeTrace {
   std::vector<std::vector<float>> layer_out;  // [L][R, H] each decoder layer's output (residual stream)
   std::vector<float> norm_out;          // [R, H] final LayerNorm output
   std::vector<Routing> routing;         // [L] always filled: the MoE block's routing of the R rows
+  std::vector<std::vector<float>> router_logits;  // [L][R, E] where the MoE block gives them (LocalMoeBlock)
 };
 
 enum class LogitRows { All, Last };  // logits for every new row, or only for each sequence's last new row

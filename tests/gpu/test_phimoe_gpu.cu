@@ -227,18 +227,19 @@ std::vector<int> flipped_layers(const std::vector<Routing>& gpu, int rg, const s
   return layers;
 }
 
-// Teacher forcing: the GPU runs the CPU's greedy tokens, so every step is compared: the last row's routing
-// in every layer, and, where the routing agrees, the logits (one rel-L2 over those rows) and the argmax
-// (where not a near-tie). A row whose routing differs is a routing flip: bf16 activations moved a decision
-// that the fp32 reference took by a small margin (test_model_kernels.cu's end-to-end test checks that flips
-// happen only at near-ties of HF's router logits). Its logits legitimately differ; it is counted, not
-// compared. The generated models' routers share a large common direction (generator.cpp,
-// add_shared_router_direction), so their logits sit ~30x their spread and bf16's 0.3 % noise moves them by
-// ~0.1, near sparsemixer's mask: flips are expected to be far more common than on the HF fixture (1-3 of 32).
-// No flip-rate bound here, then (the HF fixture tests above bound it at 1/8); at least 8 rows must agree in
-// routing, and those rows must match tightly. (Session 7 measured 56 of 64 flipped rows, but with a bug that
-// read a replayed decode step's routing from the wrong rows, fixed after the last device run: re-measure, and
-// bound the rate here if it turns out small.)
+// Teacher forcing: the GPU runs the CPU's greedy tokens, so every step is compared. Every row of every
+// forward (all prompt rows of the prefill, then one row per decode step) has its routing compared in every
+// layer. A row whose routing differs is a routing flip: bf16 activations moved a decision that the fp32
+// reference took by a small margin (test_model_kernels.cu's end-to-end test checks that flips happen only at
+// near-ties of HF's router logits). A flip changes that row's hidden state, so its K/V, so the attention of
+// every later row of the same sequence: from the first flip on, a sequence's rows are "downstream of a flip"
+// and their logits legitimately differ. They are counted, not compared. The rows before any flip must match
+// tightly: one rel-L2 over all of them, each row within 2x, and the argmax where the reference is not a
+// near-tie. (Session 8 found that a per-row bound fails on rows after an earlier flip: 0.076 > 0.06.)
+// The generated models' routers share a large common direction (generator.cpp, add_shared_router_direction),
+// so their logits sit ~30x their spread and bf16's 0.3 % noise moves them by ~0.1, near sparsemixer's mask:
+// flips are far more common than on the HF fixture (measured in session 8: 19 of 64 last rows), so no
+// flip-rate bound here; the HF fixture tests above bound it at 1/8. At least 8 clean rows must remain.
 void check_against_cpu_model(int sliding_window) {
   testing::TmpDir dir;
   ModelConfig c = generator_preset("mini");
@@ -254,11 +255,11 @@ void check_against_cpu_model(int sliding_window) {
   int max_prompt = 0;
   for (const auto& p : prompts) max_prompt = std::max(max_prompt, int(p.size()));
   GpuPhimoeModel gpu = GpuPhimoeModel::load(ckpt, max_prompt + kNew);
-  const int V = c.vocab_size;
 
-  int rows = 0, flips = 0, checked = 0, exact = 0;
+  int rows = 0, flips = 0, downstream = 0, checked = 0, exact = 0;
   std::vector<float> ok_gpu, ok_cpu, per_row;
-  std::string flip_list;
+  std::string flip_list, worst_where;
+  float worst_row = 0.f;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     const std::string pb = "prompt " + std::to_string(b);
     PhimoeSequence seq = cpu.new_sequence();
@@ -266,26 +267,38 @@ void check_against_cpu_model(int sliding_window) {
     std::vector<std::vector<int>> step{prompts[b]};
     gpu.reset();
     std::vector<float> g = gpu.forward(prompts[b]);
-    std::vector<int> cpu_tokens;
+    bool flipped_before = false;  // some earlier row of this sequence flipped: its K/V differ from here on
     for (int s = 0; s < kNew; ++s) {
       PhimoeTrace tr;
       const std::vector<float> lg = cpu.forward(seqs, step, LogitRows::Last, &tr);
       const std::vector<Routing> gr = gpu.last_routing();
       REQUIRE(gr.size() == tr.routing.size());
+      REQUIRE(gr[0].tokens == tr.routing[0].tokens);  // the prompt's rows at s = 0, one row after
       const int want = argmax(lg);
-      const std::vector<int> fl = flipped_layers(gr, gr[0].tokens - 1, tr.routing, tr.routing[0].tokens - 1);
-      ++rows;
-      if (!fl.empty()) {
-        ++flips;
-        flip_list += " " + pb + " step " + std::to_string(s) + " (layer " + std::to_string(fl[0]) + ")";
-      } else {
-        per_row.push_back(float(rel_l2(g, lg)));
+      const int n = gr[0].tokens;
+      bool last_row_clean = !flipped_before;
+      for (int r = 0; r < n; ++r) {
+        const std::vector<int> fl = flipped_layers(gr, r, tr.routing, r);
+        ++rows;
+        if (!fl.empty()) {
+          ++flips;
+          flip_list += " " + pb + " step " + std::to_string(s) + " row " + std::to_string(r) + " (layer " +
+                       std::to_string(fl[0]) + ")";
+          last_row_clean = false;
+          flipped_before = true;
+        } else if (flipped_before) {
+          ++downstream;
+        }
+      }
+      if (last_row_clean) {  // logits are for the last row only
+        const float e = float(rel_l2(g, lg));
+        per_row.push_back(e);
+        if (e >= worst_row) worst_row = e, worst_where = pb + " step " + std::to_string(s);
         checked += argmax_check(pb + " forced step " + std::to_string(s), g, lg);
         exact += argmax(g) == want;
         ok_gpu.insert(ok_gpu.end(), g.begin(), g.end());
         ok_cpu.insert(ok_cpu.end(), lg.begin(), lg.end());
       }
-      cpu_tokens.push_back(want);
       step = std::vector<std::vector<int>>{std::vector<int>{want}};
       if (s + 1 < kNew) g = gpu.forward({want});
     }
@@ -295,14 +308,16 @@ void check_against_cpu_model(int sliding_window) {
   }
   const double e = ok_gpu.empty() ? 0.0 : rel_l2(ok_gpu, ok_cpu);
   std::sort(per_row.begin(), per_row.end());
-  MESSAGE("window ", sliding_window, ": ", rows, " teacher-forced rows, ", flips, " with a routing flip", flip_list,
-          "; the other rows: logits rel-L2 ", e, " (per row: median ", per_row.empty() ? 0.f : per_row[per_row.size() / 2],
-          ", worst ", per_row.empty() ? 0.f : per_row.back(), "), argmax compared on ", checked, ", exact on ", exact);
-  CHECK_MESSAGE(rows - flips >= 8, "only ", rows - flips, " of ", rows, " rows routed like the CPU: too few to compare");
-  CHECK_MESSAGE(e <= kTol, "teacher-forced logits rel-L2 ", e, " > ", kTol, " on rows with the CPU's routing");
-  const float worst_row = per_row.empty() ? 0.f : per_row.back();
-  CHECK_MESSAGE(worst_row <= 2 * kTol, "a row without a routing flip has logits rel-L2 ", worst_row, " > ", 2 * kTol);
-  CHECK(checked >= (rows - flips) / 4);
+  const int clean = int(per_row.size());
+  MESSAGE("window ", sliding_window, ": ", rows, " routed rows (prompts + forced steps), ", flips,
+          " with a routing flip:", flip_list, "; ", downstream, " rows downstream of a flip; logits compared on ",
+          clean, " clean last rows: rel-L2 ", e, " (per row: median ", clean ? per_row[clean / 2] : 0.f,
+          ", worst ", worst_row, " at ", worst_where, "), argmax compared on ", checked, ", exact on ", exact);
+  CHECK_MESSAGE(clean >= 8, "only ", clean, " logit rows before any routing flip: too few to compare");
+  CHECK_MESSAGE(e <= kTol, "teacher-forced logits rel-L2 ", e, " > ", kTol, " on rows before any routing flip");
+  CHECK_MESSAGE(worst_row <= 2 * kTol, "a row before any routing flip has logits rel-L2 ", worst_row, " > ",
+                2 * kTol, " (", worst_where, ")");
+  CHECK(checked >= clean / 4);
 }
 }  // namespace
 
