@@ -36,6 +36,21 @@ if has bench02; then
   log bench02; $B/chapters/02_moe_grouped/02_moe_grouped --bench --json "$OUT/bench02.json" > "$OUT/bench02.log" 2>&1
   tail -40 "$OUT/bench02.log"
 fi
+if has ncu02; then
+  # Single kernels of chapter 02's layer under Nsight Compute (real clocks; ncu flushes caches before each
+  # kernel, like the bench's cold L2). T = 1 (direct path) and T = 4096 (grouped path), after warm-up launches.
+  log ncu02; X=$B/chapters/02_moe_grouped/02_moe_grouped
+  for T in 1 4096; do
+    timeout 240 ncu --clock-control none --launch-skip 40 --launch-count 12 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
+      $X --bench --bench-tokens $T > "$OUT/ncu02_T$T.log" 2>&1
+    grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size" "$OUT/ncu02_T$T.log" | head -120
+  done
+fi
+if has bench02x3; then
+  log bench02x3; X=$B/chapters/02_moe_grouped/02_moe_grouped
+  for rep in 1 2 3; do $X --bench --bench-tokens 1 8 4096 16384 > "$OUT/bench02_rep$rep.log" 2>&1; grep -E "^(1|8|4096|16384) " "$OUT/bench02_rep$rep.log"; done
+fi
 if has phi; then
   [ -d /tmp/phi ] || $B/tools/make_model --preset phi-tiny --out /tmp/phi --seed 3 > "$OUT/phi_gen.log" 2>&1
 fi
