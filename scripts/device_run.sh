@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# One batched device call for this session's checks (see notes/NEXT.md): builds, runs the named steps, writes
-# logs under $OUT and a summary to stdout. Steps: build gputests ctestgpu viz bench02 bench05 ep bench04 bench03
-# bench05ep ncu02. Usage: bash scripts/device_run.sh build gputests ...
+# One batched call on a GPU machine (see notes/NEXT.md): builds, runs the named steps, writes their logs under
+# $OUT (tarred into logs.tgz at the end: the device tool brings back few files) and a summary to stdout.
+# Usage: bash scripts/device_run.sh STEP...   Steps, in the order they run:
+#   build      configure + build everything in build-device, make the mini model
+#   fixture    regenerate the HF fixture (scripts/hf_moe_fixture.py) and run unit_tests on it
+#   hfbench    the HF peer for chapter 02 (scripts/hf_moe_bench.py -> hf_moe_bench.json, used by bench02)
+#   gputests   gpu_tests with a summary of failures and key measurements
+#   ctestgpu   ctest -L gpu without the 2-GPU tests         ep        the 2-GPU tests (ep_*, 03_*, np2)
+#   viz        the visualizer's GPU routing tests           sanitizer compute-sanitizer on chapters 01/02
+#   bench02    chapter 02 --bench (with the peer if hfbench ran)   bench02x3  three short bench02 runs (spread)
+#   ncu02      Nsight Compute on chapter 02's single kernels at T = 1 and 4096
+#   phi        make the full-size Phi-tiny-shaped checkpoint in /tmp/phi (bench05, bench05ep need it)
+#   bench05    chapter 05 --bench + a generation, EP = 1    bench05ep  the same with EP = 2 (2 GPUs)
+#   bench04    chapter 04 --bench on 2 ranks                bench03    chapter 03 --bench on 1 and 2 GPUs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
@@ -18,6 +29,14 @@ if has build; then
   grep -E "visualizer|05_phi|eplab_ep" "$OUT/configure.log" | head -5
   $B/tools/make_model --preset mini --out $B/test-models/mini --seed 1 >/dev/null
 fi
+if has fixture; then
+  log fixture; python3 scripts/hf_moe_fixture.py --out tests/data/hf_tiny_phimoe > "$OUT/hf_fixture.log" 2>&1; tail -3 "$OUT/hf_fixture.log"
+  tar czf "$OUT/hf_tiny_phimoe.tgz" tests/data/hf_tiny_phimoe
+  $B/tests/unit_tests > "$OUT/unit_tests.log" 2>&1; grep -E "^\[doctest\] (test cases|Status)" "$OUT/unit_tests.log"
+fi
+if has hfbench; then
+  log hfbench; python3 scripts/hf_moe_bench.py --json "$OUT/hf_moe_bench.json" > "$OUT/hf_bench.log" 2>&1; tail -12 "$OUT/hf_bench.log"
+fi
 if has gputests; then
   log gpu_tests; $B/tests/gpu_tests > "$OUT/gpu_tests.log" 2>&1
   grep -E "^\[doctest\] (test cases|assertions)" "$OUT/gpu_tests.log"
@@ -33,8 +52,17 @@ if has viz; then
   grep -E "tests passed|Failed|Skipped|Passed" "$OUT/ctest_viz.log" | head -12
 fi
 if has bench02; then
-  log bench02; $B/chapters/02_moe_grouped/02_moe_grouped --bench --json "$OUT/bench02.json" > "$OUT/bench02.log" 2>&1
+  peer=(); [ -f "$OUT/hf_moe_bench.json" ] && peer=(--peer-json "$OUT/hf_moe_bench.json")
+  log bench02; $B/chapters/02_moe_grouped/02_moe_grouped --bench "${peer[@]}" --json "$OUT/bench02.json" > "$OUT/bench02.log" 2>&1
   tail -40 "$OUT/bench02.log"
+fi
+if has sanitizer; then
+  log sanitizer; M="--model $B/test-models/mini"
+  i=0; for ch in "02_moe_grouped/02_moe_grouped $M --device gpu --tokens 300" "02_moe_grouped/02_moe_grouped $M --device gpu --tokens 5" \
+            "01_moe_naive/01_moe_naive $M --device gpu --tokens 37"; do
+    i=$((i + 1)); compute-sanitizer --tool memcheck --error-exitcode 1 $B/chapters/$ch > "$OUT/memcheck$i.log" 2>&1
+    echo "memcheck $ch: rc $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck$i.log"
+  done
 fi
 if has ncu02; then
   # Single kernels of chapter 02's layer under Nsight Compute (real clocks; ncu flushes caches before each
