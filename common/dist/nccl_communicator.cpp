@@ -171,33 +171,46 @@ class NcclCommunicator final : public Communicator {
     std::size_t so = 0, ro = 0;
     // One group: NCCL schedules all sends and receives together, so no pair of ranks can deadlock on
     // the order of their point-to-point calls. Empty pairs are skipped on both sides (counts agree).
-    check(ncclGroupStart(), "ncclGroupStart");
-    for (int p = 0; p < size_; ++p) {
-      if (sc[p]) check(ncclSend(s + so * row_bytes, sc[p] * row_bytes, ncclUint8, p, comm_, stream_), "ncclSend");
-      if (rc[p]) check(ncclRecv(r + ro * row_bytes, rc[p] * row_bytes, ncclUint8, p, comm_, stream_), "ncclRecv");
-      so += sc[p];
-      ro += rc[p];
-    }
-    check(ncclGroupEnd(), "ncclGroupEnd");
+    in_group([&] {
+      for (int p = 0; p < size_; ++p) {
+        if (sc[p]) check(ncclSend(s + so * row_bytes, sc[p] * row_bytes, ncclUint8, p, comm_, stream_), "ncclSend");
+        if (rc[p]) check(ncclRecv(r + ro * row_bytes, rc[p] * row_bytes, ncclUint8, p, comm_, stream_), "ncclRecv");
+        so += sc[p];
+        ro += rc[p];
+      }
+    });
   }
 
   void exchange(const void* send, std::span<const Transfer> sends, void* recv, std::span<const Transfer> recvs,
                 std::size_t row_bytes) override {
+    for (const Transfer& t : sends) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
+    for (const Transfer& t : recvs) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
     if (busy_since_ns_ == 0) busy_since_ns_ = now_ns();
+    in_group([&] {
+      for (const Transfer& t : sends)
+        if (t.rows)
+          check(ncclSend(static_cast<const char*>(send) + t.offset * row_bytes, t.rows * row_bytes, ncclUint8, t.peer,
+                         comm_, stream_),
+                "ncclSend");
+      for (const Transfer& t : recvs)
+        if (t.rows)
+          check(ncclRecv(static_cast<char*>(recv) + t.offset * row_bytes, t.rows * row_bytes, ncclUint8, t.peer,
+                         comm_, stream_),
+                "ncclRecv");
+    });
+  }
+
+  // Runs enqueue() between ncclGroupStart and ncclGroupEnd. Arguments are validated before the group opens;
+  // an NCCL call that fails inside it leaves a half-posted group that cannot be closed safely (ending it would
+  // launch the posted half, which waits for peers that never match it), so that ends the process with one line
+  // (and mpirun takes the other ranks down) instead of throwing past an open group.
+  template <typename Fn>
+  void in_group(Fn&& enqueue) {
     check(ncclGroupStart(), "ncclGroupStart");
-    for (const Transfer& t : sends) {
-      require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
-      if (t.rows)
-        check(ncclSend(static_cast<const char*>(send) + t.offset * row_bytes, t.rows * row_bytes, ncclUint8, t.peer,
-                       comm_, stream_),
-              "ncclSend");
-    }
-    for (const Transfer& t : recvs) {
-      require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
-      if (t.rows)
-        check(ncclRecv(static_cast<char*>(recv) + t.offset * row_bytes, t.rows * row_bytes, ncclUint8, t.peer, comm_,
-                       stream_),
-              "ncclRecv");
+    try {
+      enqueue();
+    } catch (const std::exception& e) {
+      die(e.what(), false);
     }
     check(ncclGroupEnd(), "ncclGroupEnd");
   }
