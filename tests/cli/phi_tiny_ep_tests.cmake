@@ -66,6 +66,16 @@ _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
 _p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
 _p5_error(bad_moe_path "--moe-path" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --moe-path fast)
+# Broken checkpoints from model_tests.cmake's fixtures (make_bad_checkpoint): a shard missing, and an expert
+# tensor whose shape disagrees with config.json. Expert 3 lives on rank 0 only (linear placement on 2 ranks):
+# rank 1 loads fine and must still exit non-zero with a line, not wait for rank 0.
+foreach(_kind missing-shard wrong-shape)
+  set(_re_missing-shard "shard named by .*model.safetensors.index.json is missing")
+  set(_re_wrong-shape "experts.3.w2.weight' has shape .128, 256., expected .256, 128..*rank 1/2.*stopping because rank 0 failed")
+  _p5_error(bad_checkpoint_${_kind} "${_re_${_kind}}" -np 2 ${_p5} --model ${EPLAB_TEST_MODELS}/bad-${_kind}
+            --prompt-ids 1,2 --max-new-tokens 2)
+  set_tests_properties(phi_tiny_ep_bad_checkpoint_${_kind} PROPERTIES FIXTURES_REQUIRED model_bad_${_kind})
+endforeach()
 
 # --- the GPU path: label gpu, skipped (77) without enough GPUs. -np 1: one GPU with every expert; -np 2: EP over
 #     NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
