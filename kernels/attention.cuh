@@ -9,15 +9,16 @@
 // max subtraction (online: running max m, running sum l, rescaled accumulator), output rounded to bf16.
 // Prefill is attention() with T = prompt length, pos0 = 0; decode is T = 1, pos0 = tokens so far.
 //
-// Thread mapping (simple, correct): one block of W = 16 warps per (token t, query head h). Warp w takes keys
+// Thread mapping (simple, correct): one block of W warps per (token t, query head h). Warp w takes keys
 // lo + w, lo + w + W, ...; for each key, lane l holds dims l, l + 32, ... (D <= 256, so <= 8 per lane):
 // a warp-shuffle reduction gives the score, then every lane updates its own slice of the accumulator with
 // the online-softmax rescale. At the end the W warps' (m, l, acc) are merged through shared memory.
-// W = 16. Why: a decode step has only T * heads = 16 blocks (Phi-tiny), and each warp walks its keys one after
-// the other (a shuffle reduction and an exp per key). Measured on an H200 (chapter 05 --bench): with 4 warps,
-// batch-1 decode fell from 323 to 199 tokens/s between a 5- and a 128-token context; 16 warps gave 297 at 128.
-// The price is in prefill, where 32768 blocks fill the GPU anyway: the 2048-token prefill went from ~3800 to
-// 2974 tokens/s. Choosing W by T * heads (16 for few blocks, 4 for many) is the obvious next step (unmeasured).
+// W = 16 when the grid is small (at most 4 blocks per SM), else 4. Why: a decode step has only T * heads =
+// 16 blocks (Phi-tiny), and each warp walks its keys one after the other (a shuffle reduction and an exp per
+// key). Measured on an H200 (chapter 05 --bench): with 4 warps, batch-1 decode fell from 323 to 199 tokens/s
+// between a 5- and a 128-token context; 16 warps gave 297 at 128. But in prefill, where 32768 blocks fill the
+// GPU anyway, 16 warps cost the 2048-token prefill ~3800 -> 2974 tokens/s; hence the switch by grid size
+// (its prefill gain is still to be measured).
 // Rows of the cache outside [lo, p] are never read (the tests poison them with NaN to prove it).
 //
 // What a faster version changes: (1) one block per (token tile, kv head) so the heads/kv_heads query heads
