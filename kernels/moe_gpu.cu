@@ -135,8 +135,14 @@ struct GpuMoeLayer::Impl {
   cublasHandle_t blas = nullptr;
   cudaStream_t stream = nullptr;   // forward()'s stream
   cudaStream_t capture = nullptr;  // private stream that graph captures are recorded on
-  cudaEvent_t ev[6] = {};          // stage boundaries for time_stages
+  // Stage boundaries for time_stages: 0 start, 1 router, 2 routing, 3 permute, 4 experts, 5 combine,
+  // 6 experts start (after the host's wait for the offsets on the cuBLAS paths, else = 3).
+  cudaEvent_t ev[7] = {};
   cudaEvent_t ev_offsets = nullptr;
+  // time_stages_queued: busy-wait length (0 = off, the normal forward) and what the last queued run saw.
+  float spin_us = 0.f;
+  cudaEvent_t ev_spin = nullptr;  // after the latest busy-wait
+  int queue_misses = 0;
 
   bf16 *d_gate = nullptr, *d_w13 = nullptr, *d_w2 = nullptr;
   bf16 *d_w1 = nullptr, *d_w3 = nullptr;  // naive path only, split from w13 on first use
@@ -199,6 +205,7 @@ struct GpuMoeLayer::Impl {
     CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
     for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     CUDA_CHECK(cudaEventCreateWithFlags(&ev_offsets, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&ev_spin, cudaEventDisableTiming));
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&h_offsets), std::size_t(E + 1) * sizeof(int)));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_gate), std::size_t(E) * H * sizeof(bf16)));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w13), std::size_t(E) * 2 * I * H * sizeof(bf16)));
@@ -215,6 +222,7 @@ struct GpuMoeLayer::Impl {
     for (auto& e : ev)
       if (e) cudaEventDestroy(e);
     if (ev_offsets) cudaEventDestroy(ev_offsets);
+    if (ev_spin) cudaEventDestroy(ev_spin);
     if (capture) cudaStreamDestroy(capture);
     if (stream) cudaStreamDestroy(stream);
     if (blas) cublasDestroy(blas);
@@ -294,12 +302,26 @@ struct GpuMoeLayer::Impl {
 
   // ---- the forward ---------------------------------------------------------------------------------
 
-  // Enqueues one forward on s. ev != nullptr: records the 6 stage-boundary events.
+  // time_stages_queued: the busy-wait in front of a stretch of the forward, and the check that it was still
+  // running when the host had queued the stretch (else the GPU may have waited for the host after all).
+  void spin_start(cudaStream_t s) {
+    gpu_busy_wait(s, spin_us);
+    CUDA_CHECK(cudaEventRecord(ev_spin, s));
+  }
+  void spin_check() {
+    const cudaError_t q = cudaEventQuery(ev_spin);
+    if (q == cudaSuccess) ++queue_misses;
+    else if (q != cudaErrorNotReady) CUDA_CHECK(q);
+  }
+
+  // Enqueues one forward on s. ev != nullptr: records the 7 stage-boundary events (see ev).
   void enqueue(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, cudaEvent_t* evs) {
     auto mark = [&](int i) {
       if (evs) CUDA_CHECK(cudaEventRecord(evs[i], s));
+      if (i == 3) mark_experts_start(s, evs);  // paths without a host wait: experts start where permute ends
     };
     const int rows = T * k;
+    if (spin_us > 0) spin_start(s);
     mark(0);
     if (path == MoePath::Grouped && direct_path(d_x, T, d_y)) {
       // Small batches: 3 kernels, no plan, no permute, no combine (see the header).
@@ -331,12 +353,21 @@ struct GpuMoeLayer::Impl {
       CUDA_CHECK(cudaEventRecord(ev_offsets, s));
     }
     gpu::permute_rows(d_x, d_assignment, rows, k, H, d_xp, s);
-    mark(3);
-    if (need_host) CUDA_CHECK(cudaEventSynchronize(ev_offsets));
+    if (evs) CUDA_CHECK(cudaEventRecord(evs[3], s));
+    if (need_host) {
+      if (spin_us > 0) spin_check();
+      CUDA_CHECK(cudaEventSynchronize(ev_offsets));
+      if (spin_us > 0) spin_start(s);  // the GEMMs, SwiGLU and combine get queued behind this one
+    }
+    mark_experts_start(s, evs);
     gpu::grouped_experts(blas, experts(), d_xp, d_offsets, need_host ? h_offsets : nullptr, rows, d_yp, ws, s);
     mark(4);
     gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
     mark(5);
+  }
+
+  void mark_experts_start(cudaStream_t s, cudaEvent_t* evs) {
+    if (evs) CUDA_CHECK(cudaEventRecord(evs[6], s));
   }
 
   RouterImpl resolve_router(const bf16* d_x, int T) const {
@@ -434,6 +465,47 @@ struct GpuMoeLayer::Impl {
   }
 
   int last_T = 0;  // rows of the last forward (last_routing)
+
+  // The stage split from the events of the last timed enqueue (queued: experts from the experts-start event).
+  MoeTimings read_timings(bool queued) const {
+    auto ms = [&](int a, int b) {
+      float t = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&t, ev[a], ev[b]));
+      return t;
+    };
+    MoeTimings r;
+    r.router_ms = ms(0, 1);
+    r.routing_ms = ms(1, 2);
+    r.permute_ms = ms(2, 3);
+    r.experts_ms = queued ? ms(6, 4) : ms(3, 4);
+    r.combine_ms = ms(4, 5);
+    r.offsets_wait_ms = queued ? 0.f : ms(3, 6);
+    r.total_ms = queued ? r.router_ms + r.routing_ms + r.permute_ms + r.experts_ms + r.combine_ms : ms(0, 5);
+    return r;
+  }
+
+  MoeTimings time_stages_queued(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, float spin) {
+    require(T >= 0, "GpuMoeLayer::time_stages_queued: tokens must be >= 0, got ", T);
+    require(spin > 0 && spin <= 1e5f, "GpuMoeLayer::time_stages_queued: busy-wait ", spin,
+            " us is outside (0, 100000]");
+    last_T = T;
+    if (T == 0) return {};
+    prepare(T, path);
+    spin_us = spin;
+    queue_misses = 0;
+    try {
+      enqueue(d_x, T, d_y, path, s, ev);
+    } catch (...) {
+      spin_us = 0.f;
+      throw;
+    }
+    spin_check();  // the last busy-wait must still be running now that everything is queued
+    spin_us = 0.f;
+    CUDA_CHECK(cudaEventSynchronize(ev[5]));
+    MoeTimings r = read_timings(true);
+    r.queue_misses = queue_misses;
+    return r;
+  }
 
   void forward_device(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s) {
     last_T = T;
@@ -539,25 +611,18 @@ GpuMoeLayer::Result GpuMoeLayer::forward(std::span<const bf16_bits> x, int T, Mo
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
   r.y = bf16_to_float(std::span<const bf16_bits>(y));
 
-  if (time_stages) {
-    auto ms = [&](int a, int b) {
-      float t = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&t, m.ev[a], m.ev[b]));
-      return t;
-    };
-    r.timings.router_ms = ms(0, 1);
-    r.timings.routing_ms = ms(1, 2);
-    r.timings.permute_ms = ms(2, 3);
-    r.timings.experts_ms = ms(3, 4);
-    r.timings.combine_ms = ms(4, 5);
-    r.timings.total_ms = ms(0, 5);
-  }
+  if (time_stages) r.timings = m.read_timings(false);
   return r;
 }
 
 void GpuMoeLayer::forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
                                  cudaStream_t stream) {
   impl_->forward_device(d_x, T, d_y, path, stream);
+}
+
+MoeTimings GpuMoeLayer::time_stages_queued(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
+                                           cudaStream_t stream, float spin_us) {
+  return impl_->time_stages_queued(d_x, T, d_y, path, stream, spin_us);
 }
 
 void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {

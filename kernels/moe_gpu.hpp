@@ -47,6 +47,13 @@ RouterImpl parse_router_impl(const std::string& name);  // the names above; thro
 // Time split of one forward, filled when timing is requested (CUDA events, milliseconds).
 struct MoeTimings {
   float router_ms = 0, routing_ms = 0, permute_ms = 0, experts_ms = 0, combine_ms = 0, total_ms = 0;
+  // Eager split (forward with time_stages) on the cuBLAS strategies: from the end of the permute to the start
+  // of the experts, i.e. the GPU idle while the host waits for the offsets and enqueues the GEMMs (it is
+  // inside experts_ms too). 0 on paths without that wait, and in time_stages_queued.
+  float offsets_wait_ms = 0;
+  // time_stages_queued only: busy-waits that were over before the host had queued what follows them (then
+  // the split includes host gaps after all: raise the busy-wait). 0 means the split is pure GPU time.
+  int queue_misses = 0;
 };
 
 class GpuMoeLayer {
@@ -68,6 +75,16 @@ class GpuMoeLayer {
   };
   // Host in, host out: uploads x (bf16 [T, H]), runs, downloads. T = 0 is allowed (empty result).
   Result forward(std::span<const bf16_bits> x, int T, MoePath path, bool time_stages = false);
+
+  // Stage split of one forward without host launch gaps (benchmarks), x and y on the device. A GPU
+  // busy-wait of spin_us microseconds is enqueued first, so the host has queued the forward (and the events
+  // between its stages) before the GPU gets there: the stages are timed back to back as the GPU runs them,
+  // not at the pace of host launches. The cuBLAS strategies wait on the host for the offsets mid-forward;
+  // there a second busy-wait is enqueued after that wait and the experts stage is timed from its end, so the
+  // split leaves out the offsets round trip (eager forward(..., true) shows it as offsets_wait_ms). total_ms is
+  // then the sum of the stages. The layer's CUDA graphs are not used (events need the kernels one by one).
+  MoeTimings time_stages_queued(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
+                                cudaStream_t stream, float spin_us = 300.f);
 
   // Device in, device out, on `stream`; no host synchronisation unless the path needs one.
   // d_x: [T, H] bf16, d_y: [T, H] bf16. Scratch buffers grow as needed (allocate outside timed loops
@@ -121,5 +138,34 @@ struct Ceilings {
   double bf16_tflops = 0;       // large cuBLAS bf16 GEMM, fp32 accumulate
 };
 Ceilings measure_ceilings();
+
+// Benchmark support (bench_support.cu). A single-thread kernel that spins on the GPU's global timer for `us`
+// microseconds: work enqueued behind it is all queued before the GPU reaches it.
+void gpu_busy_wait(cudaStream_t s, double us);
+
+// A cold L2 before a timed forward: touch a buffer of twice the L2 size.
+//   Write: cudaMemsetAsync over it. The L2 is left full of DIRTY lines, so the first misses of the next
+//          kernel also pay write-backs to HBM.
+//   Read:  a kernel reads it all and folds it into one value. The L2 is left full of CLEAN lines, as after
+//          a layer that mostly read weights (what a real model's next layer finds).
+enum class L2FlushKind { Write, Read };
+const char* l2_flush_name(L2FlushKind k);              // "write", "read"
+L2FlushKind parse_l2_flush(const std::string& name);  // the names above; throws on anything else
+class L2Flusher {
+ public:
+  explicit L2Flusher(L2FlushKind kind);  // allocates 2 x the current device's L2 (at least 2 MiB)
+  ~L2Flusher();
+  L2Flusher(const L2Flusher&) = delete;
+  L2Flusher& operator=(const L2Flusher&) = delete;
+  void flush(cudaStream_t s, int salt);  // salt: the byte a write flush stores (vary it between calls)
+  std::size_t bytes() const { return bytes_; }
+  L2FlushKind kind() const { return kind_; }
+
+ private:
+  L2FlushKind kind_;
+  std::size_t bytes_ = 0;
+  void* buf_ = nullptr;
+  unsigned* sink_ = nullptr;  // the read flush's result, so the loads cannot be optimised away
+};
 
 }  // namespace eplab

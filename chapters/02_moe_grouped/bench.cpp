@@ -1,8 +1,25 @@
 // Timing method (see the chapter README): weights are random bf16 of Phi-tiny-MoE's layer shape; each
-// measured forward starts with a cold L2 (a buffer twice the L2 size is rewritten before it, outside the
+// measured forward starts with a cold L2 (a buffer twice the L2 size is touched before it, outside the
 // timed region), because in a real model the next layer's weights are never in cache. Each point is the
 // median over many forwards timed one by one with CUDA events; inputs rotate over 8 seeded batches so
 // routing (and so which experts' weights are read) changes from forward to forward.
+//
+// L2 flush (--flush): write (default, the method of every number recorded so far) rewrites the buffer with
+// cudaMemsetAsync and leaves the L2 full of dirty lines, so the forward's first misses also pay write-backs;
+// read sums the buffer in a kernel and leaves clean lines, closer to what a real model's next layer finds
+// (its L2 holds mostly weights it only read). Which one moves the numbers, and by how much, is measured, not
+// assumed: the README keeps it as an open question until a device run answers it.
+//
+// Per-stage split (--bench-split): two methods, both printed by default.
+//   eager:  forward(x, T, Grouped, time_stages) as before: kernels launched one by one with events between
+//           the stages. When the host launches slower than the GPU runs (T = 1: ~3-5 us per launch against
+//           kernels of a few us) the GPU waits for the host, and those waits land in the stage times.
+//   queued: GpuMoeLayer::time_stages_queued: a GPU busy-wait (--bench-spin-us) is enqueued first, so the
+//           whole forward and its events are queued before the GPU reaches them; the stages are then pure
+//           GPU time. On the cuBLAS strategies the host waits for the offsets mid-forward; a second
+//           busy-wait after that wait keeps the GEMMs queued too, and the offsets round trip is left out
+//           (the eager split shows it as "offsets wait"). "misses" counts busy-waits that ended before the
+//           host had queued what follows them (then that split is not pure: raise --bench-spin-us).
 #include "bench.hpp"
 
 #include <cuda_runtime.h>
@@ -48,13 +65,13 @@ PeerTimes load_peer(const std::string& path) {
 
 // Times fn() n times, each after an L2 flush, and returns the median in ms.
 template <typename Fn>
-double time_cold(int n, cudaStream_t s, void* flush, size_t flush_bytes, Fn&& fn) {
+double time_cold(int n, cudaStream_t s, L2Flusher& flush, Fn&& fn) {
   cudaEvent_t a, b;
   CUDA_CHECK(cudaEventCreate(&a));
   CUDA_CHECK(cudaEventCreate(&b));
   std::vector<double> ms;
   for (int i = 0; i < n; ++i) {
-    CUDA_CHECK(cudaMemsetAsync(flush, i & 0xff, flush_bytes, s));
+    flush.flush(s, i);
     CUDA_CHECK(cudaEventRecord(a, s));
     fn(i);
     CUDA_CHECK(cudaEventRecord(b, s));
@@ -80,19 +97,21 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   const int T_max = *std::max_element(opt.tokens.begin(), opt.tokens.end());
   constexpr int kBatches = 8;
 
-  int dev = 0, l2 = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-  const size_t flush_bytes = size_t(std::max(l2, 1 << 20)) * 2;
-  void* flush = nullptr;
-  CUDA_CHECK(cudaMalloc(&flush, flush_bytes));
+  L2Flusher flush(parse_l2_flush(opt.flush));
+  const bool split_eager = opt.split == "eager" || opt.split == "both";
+  const bool split_queued = opt.split == "queued" || opt.split == "both";
+  require(split_eager || split_queued, "--bench-split must be eager, queued or both, got '", opt.split, "'");
+  std::printf("L2 flush before each timed forward: %s, %.0f MiB\n", l2_flush_name(flush.kind()),
+              double(flush.bytes()) / (1 << 20));
   __nv_bfloat16 *d_x = nullptr, *d_y = nullptr;
   CUDA_CHECK(cudaMalloc(&d_x, size_t(kBatches) * T_max * H * sizeof(__nv_bfloat16)));
   CUDA_CHECK(cudaMalloc(&d_y, size_t(T_max) * H * sizeof(__nv_bfloat16)));
   cudaStream_t s;
   CUDA_CHECK(cudaStreamCreate(&s));
 
-  Table stages({"T", "via", "router", "routing", "permute", "experts", "combine", "total (eager)"});
+  Table stages({"T", "via", "router", "routing", "permute", "experts", "combine", "total (eager)",
+                "offsets wait"});
+  Table queued({"T", "via", "router", "routing", "permute", "experts", "combine", "sum (GPU)", "misses"});
   Table table({"T", "grouped ms", "naive ms", "speedup", "TFLOP/s", "weights GB/s", "%bf16 peak", "%HBM",
                "roofline ms", "% of roofline", "HF ms", "vs HF"});
   nlohmann::json rows = nlohmann::json::array();
@@ -116,8 +135,8 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     layer.forward_device(d_x, T, d_y, MoePath::Naive, s);
     CUDA_CHECK(cudaStreamSynchronize(s));
     const int iters = T <= 512 ? 200 : T <= 4096 ? 50 : 20;
-    const double g_ms = time_cold(iters, s, flush, flush_bytes, run(MoePath::Grouped));
-    const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, flush_bytes, run(MoePath::Naive));
+    const double g_ms = time_cold(iters, s, flush, run(MoePath::Grouped));
+    const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, run(MoePath::Naive));
 
     const std::string via =
         std::string(router_impl_name(layer.last_router_impl())) + " + " + expert_strategy_name(layer.last_expert_strategy());
@@ -125,18 +144,36 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     // Per-stage split: eager forwards (no graph) with CUDA events between the stages, cold L2 (x itself is
     // warm: forward() uploads it first). Median of 5 per stage. On the small-batch direct path the
     // routing is fused into the router kernel and the combine into the experts kernel (0 here).
-    std::vector<double> st[6];
-    for (int rep = 0; rep < 5; ++rep) {
-      CUDA_CHECK(cudaMemset(flush, rep, flush_bytes));
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const MoeTimings t = layer.forward(x0, T, MoePath::Grouped, true).timings;
-      const float v[6] = {t.router_ms, t.routing_ms, t.permute_ms, t.experts_ms, t.combine_ms, t.total_ms};
-      for (int i = 0; i < 6; ++i) st[i].push_back(v[i]);
+    double sm[7] = {}, qm[6] = {};
+    int misses = 0;
+    if (split_eager) {
+      std::vector<double> st[7];
+      for (int rep = 0; rep < 5; ++rep) {
+        flush.flush(s, rep);
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        const MoeTimings t = layer.forward(x0, T, MoePath::Grouped, true).timings;
+        const float v[7] = {t.router_ms,  t.routing_ms, t.permute_ms,     t.experts_ms,
+                            t.combine_ms, t.total_ms,   t.offsets_wait_ms};
+        for (int i = 0; i < 7; ++i) st[i].push_back(v[i]);
+      }
+      for (int i = 0; i < 7; ++i) sm[i] = median(st[i]);
+      stages.add_row({std::to_string(T), via, strf("%.4f", sm[0]), strf("%.4f", sm[1]), strf("%.4f", sm[2]),
+                      strf("%.4f", sm[3]), strf("%.4f", sm[4]), strf("%.4f", sm[5]), strf("%.4f", sm[6])});
     }
-    double sm[6];
-    for (int i = 0; i < 6; ++i) sm[i] = median(st[i]);
-    stages.add_row({std::to_string(T), via, strf("%.4f", sm[0]), strf("%.4f", sm[1]), strf("%.4f", sm[2]),
-                    strf("%.4f", sm[3]), strf("%.4f", sm[4]), strf("%.4f", sm[5])});
+    if (split_queued) {
+      // Same input batch 0, already on the device; median of 9.
+      std::vector<double> st[6];
+      for (int rep = 0; rep < 9; ++rep) {
+        flush.flush(s, rep);
+        const MoeTimings t = layer.time_stages_queued(d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
+        const float v[6] = {t.router_ms, t.routing_ms, t.permute_ms, t.experts_ms, t.combine_ms, t.total_ms};
+        for (int i = 0; i < 6; ++i) st[i].push_back(v[i]);
+        misses += t.queue_misses;
+      }
+      for (int i = 0; i < 6; ++i) qm[i] = median(st[i]);
+      queued.add_row({std::to_string(T), via, strf("%.4f", qm[0]), strf("%.4f", qm[1]), strf("%.4f", qm[2]),
+                      strf("%.4f", qm[3]), strf("%.4f", qm[4]), strf("%.4f", qm[5]), std::to_string(misses)});
+    }
 
     const double flops = 2.0 * T * k * 3.0 * H * I + 2.0 * T * E * H;
     const double weight_bytes = double(touched.size()) * 3.0 * H * I * 2 + double(E) * H * 2;
@@ -152,24 +189,41 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     rows.push_back({{"tokens", T}, {"grouped_ms", g_ms}, {"naive_ms", n_ms}, {"tflops", tflops},
                     {"weights_gbps", gbps}, {"experts_touched", touched.size()}, {"roofline_ms", roof_ms},
                     {"experts_via", via},
-                    {"stages_ms", {{"router", sm[0]}, {"routing", sm[1]}, {"permute", sm[2]}, {"experts", sm[3]},
-                                   {"combine", sm[4]}, {"total", sm[5]}}},
+                    {"stages_ms", split_eager ? nlohmann::json{{"router", sm[0]}, {"routing", sm[1]},
+                                                               {"permute", sm[2]}, {"experts", sm[3]},
+                                                               {"combine", sm[4]}, {"total", sm[5]},
+                                                               {"offsets_wait", sm[6]}}
+                                              : nlohmann::json(nullptr)},
+                    {"stages_queued_ms", split_queued ? nlohmann::json{{"router", qm[0]}, {"routing", qm[1]},
+                                                                       {"permute", qm[2]}, {"experts", qm[3]},
+                                                                       {"combine", qm[4]}, {"sum", qm[5]},
+                                                                       {"misses", misses}}
+                                                      : nlohmann::json(nullptr)},
                     {"peer_ms", p != peer.ms.end() ? nlohmann::json(p->second) : nlohmann::json(nullptr)}});
   }
   std::printf("\n%s", table.str().c_str());
   std::printf("(median of cold-L2 forwards; weights GB/s counts the experts a forward touches; roofline = max(FLOPs /"
               " GEMM peak, bytes / HBM copy))\n");
-  std::printf("\nper-stage split of the grouped path, ms (one eager forward with events between stages, median of 5):\n%s",
-              stages.str().c_str());
+  if (split_eager)
+    std::printf("\nper-stage split of the grouped path, ms, EAGER (kernels launched one by one with events between"
+                " stages, median of 5; includes the GPU's waits for host launches; 'offsets wait': end of permute"
+                " to start of the GEMMs, inside 'experts'):\n%s",
+                stages.str().c_str());
+  if (split_queued)
+    std::printf("\nper-stage split of the grouped path, ms, QUEUED (a %.0f us GPU busy-wait first, so the forward is"
+                " queued before the GPU runs it: GPU time only, no host gaps, offsets round trip left out; median"
+                " of 9; misses > 0: some busy-wait ended too early, raise --bench-spin-us):\n%s",
+                opt.spin_us, queued.str().c_str());
   std::printf("(via: router + expert strategy; permute includes the dispatch plan; experts includes SwiGLU;"
               " with the fused or tiled router the router column includes routing (one kernel); on the weight-stream"
               " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=1,"
-              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the other paths)\n");
+              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the other paths; L2 flush: %s)\n",
+              l2_flush_name(flush.kind()));
   CUDA_CHECK(cudaStreamDestroy(s));
-  CUDA_CHECK(cudaFree(flush));
   CUDA_CHECK(cudaFree(d_x));
   CUDA_CHECK(cudaFree(d_y));
   return {{"ceilings", {{"hbm_gbps", ceil.hbm_gbps}, {"bf16_tflops", ceil.bf16_tflops}}},
+          {"method", {{"l2_flush", l2_flush_name(flush.kind())}, {"split", opt.split}, {"spin_us", opt.spin_us}}},
           {"shape", {{"hidden", H}, {"inter", I}, {"experts", E}, {"top_k", k}}}, {"rows", rows}};
 }
 

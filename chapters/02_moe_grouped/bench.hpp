@@ -12,6 +12,9 @@ struct BenchOptions {
   int hidden = 4096, inter = 448, experts = 16, top_k = 2;  // Phi-tiny-MoE's layer shape
   std::string peer_json;  // output of scripts/hf_moe_bench.py --json, shown side by side
   unsigned long long seed = 1;
+  std::string flush = "write";  // L2 flush before each timed forward: write (memset) or read (see bench.cpp)
+  std::string split = "both";   // per-stage split: eager, queued or both (see bench.cpp)
+  double spin_us = 300;         // queued split: GPU busy-wait in front of each queued stretch
 };
 
 // GPU benchmark (random weights of the given shape, generated on the GPU). Returns the table as JSON.

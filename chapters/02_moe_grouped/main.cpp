@@ -10,6 +10,7 @@
 //
 // Run: 02_moe_grouped [--tokens 64] [--device auto|gpu|cpu]        check against the CPU reference
 //      02_moe_grouped --bench [--peer-json hf.json]                Phi-tiny shape, T = 1 .. 16384, GPU
+//                     [--flush write|read] [--bench-split eager|queued|both] [--bench-spin-us 300]
 #include <cstdio>
 
 #include "bench.hpp"
@@ -50,6 +51,16 @@ int main(int argc, char** argv) {
     app.add_flag("--bench", bench, "benchmark at Phi-tiny-MoE's layer shape (GPU): grouped vs naive vs roofline");
     app.add_option("--bench-tokens", bopt.tokens, "token counts for --bench");
     app.add_option("--peer-json", bopt.peer_json, "HF transformers timings from scripts/hf_moe_bench.py --json");
+    app.add_option("--flush", bopt.flush,
+                   "--bench: L2 flush before each timed forward: write (memset, leaves dirty lines; default) or read"
+                   " (a kernel reads 2 x L2, leaves clean lines)")
+        ->check(CLI::IsMember({"write", "read"}));
+    app.add_option("--bench-split", bopt.split,
+                   "--bench: per-stage split method: eager (launch by launch), queued (behind a GPU busy-wait: GPU"
+                   " time only) or both (default)")
+        ->check(CLI::IsMember({"eager", "queued", "both"}));
+    app.add_option("--bench-spin-us", bopt.spin_us, "--bench: busy-wait of the queued split, microseconds (default 300)")
+        ->check(CLI::Range(1.0, 100000.0));
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
 
     const DeviceChoice dev = choose_device(opt.device);

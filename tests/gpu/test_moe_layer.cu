@@ -585,6 +585,65 @@ TEST_CASE("GpuMoeLayer: random-weights constructor, timings and bad arguments") 
   CHECK_THROWS_AS(GpuMoeLayer(64, 32, 4, RouterKind::SoftmaxTopK, 5, kEps, 1), Error);  // top-k > experts
 }
 
+TEST_CASE("GpuMoeLayer::time_stages_queued: same output as forward_device, stages add up, busy-wait long enough") {
+  // The queued split (02_moe_grouped --bench) must time the same forward: y identical to an untimed
+  // forward_device on the same input, on the direct small-batch path (T = 3), cublas-grouped (T = 100) and
+  // cublas-streams (T = 2048: the host waits for the offsets mid-forward, second busy-wait).
+  const MoeLayerWeights w = random_layer(256, 128, 16, 91);
+  const int H = w.hidden;
+  Rng rng(92);
+  GpuMoeLayer layer(w, RouterKind::SparseMixer, 2, kEps);
+  for (int T : {3, 100, 2048}) {
+    CAPTURE(T);
+    const Bf16Data x = random_bf16(rng, size_t(T) * H);
+    DevBuf<bf16_bits> d_x(x.bits), d_y(size_t(T) * H);
+    Stream s;
+    d_y.poison();
+    layer.forward_device(as_bf16(d_x), T, as_bf16(d_y), MoePath::Grouped, s);
+    s.sync();
+    const auto want = d_y.download();
+    const std::string ran = expert_strategy_name(layer.last_expert_strategy());
+    INFO("experts via " << ran);
+    d_y.poison();
+    device_sync();
+    const MoeTimings t = layer.time_stages_queued(as_bf16(d_x), T, as_bf16(d_y), MoePath::Grouped, s, 2000.f);
+    s.sync();
+    CHECK(d_y.download() == want);
+    CHECK(t.router_ms > 0);
+    CHECK(t.experts_ms > 0);
+    CHECK(t.permute_ms >= 0);
+    CHECK(t.routing_ms >= 0);
+    CHECK(t.combine_ms >= 0);
+    CHECK(t.offsets_wait_ms == 0);
+    CHECK(t.total_ms == doctest::Approx(t.router_ms + t.routing_ms + t.permute_ms + t.experts_ms + t.combine_ms));
+    // 2 ms of busy-wait is far more than the host needs to queue one forward of this size.
+    CHECK_MESSAGE(t.queue_misses == 0, "a 2 ms busy-wait ended before the host had queued the forward");
+    // No busy-wait in the stages: the whole queued forward is far shorter than one busy-wait.
+    CHECK_MESSAGE(t.total_ms < 1.5f, "queued split total ", t.total_ms, " ms: did a busy-wait land in a stage?");
+    MESSAGE("T=", T, " via ", ran, ": queued split router ", t.router_ms, " routing ", t.routing_ms, " permute ",
+            t.permute_ms, " experts ", t.experts_ms, " combine ", t.combine_ms, " ms");
+    // The eager split of the cuBLAS paths reports the offsets wait inside the experts stage.
+    const MoeTimings e = layer.forward(x.bits, T, MoePath::Grouped, true).timings;
+    CHECK(e.offsets_wait_ms >= 0);
+    CHECK(e.offsets_wait_ms <= e.experts_ms + 1e-3f);
+  }
+  CHECK_THROWS_AS(layer.time_stages_queued(nullptr, -1, nullptr, MoePath::Grouped, cudaStream_t{}), Error);
+}
+
+TEST_CASE("L2Flusher: both kinds run, and parse_l2_flush names them") {
+  for (L2FlushKind kind : {L2FlushKind::Write, L2FlushKind::Read}) {
+    L2Flusher f(kind);
+    CHECK(f.kind() == kind);
+    CHECK(f.bytes() >= (size_t(2) << 20));
+    Stream s;
+    f.flush(s, 1);
+    gpu_busy_wait(s, 10);
+    s.sync();
+    CHECK(parse_l2_flush(l2_flush_name(kind)) == kind);
+  }
+  CHECK_THROWS_AS(parse_l2_flush("memset"), Error);
+}
+
 TEST_CASE("measure_ceilings: plausible numbers for a datacenter GPU") {
   const Ceilings c = measure_ceilings();
   MESSAGE("HBM copy ", c.hbm_gbps, " GB/s, bf16 GEMM ", c.bf16_tflops, " TFLOP/s");
