@@ -4,13 +4,15 @@
 //   w13_swiglu_stream  small rows: stream w1|w3 rows once, all of an expert's rows per pass, fused SwiGLU
 //   w2_stream          small rows: stream w2 rows once, 8 lanes per output feature
 //   fill_group_pointers  large rows: per-expert A/B/C pointers for cublasGemmGroupedBatchedEx, from d_offsets
-// plus the cuBLAS drivers (grouped call, per-expert loop, per-expert loop over 4 streams).
+// plus the cuBLAS drivers (grouped call, per-expert loop, per-expert loop over 4 streams, strided-batched
+// over the padded layout; the padded layout's copy kernels are in padded_layout.cu).
 #include "grouped_experts.cuh"
 
 #include <algorithm>
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "padded_layout.cuh"
 #include "swiglu.cuh"
 
 namespace eplab::gpu {
@@ -554,6 +556,8 @@ GroupedWorkspace::~GroupedWorkspace() {
   delete aux;
   if (gate_up) cudaFree(gate_up);
   if (h) cudaFree(h);
+  if (xpad) cudaFree(xpad);
+  if (ypad) cudaFree(ypad);
   if (ptrs) cudaFree(ptrs);
   if (h_offsets) cudaFreeHost(h_offsets);
 }
@@ -565,6 +569,7 @@ const char* grouped_strategy_name(GroupedStrategy s) {
     case GroupedStrategy::CublasGrouped: return "cublas-grouped";
     case GroupedStrategy::CublasLoop: return "cublas-loop";
     case GroupedStrategy::CublasStreams: return "cublas-streams";
+    case GroupedStrategy::CublasPadded: return "cublas-padded";
   }
   return "?";
 }
@@ -589,7 +594,7 @@ GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const Expert
 
 bool grouped_strategy_needs_host_offsets(GroupedStrategy s) {
   return s == GroupedStrategy::CublasGrouped || s == GroupedStrategy::CublasLoop ||
-         s == GroupedStrategy::CublasStreams;
+         s == GroupedStrategy::CublasStreams || s == GroupedStrategy::CublasPadded;
 }
 
 namespace {
@@ -600,8 +605,12 @@ void reserve_groups(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows
   require(w.n >= 1 && w.n <= kMaxExperts, "grouped_experts: expert count ", w.n, " outside [1, ", kMaxExperts, "]");
   require(groups >= 1 && groups <= kMaxExperts, "grouped_experts: group count ", groups, " outside [1, ", kMaxExperts,
           "]");
-  device_grow(ws.gate_up, ws.gate_up_cap, std::size_t(rows) * 2 * w.I, ws.generation);
-  device_grow(ws.h, ws.h_cap, std::size_t(rows) * w.I, ws.generation);
+  // CublasPadded runs its SwiGLU over n * M_pad rows (M_pad <= the cap; above it, streams on `rows` rows).
+  std::size_t act_rows = std::size_t(rows);
+  if (ws.strategy == GroupedStrategy::CublasPadded && rows > 0)
+    act_rows = std::max(act_rows, std::size_t(w.n) * padded_capacity_per_expert(ws.padded_max_ratio, w.n, rows));
+  device_grow(ws.gate_up, ws.gate_up_cap, act_rows * 2 * w.I, ws.generation);
+  device_grow(ws.h, ws.h_cap, act_rows * w.I, ws.generation);
   std::size_t ptr_cap = std::size_t(ws.ptrs_cap) * 6;
   device_grow(ws.ptrs, ptr_cap, std::size_t(groups) * 6, ws.generation);
   ws.ptrs_cap = int(ptr_cap / 6);
@@ -630,6 +639,40 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 
 void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows, int groups) {
   reserve_groups(ws, w, rows, groups);
+}
+
+void grouped_experts_padded(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xpad,
+                            const int* h_offsets, int m_pad, bf16* d_ypad, GroupedWorkspace& ws, cudaStream_t s) {
+  const int n = w.n, H = w.H, I = w.I;
+  require(h_offsets && m_pad >= 0 && m_pad % kPadMultiple == 0, "grouped_experts_padded: m_pad ", m_pad,
+          " must be a multiple of ", kPadMultiple, " with host offsets given");
+  ws.last_used = GroupedStrategy::CublasPadded;
+  int e_lo = n, e_hi = -1;  // the range of non-empty experts: the batch
+  for (int e = 0; e < n; ++e) {
+    const int c = h_offsets[e + 1] - h_offsets[e];
+    require(c >= 0 && c <= m_pad, "grouped_experts_padded: expert ", e, " has ", c, " rows, more than m_pad = ", m_pad);
+    if (c > 0) e_lo = std::min(e_lo, e), e_hi = e;
+  }
+  if (e_hi < 0) return;
+  const int B = e_hi - e_lo + 1;
+  const std::size_t prow = std::size_t(B) * m_pad;
+  device_grow(ws.gate_up, ws.gate_up_cap, prow * 2 * I, ws.generation);  // no-op after reserve_grouped_workspace
+  device_grow(ws.h, ws.h_cap, prow * I, ws.generation);
+  CUBLAS_CHECK(cublasSetStream(handle, s));
+  const HostPointerMode mode(handle);
+  const float one = 1.f, zero = 0.f;
+  using ll = long long;
+  // gate_up[b] [M_pad, 2I] = xpad[e_lo + b] · w13[e_lo + b]ᵀ  (column-major: m = 2I, n = M_pad, k = H, "TN")
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, 2 * I, m_pad, H, &one, w.w13 + std::size_t(e_lo) * 2 * I * H, CUDA_R_16BF, H,
+      ll(2) * I * H, d_xpad + std::size_t(e_lo) * m_pad * H, CUDA_R_16BF, H, ll(m_pad) * H, &zero, ws.gate_up,
+      CUDA_R_16BF, 2 * I, ll(m_pad) * 2 * I, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  swiglu(ws.gate_up, int(prow), I, ws.h, s);
+  // ypad[e_lo + b] [M_pad, H] = h[b] · w2[e_lo + b]ᵀ  (m = H, n = M_pad, k = I)
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, H, m_pad, I, &one, w.w2 + std::size_t(e_lo) * H * I, CUDA_R_16BF, I,
+      ll(H) * I, ws.h, CUDA_R_16BF, I, ll(m_pad) * I, &zero, d_ypad + std::size_t(e_lo) * m_pad * H, CUDA_R_16BF, H,
+      ll(m_pad) * H, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
@@ -713,7 +756,25 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
 #endif
   }
 
-  if (st == GroupedStrategy::CublasStreams) {
+  GroupedStrategy run = st;
+  if (st == GroupedStrategy::CublasPadded) {
+    // Contiguous rows in, contiguous rows out: pad, the batched GEMMs, unpad. Above the cap, or with a
+    // group->expert map (weights not a fixed stride apart), cublas-streams.
+    const int m_pad = padded_rows_per_expert(h_offsets, n);
+    if (!d_expert_of && m_pad > 0 && m_pad <= padded_capacity_per_expert(ws.padded_max_ratio, n, rows)) {
+      const std::size_t pelems = std::size_t(n) * m_pad * H;
+      device_grow(ws.xpad, ws.xpad_cap, pelems, ws.generation);
+      device_grow(ws.ypad, ws.ypad_cap, pelems, ws.generation);
+      pad_rows(d_xp, d_offsets, n, m_pad, H, ws.xpad, s);
+      grouped_experts_padded(handle, w, ws.xpad, h_offsets, m_pad, ws.ypad, ws, s);
+      unpad_rows(ws.ypad, d_offsets, n, m_pad, rows, H, d_yp, s);
+      return;
+    }
+    run = GroupedStrategy::CublasStreams;
+    ws.last_used = run;
+  }
+
+  if (run == GroupedStrategy::CublasStreams) {
     if (!ws.aux) ws.aux = new GroupedWorkspace::Aux();
     auto& A = *ws.aux;
     const int S = std::clamp(ws.streams, 1, GroupedWorkspace::Aux::kStreams);

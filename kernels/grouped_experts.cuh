@@ -58,6 +58,23 @@
 //          offsets arrive) cost more than the GEMMs: whole layer at T = 64: streams 0.404 ms vs grouped
 //          0.130; T = 512: 0.436 vs 0.141. 8 streams instead of 4: no better (0.46 / 0.62 ms at
 //          8192 / 32768 rows); chaining each expert's SwiGLU on its stream: slower (more launches).
+//        CublasPadded (never chosen by Auto; EPLAB_EXPERTS=cublas-padded; written in session 8, not yet
+//          measured): the rows in the padded layout of padded_layout.cuh ([n, M_pad, H], M_pad = the largest
+//          count rounded up to 64), then ONE cublasGemmStridedBatchedEx for all experts' w13 (batch = the
+//          experts from the first to the last non-empty one, m = 2I, n = M_pad, k = H, A/B/C a fixed stride
+//          apart), SwiGLU over the padded rows, ONE strided-batched GEMM for w2. Why it may beat streams at
+//          large rows: the per-expert GEMMs (~512 x 896 x 4096 at T = 4096) are ~28 output tiles each, a fifth
+//          of the GPU; streams overlap at most 4 of them, with a launch and a tail per GEMM, while one batched
+//          call puts every expert's tiles in one grid (448 tiles at T = 4096: ~3.4 waves on 132 SMs) with a
+//          kernel cuBLAS picks for that one shape. The price is the padding (sum_e M_pad - c_e rows of
+//          wasted work: ~12-25 % at balanced routing) and, when one expert takes most rows, up to n x; so
+//          M_pad is capped at padded_max_ratio x the mean count (padded_capacity_per_expert) and above the cap
+//          this strategy runs cublas-streams instead (last_used says which ran). Called on contiguous rows
+//          (this function), it pads and unpads with two extra copies; GpuMoeLayer instead permutes x straight
+//          into the padded layout and combines straight from it (permute_rows_padded,
+//          unpermute_combine_padded) and calls grouped_experts_padded for the GEMMs, so the layer pays no
+//          extra pass. Not available with a group->expert map (grouped_experts_segments with d_expert_of):
+//          the weights are then not a fixed stride apart; it runs cublas-streams there.
 //      Row-major vs column-major: cuBLAS is column-major, and a row-major [R, C] matrix is the same bytes
 //      as a column-major [C, R] one. We compute gate_upᵀ [2I, c_e] = w13_e(as [H, 2I] col-major)ᵀ ·
 //      xp_eᵀ (as [H, c_e] col-major): transa = T, transb = N, m = 2I, n = c_e, k = H, lda = ldb = H,
@@ -101,7 +118,7 @@ struct ExpertWeightsDevice {
   int n, H, I;
 };
 
-enum class GroupedStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams };
+enum class GroupedStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams, CublasPadded };
 const char* grouped_strategy_name(GroupedStrategy s);
 
 class GroupedWorkspace {
@@ -118,6 +135,9 @@ class GroupedWorkspace {
   int small_rows_max = 32;
   int streams_min_rows = 4096;  // Auto: cublas-grouped below this many rows, cublas-streams from here on
   int streams = 4;  // CublasStreams: how many streams the per-expert GEMM chains are spread over (1..8)
+  // CublasPadded: M_pad may be at most this many times the mean rows per expert (padded_capacity_per_expert);
+  // above, cublas-streams runs. Buffers for the padded layout are sized for that cap.
+  float padded_max_ratio = 2.f;
 
   // What the last grouped_experts call actually ran (Auto resolved), for benchmarks.
   GroupedStrategy last_used = GroupedStrategy::Auto;
@@ -128,6 +148,9 @@ class GroupedWorkspace {
   bf16* gate_up = nullptr;  // [rows, 2I]
   bf16* h = nullptr;        // [rows, I]
   std::size_t gate_up_cap = 0, h_cap = 0;  // elements
+  bf16* xpad = nullptr;     // CublasPadded on contiguous rows: the padded copies of xp and yp [n * M_pad, H]
+  bf16* ypad = nullptr;
+  std::size_t xpad_cap = 0, ypad_cap = 0;  // elements
   void** ptrs = nullptr;        // device: 6 arrays of n pointers (A1, B1, C1, A2, B2, C2)
   int ptrs_cap = 0;             // n
   int* h_offsets = nullptr;     // pinned host copy of the offsets [n+1]
@@ -148,7 +171,9 @@ GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const Expert
 bool grouped_strategy_needs_host_offsets(GroupedStrategy s);
 
 // Grows every buffer grouped_experts needs for `rows` rows now, so a later call allocates nothing (call it
-// before capturing a CUDA graph or entering a timed loop).
+// before capturing a CUDA graph or entering a timed loop). With CublasPadded: gate_up and h for the padded
+// cap; the xpad / ypad copies that only grouped_experts on contiguous rows needs are allocated on its first
+// call (the strategy syncs with the host anyway and is never captured in a graph).
 void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows);
 
 // d_xp [rows, H] permuted by expert, d_offsets [n+1] on the device (offsets[n] == rows), h_offsets: the same
@@ -159,6 +184,14 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 // (w2 GEMMs / kernel, after the SwiGLU); the EP layer relies on this to keep one buffer for both.
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
                      const int* h_offsets, int rows, bf16* d_yp, GroupedWorkspace& ws, cudaStream_t s);
+
+// The GEMMs of CublasPadded on rows already in the padded layout (padded_layout.cuh): d_xpad [n * m_pad, H]
+// -> d_ypad [n * m_pad, H], h_offsets [n+1] on the host (for the range of non-empty experts), m_pad >= every
+// count, a multiple of kPadMultiple. Rows of experts outside the first..last non-empty range are not
+// written; padding rows get w2(SwiGLU(w13 · row)), zeros for zero rows. Sets ws.last_used = CublasPadded.
+// GpuMoeLayer's path (see CublasPadded above).
+void grouped_experts_padded(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xpad,
+                            const int* h_offsets, int m_pad, bf16* d_ypad, GroupedWorkspace& ws, cudaStream_t s);
 
 // The same over G groups of rows that need not be one per expert: group g = rows [offsets[g], offsets[g+1])
 // of xp, computed with the weights of expert expert_of[g] (several groups may name the same expert; a

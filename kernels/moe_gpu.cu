@@ -28,6 +28,11 @@
 // time the same (T, path, x, y, buffers) comes by, and replayed with one cudaGraphLaunch after that. If a
 // capture fails, the layer says so once on stderr and runs without graphs.
 //
+// cublas-padded (EPLAB_EXPERTS=cublas-padded, unmeasured): the permute writes x straight into the padded
+// layout [E, M_pad, H] (padded_layout.cuh; M_pad found on the GPU from the offsets, capped), the experts are two
+// strided-batched GEMMs over it, and the combine reads it back: the same kernel count as the other cuBLAS
+// strategies, no extra pass. xp and yp are then sized for E x the cap rows (2 x rows at the default ratio).
+//
 // Buffers grow to the largest T seen and are never shrunk: after one forward at the largest T (and one
 // more for the graph capture) forward_device allocates nothing.
 #include "moe_gpu.hpp"
@@ -46,6 +51,7 @@
 #include "experts_decode.cuh"
 #include "grouped_experts.cuh"
 #include "naive_moe.cuh"
+#include "padded_layout.cuh"
 #include "permute.cuh"
 #include "random_init.cuh"
 #include "router.cuh"
@@ -82,6 +88,7 @@ gpu::GroupedStrategy to_gpu(ExpertStrategy s) {
     case ExpertStrategy::CublasGrouped: return gpu::GroupedStrategy::CublasGrouped;
     case ExpertStrategy::CublasLoop: return gpu::GroupedStrategy::CublasLoop;
     case ExpertStrategy::CublasStreams: return gpu::GroupedStrategy::CublasStreams;
+    case ExpertStrategy::CublasPadded: return gpu::GroupedStrategy::CublasPadded;
   }
   return gpu::GroupedStrategy::Auto;
 }
@@ -93,6 +100,7 @@ ExpertStrategy from_gpu(gpu::GroupedStrategy s) {
     case gpu::GroupedStrategy::CublasGrouped: return ExpertStrategy::CublasGrouped;
     case gpu::GroupedStrategy::CublasLoop: return ExpertStrategy::CublasLoop;
     case gpu::GroupedStrategy::CublasStreams: return ExpertStrategy::CublasStreams;
+    case gpu::GroupedStrategy::CublasPadded: return ExpertStrategy::CublasPadded;
   }
   return ExpertStrategy::Auto;
 }
@@ -121,10 +129,10 @@ RouterImpl parse_router_impl(const std::string& name) {
 
 ExpertStrategy parse_expert_strategy(const std::string& name) {
   for (ExpertStrategy s : {ExpertStrategy::Auto, ExpertStrategy::WeightStream, ExpertStrategy::CublasGrouped,
-                           ExpertStrategy::CublasLoop, ExpertStrategy::CublasStreams})
+                           ExpertStrategy::CublasLoop, ExpertStrategy::CublasStreams, ExpertStrategy::CublasPadded})
     if (name == expert_strategy_name(s)) return s;
   fail("unknown expert strategy '", name,
-       "': use auto, weight-stream, cublas-grouped, cublas-loop or cublas-streams");
+       "': use auto, weight-stream, cublas-grouped, cublas-loop, cublas-streams or cublas-padded");
 }
 
 struct GpuMoeLayer::Impl {
@@ -242,6 +250,13 @@ struct GpuMoeLayer::Impl {
       require(v >= 1 && v <= 8, "EPLAB_EXPERT_STREAMS must be 1..8, got '", s, "'");
       ws.streams = v;
     }
+    if (const char* s = std::getenv("EPLAB_PADDED_RATIO"); s && *s) {
+      char* end = nullptr;
+      const double v = std::strtod(s, &end);
+      require(end && *end == '\0' && v >= 1.0 && v <= 64.0, "EPLAB_PADDED_RATIO must be a number in [1, 64], got '",
+              s, "'");
+      ws.padded_max_ratio = float(v);
+    }
     if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
     if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
@@ -289,7 +304,16 @@ struct GpuMoeLayer::Impl {
   void prepare(int T, MoePath path) {
     ensure_tokens(T);
     if (path == MoePath::Naive) ensure_naive_weights();
-    if (path == MoePath::Grouped) gpu::reserve_grouped_workspace(ws, experts(), T * k);
+    if (path == MoePath::Grouped) {
+      gpu::reserve_grouped_workspace(ws, experts(), T * k);
+      if (const int m_cap = padded_cap(T)) {  // permute_rows_padded writes up to E * m_cap rows into xp
+        const std::size_t need = std::max<std::size_t>(std::size_t(T) * k, std::size_t(E) * m_cap) * H;
+        const std::size_t xp_before = c_xp, yp_before = c_yp;
+        grow(d_xp, c_xp, need);
+        grow(d_yp, c_yp, need);
+        if (c_xp != xp_before || c_yp != yp_before) ++generation;
+      }
+    }
     if (gpu::router_route_tiled_ok(d_gate, d_gate, H, E)) gpu::reserve_router_tiled(rws, T, H, E);
     const unsigned long long g = (static_cast<unsigned long long>(generation) << 40) ^
                                  (static_cast<unsigned long long>(ws.generation) << 20) ^ rws.generation;
@@ -301,6 +325,15 @@ struct GpuMoeLayer::Impl {
   }
 
   // ---- the forward ---------------------------------------------------------------------------------
+
+  // cublas-padded's cap on M_pad for T tokens when the grouped path runs it (0: it does not). The permute
+  // then writes the padded layout whenever M_pad <= this (decided on the GPU, checked again on the host).
+  int padded_cap(int T) const {
+    const int rows = T * k;
+    if (rows == 0 || gpu::choose_grouped_strategy(ws, experts(), rows, d_xp, d_yp) != gpu::GroupedStrategy::CublasPadded)
+      return 0;
+    return gpu::padded_capacity_per_expert(ws.padded_max_ratio, E, rows);
+  }
 
   // time_stages_queued: the busy-wait in front of a stretch of the forward, and the check that it was still
   // running when the host had queued the stretch (else the GPU may have waited for the host after all).
@@ -352,7 +385,13 @@ struct GpuMoeLayer::Impl {
       CUDA_CHECK(cudaMemcpyAsync(h_offsets, d_offsets, std::size_t(E + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
       CUDA_CHECK(cudaEventRecord(ev_offsets, s));
     }
-    gpu::permute_rows(d_x, d_assignment, rows, k, H, d_xp, s);
+    // cublas-padded: x goes straight into the padded layout (no extra pass), unless M_pad > m_cap, which the
+    // permute kernel sees on the GPU and the host below sees in the same offsets.
+    const int m_cap = padded_cap(T);
+    if (m_cap)
+      gpu::permute_rows_padded(d_x, d_offsets, d_assignment, T, k, E, m_cap, H, d_xp, s);
+    else
+      gpu::permute_rows(d_x, d_assignment, rows, k, H, d_xp, s);
     if (evs) CUDA_CHECK(cudaEventRecord(evs[3], s));
     if (need_host) {
       if (spin_us > 0) spin_check();
@@ -360,6 +399,18 @@ struct GpuMoeLayer::Impl {
       if (spin_us > 0) spin_start(s);  // the GEMMs, SwiGLU and combine get queued behind this one
     }
     mark_experts_start(s, evs);
+    if (m_cap) {
+      const int m_pad = gpu::padded_rows_per_expert(h_offsets, E);
+      if (m_pad > 0 && m_pad <= m_cap) {
+        gpu::grouped_experts_padded(blas, experts(), d_xp, h_offsets, m_pad, d_yp, ws, s);
+        mark(4);
+        gpu::unpermute_combine_padded(d_yp, E * m_pad, d_ids, d_row_of, d_offsets, m_pad, d_weights, T, k, E, H, d_y,
+                                      s);
+        mark(5);
+        return;
+      }
+      // xp holds contiguous rows: grouped_experts sees the same M_pad > cap and runs cublas-streams.
+    }
     gpu::grouped_experts(blas, experts(), d_xp, d_offsets, need_host ? h_offsets : nullptr, rows, d_yp, ws, s);
     mark(4);
     gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
@@ -634,6 +685,8 @@ void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {
 }
 
 ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return from_gpu(impl_->ws.last_used); }
+ExpertStrategy GpuMoeLayer::expert_strategy() const { return from_gpu(impl_->ws.strategy); }
+int GpuMoeLayer::small_rows_max() const { return impl_->ws.small_rows_max; }
 
 void GpuMoeLayer::set_direct_small_batches(bool on) {
   if (impl_->use_direct == on) return;

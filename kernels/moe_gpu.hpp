@@ -31,7 +31,10 @@ enum class MoePath {
 //   CublasGrouped cublasGemmGroupedBatchedEx: one call for all experts' w1|w3, one for all w2
 //   CublasLoop    cublasGemmEx per expert, one stream
 //   CublasStreams cublasGemmEx per expert, spread over 4 streams
-enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams };
+//   CublasPadded  rows permuted into a padded [E, M_pad, H] layout, one strided-batched GEMM per matrix for all
+//                 experts, combine from the padded layout (unmeasured: never chosen by Auto; falls back to
+//                 CublasStreams when M_pad would exceed EPLAB_PADDED_RATIO (default 2) x the mean rows per expert)
+enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams, CublasPadded };
 const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
 ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
 
@@ -94,6 +97,8 @@ class GpuMoeLayer {
   // Benchmark knobs for the grouped path. Defaults: Auto with small_rows_max = 32, or what the environment
   // says: EPLAB_EXPERTS=<strategy name>, EPLAB_SMALL_ROWS=<rows>.
   void set_expert_strategy(ExpertStrategy s, int small_rows_max = 32);
+  ExpertStrategy expert_strategy() const;  // the strategy set (Auto unless forced)
+  int small_rows_max() const;
   ExpertStrategy last_expert_strategy() const;  // what the last grouped forward actually ran
   // Small batches on weight-stream take the token-direct chain (fused router+routing, experts that read x
   // through the routing and write y; moe_gpu.cu explains). Off: plan + permute + experts + combine, as

@@ -20,6 +20,13 @@
 //           busy-wait after that wait keeps the GEMMs queued too, and the offsets round trip is left out
 //           (the eager split shows it as "offsets wait"). "misses" counts busy-waits that ended before the
 //           host had queued what follows them (then that split is not pure: raise --bench-spin-us).
+//
+// Expert strategies side by side (--bench-experts a,b,...): at every T with more rows than the small-batch
+// threshold, the whole layer with each named strategy forced, in interleaved rounds (round i runs every
+// strategy once, starting at a different one each round, each forward after its own L2 flush) so that
+// clock and thermal drift during the run hit all of them alike; plus each one's queued experts stage. The
+// run-to-run spread of the experts stage (~20 % between device runs at T = 4096) cannot decide a 5-10 %
+// difference between two separate runs; inside one interleaved run it can.
 #include "bench.hpp"
 
 #include <cuda_runtime.h>
@@ -112,6 +119,10 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   Table stages({"T", "via", "router", "routing", "permute", "experts", "combine", "total (eager)",
                 "offsets wait"});
   Table queued({"T", "via", "router", "routing", "permute", "experts", "combine", "sum (GPU)", "misses"});
+  Table variants({"T", "strategy", "ran", "layer ms (median)", "p10 ms", "p90 ms", "experts stage (queued)",
+                  "sum (queued)", "misses"});
+  std::vector<ExpertStrategy> variant_list;
+  for (const std::string& name : opt.experts_variants) variant_list.push_back(parse_expert_strategy(name));
   Table table({"T", "grouped ms", "naive ms", "speedup", "TFLOP/s", "weights GB/s", "%bf16 peak", "%HBM",
                "roofline ms", "% of roofline", "HF ms", "vs HF"});
   nlohmann::json rows = nlohmann::json::array();
@@ -175,6 +186,65 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                       strf("%.4f", qm[3]), strf("%.4f", qm[4]), strf("%.4f", qm[5]), std::to_string(misses)});
     }
 
+    nlohmann::json variant_rows = nlohmann::json::array();
+    if (!variant_list.empty() && T * k > layer.small_rows_max()) {
+      const ExpertStrategy saved = layer.expert_strategy();
+      const int small = layer.small_rows_max();
+      const int V = int(variant_list.size());
+      for (ExpertStrategy v : variant_list) {  // warm-up: every buffer grown, cuBLAS heuristics cached
+        layer.set_expert_strategy(v, small);
+        layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);
+        layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);
+      }
+      CUDA_CHECK(cudaStreamSynchronize(s));
+      std::vector<std::vector<double>> ms(static_cast<size_t>(V));
+      std::vector<std::set<std::string>> ran(static_cast<size_t>(V));
+      cudaEvent_t a, b;
+      CUDA_CHECK(cudaEventCreate(&a));
+      CUDA_CHECK(cudaEventCreate(&b));
+      for (int it = 0; it < iters; ++it)
+        for (int j = 0; j < V; ++j) {
+          const int v = (it + j) % V;
+          layer.set_expert_strategy(variant_list[size_t(v)], small);
+          flush.flush(s, it * V + j);
+          CUDA_CHECK(cudaEventRecord(a, s));
+          layer.forward_device(d_x + size_t(it % kBatches) * T_max * H, T, d_y, MoePath::Grouped, s);
+          CUDA_CHECK(cudaEventRecord(b, s));
+          CUDA_CHECK(cudaEventSynchronize(b));
+          float t = 0;
+          CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+          ms[size_t(v)].push_back(t);
+          ran[size_t(v)].insert(expert_strategy_name(layer.last_expert_strategy()));
+        }
+      CUDA_CHECK(cudaEventDestroy(a));
+      CUDA_CHECK(cudaEventDestroy(b));
+      for (int v = 0; v < V; ++v) {
+        layer.set_expert_strategy(variant_list[size_t(v)], small);
+        std::vector<double> ex, sum;
+        int vm = 0;
+        for (int rep = 0; rep < 5; ++rep) {
+          flush.flush(s, rep);
+          const MoeTimings t = layer.time_stages_queued(d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
+          ex.push_back(t.experts_ms);
+          sum.push_back(t.total_ms);
+          vm += t.queue_misses;
+        }
+        std::string ran_s;
+        for (const auto& r : ran[size_t(v)]) ran_s += (ran_s.empty() ? "" : "|") + r;
+        std::vector<double> sorted = ms[size_t(v)];
+        std::sort(sorted.begin(), sorted.end());
+        const double p10 = sorted[sorted.size() / 10], p90 = sorted[sorted.size() * 9 / 10];
+        const double med = median(ms[size_t(v)]);
+        variants.add_row({std::to_string(T), expert_strategy_name(variant_list[size_t(v)]), ran_s, strf("%.4f", med),
+                          strf("%.4f", p10), strf("%.4f", p90), strf("%.4f", median(ex)), strf("%.4f", median(sum)),
+                          std::to_string(vm)});
+        variant_rows.push_back({{"strategy", expert_strategy_name(variant_list[size_t(v)])}, {"ran", ran_s},
+                                {"layer_ms", med}, {"p10_ms", p10}, {"p90_ms", p90},
+                                {"experts_queued_ms", median(ex)}, {"sum_queued_ms", median(sum)}, {"misses", vm}});
+      }
+      layer.set_expert_strategy(saved, small);
+    }
+
     const double flops = 2.0 * T * k * 3.0 * H * I + 2.0 * T * E * H;
     const double weight_bytes = double(touched.size()) * 3.0 * H * I * 2 + double(E) * H * 2;
     const double min_bytes = weight_bytes + 2.0 * T * H * 2;  // + x read once, y written once
@@ -199,6 +269,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                                                                        {"combine", qm[4]}, {"sum", qm[5]},
                                                                        {"misses", misses}}
                                                       : nlohmann::json(nullptr)},
+                    {"experts_variants", variant_rows},
                     {"peer_ms", p != peer.ms.end() ? nlohmann::json(p->second) : nlohmann::json(nullptr)}});
   }
   std::printf("\n%s", table.str().c_str());
@@ -214,6 +285,11 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                 " queued before the GPU runs it: GPU time only, no host gaps, offsets round trip left out; median"
                 " of 9; misses > 0: some busy-wait ended too early, raise --bench-spin-us):\n%s",
                 opt.spin_us, queued.str().c_str());
+  if (!variant_list.empty())
+    std::printf("\nexpert strategies compared on the whole layer, ms (interleaved rounds, %s L2 flush before each"
+                " forward; 'ran': what actually ran, e.g. cublas-padded above its cap runs cublas-streams; T with"
+                " rows <= small_rows_max skipped):\n%s",
+                l2_flush_name(flush.kind()), variants.str().c_str());
   std::printf("(via: router + expert strategy; permute includes the dispatch plan; experts includes SwiGLU;"
               " with the fused or tiled router the router column includes routing (one kernel); on the weight-stream"
               " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=1,"

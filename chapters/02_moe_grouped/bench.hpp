@@ -15,6 +15,9 @@ struct BenchOptions {
   std::string flush = "write";  // L2 flush before each timed forward: write (memset) or read (see bench.cpp)
   std::string split = "both";   // per-stage split: eager, queued or both (see bench.cpp)
   double spin_us = 300;         // queued split: GPU busy-wait in front of each queued stretch
+  // Expert strategies to compare on the whole layer at every T with more than small_rows_max rows
+  // (interleaved forwards, same inputs; e.g. cublas-streams, cublas-padded). Empty: no comparison table.
+  std::vector<std::string> experts_variants;
 };
 
 // GPU benchmark (random weights of the given shape, generated on the GPU). Returns the table as JSON.

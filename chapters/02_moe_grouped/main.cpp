@@ -11,6 +11,7 @@
 // Run: 02_moe_grouped [--tokens 64] [--device auto|gpu|cpu]        check against the CPU reference
 //      02_moe_grouped --bench [--peer-json hf.json]                Phi-tiny shape, T = 1 .. 16384, GPU
 //                     [--flush write|read] [--bench-split eager|queued|both] [--bench-spin-us 300]
+//                     [--bench-experts cublas-streams,cublas-padded]   strategies side by side
 #include <cstdio>
 
 #include "bench.hpp"
@@ -59,6 +60,10 @@ int main(int argc, char** argv) {
                    "--bench: per-stage split method: eager (launch by launch), queued (behind a GPU busy-wait: GPU"
                    " time only) or both (default)")
         ->check(CLI::IsMember({"eager", "queued", "both"}));
+    app.add_option("--bench-experts", bopt.experts_variants,
+                   "--bench: expert strategies to compare on the whole layer, interleaved (e.g."
+                   " cublas-streams,cublas-padded,cublas-grouped)")
+        ->delimiter(',');
     app.add_option("--bench-spin-us", bopt.spin_us, "--bench: busy-wait of the queued split, microseconds (default 300)")
         ->check(CLI::Range(1.0, 100000.0));
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
@@ -68,6 +73,7 @@ int main(int argc, char** argv) {
     if (bench) {
       require(dev.backend == Backend::Gpu, "--bench measures the GPU path; no GPU here (", dev.description, ")");
       for (int t : bopt.tokens) require(t >= 1, "--bench-tokens must be >= 1, got ", t);
+      for (const std::string& v : bopt.experts_variants) parse_expert_strategy(v);  // bad names fail before the run
       bopt.seed = opt.seed;
       auto j = run_gpu_bench(bopt);
       j["device"] = dev.description;

@@ -28,6 +28,7 @@
 #include "moe/reference.hpp"
 #include "moe/routing.hpp"
 #include "moe_gpu.hpp"
+#include "padded_layout.cuh"
 #include "random_init.cuh"
 #include "swiglu.cuh"
 
@@ -127,10 +128,31 @@ int check_forward(const MoeLayerWeights& w, const Bf16Data& x, int T, RouterKind
   return ties;
 }
 
+// Whether cublas-padded runs padded for these per-expert counts or falls back to cublas-streams: the padded
+// layout's policy (padded_layout.cuh) restated here: M_pad = largest count rounded up to 64, allowed up to
+// ratio x the mean count rounded up to 64 (at least 64).
+bool padded_fits(const std::vector<int>& counts, float ratio = 2.f) {
+  const int n = int(counts.size());
+  const long long rows = std::accumulate(counts.begin(), counts.end(), 0LL);
+  const int most = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const long long m_pad = (most + 63) / 64 * 64;
+  const long long cap = std::max(64LL, (static_cast<long long>(std::ceil(double(ratio) * double(rows) / n)) + 63) / 64 * 64);
+  return m_pad > 0 && m_pad <= cap;
+}
+
+std::vector<int> counts_of(const Routing& r, int E) {
+  std::vector<int> c(size_t(E), 0);
+  for (int id : r.ids)
+    if (id >= 0 && id < E) ++c[size_t(id)];
+  return c;
+}
+
 // Runs every (T, path) of `Ts` on one layer object (so buffer growth between sizes is exercised too).
+// `strategy`: the expert strategy forced on the grouped path (Auto: the layer's default).
 void sweep_layer(const MoeLayerWeights& w, RouterKind kind, const std::vector<int>& Ts, bool skewed,
-                 std::uint64_t seed) {
+                 std::uint64_t seed, ExpertStrategy strategy = ExpertStrategy::Auto) {
   GpuMoeLayer layer(w, kind, 2, kEps);
+  if (strategy != ExpertStrategy::Auto) layer.set_expert_strategy(strategy);
   Rng rng(seed);
   for (int T : Ts) {
     const Bf16Data x = skewed ? skewed_inputs(rng, T, w.hidden) : random_bf16(rng, size_t(T) * w.hidden);
@@ -144,6 +166,11 @@ void sweep_layer(const MoeLayerWeights& w, RouterKind kind, const std::vector<in
       const auto got = layer.forward(x.bits, T, path);
       if (path == MoePath::Grouped) what << ", experts via " << expert_strategy_name(layer.last_expert_strategy());
       check_forward(w, x, T, kind, ref, got, what.str());
+      if (strategy == ExpertStrategy::CublasPadded && path == MoePath::Grouped && T > 0) {
+        INFO(what.str());
+        const bool fits = padded_fits(counts_of(got.routing, w.num_experts));
+        CHECK(layer.last_expert_strategy() == (fits ? ExpertStrategy::CublasPadded : ExpertStrategy::CublasStreams));
+      }
     }
   }
 }
@@ -237,9 +264,9 @@ GroupedRun run_grouped(const Cublas& blas, const DeviceExperts& dev, const Bf16D
   return {bf16_to_float(std::span<const bf16_bits>(y)), ws.last_used};
 }
 
-constexpr gpu::GroupedStrategy kStrategies[] = {gpu::GroupedStrategy::Auto, gpu::GroupedStrategy::WeightStream,
+constexpr gpu::GroupedStrategy kStrategies[] = {gpu::GroupedStrategy::Auto,          gpu::GroupedStrategy::WeightStream,
                                                 gpu::GroupedStrategy::CublasGrouped, gpu::GroupedStrategy::CublasLoop,
-                                                gpu::GroupedStrategy::CublasStreams};
+                                                gpu::GroupedStrategy::CublasStreams, gpu::GroupedStrategy::CublasPadded};
 
 void check_grouped_all_strategies(const MoeLayerWeights& w, const std::vector<int>& counts, std::uint64_t seed) {
   const std::vector<int> off = offsets_of(counts);
@@ -268,6 +295,9 @@ void check_grouped_all_strategies(const MoeLayerWeights& w, const std::vector<in
                                               : gpu::GroupedStrategy::CublasStreams;
       if (!vec_ok && (expect == gpu::GroupedStrategy::WeightStream || expect == gpu::GroupedStrategy::CublasGrouped))
         expect = gpu::GroupedStrategy::CublasLoop;
+      // cublas-padded above its cap (one expert with most rows) runs cublas-streams.
+      if (expect == gpu::GroupedStrategy::CublasPadded && rows > 0 && !padded_fits(counts))
+        expect = gpu::GroupedStrategy::CublasStreams;
       CHECK(got.used == expect);
       if (rows == 0) continue;
       const double rel = rel_l2(got.y, want);
@@ -349,6 +379,31 @@ TEST_CASE("grouped_experts: one expert with many rows (multi-pass streaming), th
 
 // The tiny HF fixture's expert shape (H 64, I 32: one 16-byte chunk per lane in fewer than a warp's worth of
 // chunks), where the model tests disagreed with HF: every strategy at small and large row counts.
+TEST_CASE("grouped_experts cublas-padded: empty experts at both ends, the cap boundary, one expert with every row") {
+  // rows = 512 over 16 experts: cap = 2 x 32 = 64 rows per expert. An expert with exactly 64 rows fits
+  // (M_pad = 64); one with 65 does not (M_pad = 128 > 64: cublas-streams). check_grouped_all_strategies knows
+  // which of the two must run (padded_fits) and compares every strategy with expert_forward_cpu.
+  const MoeLayerWeights w = random_layer(256, 128, 16, 29);
+  std::vector<int> counts(16, 0);
+  for (int e = 2; e < 14; ++e) counts[size_t(e)] = 40;  // experts 0, 1, 14, 15 empty: batch = experts 2..13
+  counts[2] = 64;                                        // 64 + 11 * 40 = 504
+  counts[13] += 8;                                       // 512 rows, largest count exactly the cap
+  REQUIRE(std::accumulate(counts.begin(), counts.end(), 0) == 512);
+  REQUIRE(padded_fits(counts));
+  check_grouped_all_strategies(w, counts, 33);
+  counts[2] = 65;  // one row more on the largest expert, one less elsewhere: above the cap
+  counts[3] -= 1;
+  REQUIRE(!padded_fits(counts));
+  check_grouped_all_strategies(w, counts, 34);
+  // A single row on the last expert only (M_pad = 64, batch of 1), and 130 rows on expert 0 only (above the cap).
+  counts.assign(16, 0);
+  counts[15] = 1;
+  check_grouped_all_strategies(w, counts, 35);
+  counts.assign(16, 0);
+  counts[0] = 130;
+  check_grouped_all_strategies(w, counts, 36);
+}
+
 TEST_CASE("grouped_experts at the tiny HF fixture's shape (H=64, I=32), every strategy") {
   const MoeLayerWeights w = random_layer(64, 32, 16, 27);
   Rng rng(28);
@@ -410,7 +465,8 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
     gpu::GroupedWorkspace ws;
     std::vector<float> stream_y;
     for (gpu::GroupedStrategy st : {gpu::GroupedStrategy::WeightStream, gpu::GroupedStrategy::CublasGrouped,
-                                    gpu::GroupedStrategy::CublasLoop, gpu::GroupedStrategy::CublasStreams}) {
+                                    gpu::GroupedStrategy::CublasLoop, gpu::GroupedStrategy::CublasStreams,
+                                    gpu::GroupedStrategy::CublasPadded}) {
       INFO("strategy " << std::string(gpu::grouped_strategy_name(st)));
       ws.strategy = st;
       auto run = [&] {
@@ -435,7 +491,9 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
       std::sort(ms.begin(), ms.end());
       const double flops = 6.0 * rows * H * I;
       MESSAGE("grouped_experts rows=", rows, " ", std::string(gpu::grouped_strategy_name(st)), ": median ", ms[2], " ms, ",
-              flops / (ms[2] * 1e-3) / 1e12, " TFLOP/s");
+              flops / (ms[2] * 1e-3) / 1e12, " TFLOP/s",
+              st == gpu::GroupedStrategy::CublasPadded ? " (incl. pad + unpad copies, which the layer does not pay)"
+                                                      : "");
       const std::vector<float> y = bf16_to_float(std::span<const bf16_bits>(d_yp.download()));
       std::vector<float> got(sample.size() * H);
       for (size_t i = 0; i < sample.size(); ++i)
@@ -448,6 +506,38 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
         const double d = rel_l2(y, stream_y);
         CHECK_MESSAGE(d <= kYTol, "all rows: rel-L2 vs weight-stream = ", d);
       }
+    }
+    // cublas-padded's GEMMs alone (what GpuMoeLayer runs: its permute and combine read and write the padded
+    // layout directly), on rows padded once here: 2 strided-batched GEMMs + SwiGLU over n x M_pad rows.
+    {
+      const int m_pad = gpu::padded_rows_per_expert(off.data(), E);
+      REQUIRE(m_pad <= gpu::padded_capacity_per_expert(2.f, E, rows));  // uniform random counts
+      DevBuf<bf16_bits> d_xpad(size_t(E) * m_pad * H), d_ypad(size_t(E) * m_pad * H);
+      gpu::pad_rows(as_bf16(d_xp), d_off.get(), E, m_pad, H, as_bf16(d_xpad), s);
+      auto run = [&] { gpu::grouped_experts_padded(blas.h, dev.view, as_bf16(d_xpad), off.data(), m_pad, as_bf16(d_ypad), ws, s); };
+      run();
+      s.sync();
+      std::vector<float> ms;
+      for (int rep = 0; rep < 5; ++rep) {
+        CUDA_CHECK(cudaEventRecord(ev0, s));
+        run();
+        CUDA_CHECK(cudaEventRecord(ev1, s));
+        CUDA_CHECK(cudaEventSynchronize(ev1));
+        float t = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&t, ev0, ev1));
+        ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double flops = 6.0 * rows * H * I;
+      MESSAGE("grouped_experts_padded rows=", rows, " (M_pad ", m_pad, ", ", 100.0 * (double(E) * m_pad / rows - 1),
+              " % padding), GEMMs + SwiGLU only: median ", ms[2], " ms, ", flops / (ms[2] * 1e-3) / 1e12,
+              " useful TFLOP/s");
+      d_yp.poison();
+      gpu::unpad_rows(as_bf16(d_ypad), d_off.get(), E, m_pad, rows, H, as_bf16(d_yp), s);
+      s.sync();
+      const std::vector<float> y = bf16_to_float(std::span<const bf16_bits>(d_yp.download()));
+      const double d = rel_l2(y, stream_y);
+      CHECK_MESSAGE(d <= kYTol, "grouped_experts_padded, all rows: rel-L2 vs weight-stream = ", d);
     }
   }
   cudaEventDestroy(ev0);
@@ -468,6 +558,20 @@ TEST_CASE("GpuMoeLayer: experts that get no tokens, and one expert that gets eve
     sweep_layer(w, kind, {1, 5, 40, 300}, true, 44);
 }
 
+TEST_CASE("GpuMoeLayer with cublas-padded: T = 0, 1, balanced, skewed (empty experts; one expert with every token)") {
+  // Balanced routing runs padded (permute straight into the padded layout, combine straight from it); with
+  // every token on expert 0 the cap is exceeded at T = 300 (M_pad 320 > cap 128): the GPU permute writes
+  // contiguous rows and cublas-streams runs (sweep_layer checks which of the two ran from the GPU's routing).
+  const MoeLayerWeights w = random_layer(256, 128, 16, 57);
+  sweep_layer(w, RouterKind::SparseMixer, {0, 1, 2, 17, 64, 512, 2048, 3}, false, 58, ExpertStrategy::CublasPadded);
+  sweep_layer(w, RouterKind::SoftmaxTopK, {5, 300}, false, 59, ExpertStrategy::CublasPadded);
+  const MoeLayerWeights sk = skewed_layer(256, 128, 16, 43);
+  for (RouterKind kind : {RouterKind::SparseMixer, RouterKind::SoftmaxTopK})
+    sweep_layer(sk, kind, {1, 5, 40, 300}, true, 44, ExpertStrategy::CublasPadded);
+  // Scalar paths of the padded kernels (H and I not multiples of 8).
+  sweep_layer(random_layer(100, 36, 8, 45), RouterKind::SoftmaxTopK, {1, 7, 50}, false, 46, ExpertStrategy::CublasPadded);
+}
+
 TEST_CASE("GpuMoeLayer: H and I not multiples of 8 (scalar kernels, per-expert cuBLAS)") {
   const MoeLayerWeights w = random_layer(100, 36, 8, 45);
   sweep_layer(w, RouterKind::SoftmaxTopK, {1, 7, 50}, false, 46);
@@ -482,6 +586,7 @@ TEST_CASE("GpuMoeLayer at the tiny HF fixture's shape (H=64, I=32, E=16) and the
 TEST_CASE("GpuMoeLayer at the Phi-tiny layer shape (H=4096, I=448, E=16, top-2)") {
   const MoeLayerWeights& w = phi_layer();
   sweep_layer(w, RouterKind::SparseMixer, {1, 3, 40}, false, 49);
+  sweep_layer(w, RouterKind::SparseMixer, {256}, false, 50, ExpertStrategy::CublasPadded);
 }
 
 TEST_CASE("GpuMoeLayer: every expert strategy forced on the grouped path gives the reference") {
@@ -494,7 +599,7 @@ TEST_CASE("GpuMoeLayer: every expert strategy forced on the grouped path gives t
     const Bf16Data x = random_bf16(rng, size_t(T) * w.hidden);
     const MoeRefResult ref = moe_layer_reference(w, x.f, T, {RouterKind::SparseMixer, 2, kEps, true});
     for (ExpertStrategy st : {ExpertStrategy::WeightStream, ExpertStrategy::CublasGrouped, ExpertStrategy::CublasLoop,
-                              ExpertStrategy::CublasStreams, ExpertStrategy::Auto})
+                              ExpertStrategy::CublasStreams, ExpertStrategy::CublasPadded, ExpertStrategy::Auto})
       for (bool direct : {true, false}) {
         if (!direct && st != ExpertStrategy::WeightStream) continue;  // the switch only matters for weight-stream
         layer.set_expert_strategy(st);
@@ -511,6 +616,7 @@ TEST_CASE("GpuMoeLayer: every expert strategy forced on the grouped path gives t
   }
   layer.set_direct_small_batches(true);
   CHECK(parse_expert_strategy("cublas-streams") == ExpertStrategy::CublasStreams);
+  CHECK(parse_expert_strategy("cublas-padded") == ExpertStrategy::CublasPadded);
   CHECK_THROWS_AS(parse_expert_strategy("fastest"), Error);
 }
 
@@ -587,14 +693,22 @@ TEST_CASE("GpuMoeLayer: random-weights constructor, timings and bad arguments") 
 
 TEST_CASE("GpuMoeLayer::time_stages_queued: same output as forward_device, stages add up, busy-wait long enough") {
   // The queued split (02_moe_grouped --bench) must time the same forward: y identical to an untimed
-  // forward_device on the same input, on the direct small-batch path (T = 3), cublas-grouped (T = 100) and
-  // cublas-streams (T = 2048: the host waits for the offsets mid-forward, second busy-wait).
+  // forward_device on the same input, on the direct small-batch path (T = 3), cublas-grouped (T = 100),
+  // cublas-streams (T = 2048: the host waits for the offsets mid-forward, second busy-wait) and cublas-padded
+  // (its own experts and combine stage boundaries).
   const MoeLayerWeights w = random_layer(256, 128, 16, 91);
   const int H = w.hidden;
   Rng rng(92);
   GpuMoeLayer layer(w, RouterKind::SparseMixer, 2, kEps);
-  for (int T : {3, 100, 2048}) {
-    CAPTURE(T);
+  const std::pair<int, ExpertStrategy> runs[] = {{3, ExpertStrategy::Auto},
+                                                 {100, ExpertStrategy::Auto},
+                                                 {2048, ExpertStrategy::Auto},
+                                                 {100, ExpertStrategy::CublasPadded},
+                                                 {2048, ExpertStrategy::CublasPadded}};
+  for (const auto& run : runs) {
+    const int T = run.first;
+    INFO("T=" << T << ", strategy " << expert_strategy_name(run.second));
+    layer.set_expert_strategy(run.second);
     const Bf16Data x = random_bf16(rng, size_t(T) * H);
     DevBuf<bf16_bits> d_x(x.bits), d_y(size_t(T) * H);
     Stream s;
