@@ -8,11 +8,18 @@
 //     always moves every row, own rows included (as nccl-tests counts the self-send), so for inplace
 //     "d+c vs raw" compares our exchange of the remote rows plus all bookkeeping with NCCL moving all rows.
 //   * chapter 02's single-GPU grouped layer on rank 0's GPU for the same N*T tokens
+//   * the inplace layout once per --chunks value (1 = unchunked; C > 1: the chunked pipeline, see
+//     kernels/ep/ep_moe_gpu.hpp), and for each a sub-stage timeline: `iters` more forwards run as a
+//     model runs them (no drain between stages) with CUDA-event marks (ms since the forward's start;
+//     rank 0 and the max over ranks, medians over forwards)
 // Before a size is timed, sampled tokens of every rank are checked against the CPU reference.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
+#include <string>
+#include <utility>
 
 #include "cuda_check.hpp"
 #include "ep_layer.hpp"
@@ -66,10 +73,26 @@ double one_gpu_ms(const RandomLayerSpec& spec, const RouterCfg& rc, int tokens, 
   return median(ms);
 }
 
+// The marks of several timelines in one order. Each list is in the engine's fixed order and a variant may
+// have marks another lacks (chunked: "local tokens combined"), so a new mark goes right after the mark
+// that precedes it in its own list.
+std::vector<std::string> merged_marks(const std::vector<std::pair<std::string, TimelineStats>>& tls) {
+  std::vector<std::string> all;
+  for (const auto& v : tls) {
+    std::size_t at = 0;
+    for (const std::string& m : v.second.marks) {
+      auto f = std::find(all.begin(), all.end(), m);
+      if (f == all.end()) f = all.insert(all.begin() + std::ptrdiff_t(std::min(at, all.size())), m);
+      at = std::size_t(f - all.begin()) + 1;
+    }
+  }
+  return all;
+}
+
 }  // namespace
 
 nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const std::vector<int>& tokens, int iters,
-                            std::uint64_t seed, bool* pass) {
+                            std::uint64_t seed, const std::vector<int>& chunks, bool* pass) {
   const int rank = comm.rank(), N = comm.size();
   const RandomLayerSpec spec{4096, 448, 16, seed};
   const RouterCfg rc{RouterKind::SparseMixer, 2, 0.01f};
@@ -92,11 +115,24 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
   nlohmann::json rows = nlohmann::json::array();
   Table table({"T/rank", "layout", "route", "dispatch", "experts", "combine", "total ms", "d+c busbw",
                "raw a2a ms", "raw busbw", "d+c vs raw", "1 GPU (ch02), N*T"});
+  // What runs at each size: permute, direct, then inplace once per --chunks value.
+  struct Variant {
+    EpLayout layout;
+    int chunks;
+    std::string name;
+  };
+  std::vector<Variant> variants{{EpLayout::Permute, 1, "permute"}, {EpLayout::Direct, 1, "direct"}};
+  for (int c : chunks) variants.push_back({EpLayout::InPlace, c, c == 1 ? "inplace" : strf("inplace c=%d", c)});
+  std::vector<std::string> timelines;  // one table per size (rank 0)
   for (int T : tokens) {
     double single_ms = -1;
-    for (EpLayout layout : {EpLayout::Permute, EpLayout::Direct, EpLayout::InPlace}) {
+    std::vector<std::pair<std::string, TimelineStats>> tls;  // the inplace variants' timelines at this size
+    for (const Variant& var : variants) {
+      const EpLayout layout = var.layout;
       std::unique_ptr<EpLayer> layer;
-      dist::all_or_none(comm, [&] { layer = make_gpu_ep_layer_random(comm, *placement, spec, T, rc, layout); });
+      dist::all_or_none(comm, [&] {
+        layer = make_gpu_ep_layer_random(comm, *placement, spec, T, rc, layout, var.chunks);
+      });
       layer->forward();  // warm-up: buffers grow, cuBLAS picks its kernels, NCCL connects
       layer->forward();
 
@@ -136,7 +172,7 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
         rr.weights = wa;
         const LayerCheck c = check_layer(ref, rr, ya, H, rc.kind, rc.jitter_eps, 1e-2);
         ok = c.pass;
-        std::printf("check T=%d %s (%d sampled tokens per rank): %s %s\n", T, layout_name(layout), n,
+        std::printf("check T=%d %s (%d sampled tokens per rank): %s %s\n", T, var.name.c_str(), n,
                     c.pass ? "PASS" : "FAIL", c.summary().c_str());
       }
       comm.bcast(&ok, sizeof ok, 0);
@@ -145,6 +181,11 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
       // --- time
       const StageStats st = time_forwards(*layer, comm, iters);
       const auto [raw_d, raw_c] = time_raw_exchange(*layer, comm, iters);
+      TimelineStats tl;
+      if (layout == EpLayout::InPlace) {
+        tl = time_timeline(*layer, comm, iters);
+        tls.emplace_back(var.name, tl);
+      }
       const EpPlan& plan = layer->plan();
       const double S = mean_bytes_per_rank(plan, layer->dispatch_row_bytes());  // each direction
       const Bandwidth both = bandwidth(2 * S, st.dispatch_ms + st.combine_ms, N);
@@ -163,12 +204,17 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
       }
       if (rank == 0) {
         const double ratio = (raw_d + raw_c) / std::max(st.dispatch_ms + st.combine_ms, 1e-9);
-        table.add_row({std::to_string(T), layout_name(layout), strf("%.3f", st.route_ms), strf("%.3f", st.dispatch_ms),
+        table.add_row({std::to_string(T), var.name, strf("%.3f", st.route_ms), strf("%.3f", st.dispatch_ms),
                        strf("%.3f", st.experts_ms), strf("%.3f", st.combine_ms), strf("%.3f", st.total_ms),
                        strf("%.1f", both.busbw_gbps), strf("%.3f", raw_d + raw_c), strf("%.1f", raw.busbw_gbps),
                        strf("%.0f%%", 100 * ratio), strf("%.3f", single_ms)});
+        nlohmann::json marks = nlohmann::json::array();
+        for (std::size_t m = 0; m < tl.marks.size(); ++m)
+          marks.push_back({{"mark", tl.marks[m]}, {"rank0_ms", tl.rank0_ms[m]}, {"max_ms", tl.max_ms[m]}});
         rows.push_back({{"tokens_per_rank", T},
                         {"layout", layout_name(layout)},
+                        {"chunks", var.chunks},
+                        {"timeline", marks},
                         {"route_ms", st.route_ms},
                         {"dispatch_ms", st.dispatch_ms},
                         {"experts_ms", st.experts_ms},
@@ -183,6 +229,26 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
                         {"check_pass", ok != 0}});
       }
     }
+    // This size's timelines side by side: one row per mark, one column per inplace variant.
+    if (rank == 0 && !tls.empty()) {
+      std::vector<std::string> head{"mark (ms since start)"};
+      for (const auto& v : tls) head.push_back(v.first + " r0 / max");
+      Table tt(head);
+      for (const std::string& mark : merged_marks(tls)) {
+        std::vector<std::string> row{mark};
+        for (const auto& v : tls) {
+          const TimelineStats& t = v.second;
+          const auto at = std::find(t.marks.begin(), t.marks.end(), mark);
+          const std::size_t i = std::size_t(at - t.marks.begin());
+          row.push_back(at == t.marks.end() ? "-" : strf("%.3f / %.3f", t.rank0_ms[i], t.max_ms[i]));
+        }
+        tt.add_row(row);
+      }
+      timelines.push_back(strf("\nsub-stage timeline at T=%d per rank (ms since the forward's start, GPU clock; median "
+                               "of %d undrained forwards; rank 0 / max over ranks)\n",
+                               T, iters) +
+                          tt.str());
+    }
   }
   if (rank == 0) {
     std::printf("\nEP layer on %d ranks (ms: max over ranks, median of %d forwards; busbw in GB/s as nccl-tests "
@@ -191,10 +257,25 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
     std::fputs(table.str().c_str(), stdout);
     std::printf("d+c vs raw: time of a plain all-to-all-v of the same bytes (both directions, own rows included, "
                 "as nccl-tests counts them) / dispatch+combine time; the inplace layout keeps own rows out of NCCL. "
-                "1 GPU (ch02): chapter 02's grouped layer on one GPU holding all experts, N*T tokens.\n");
+                "1 GPU (ch02): chapter 02's grouped layer on one GPU holding all experts, N*T tokens. "
+                "inplace c=C: the chunked pipeline with C pieces per peer message.\n");
+    for (const std::string& t : timelines) std::fputs(t.c_str(), stdout);
+    if (!timelines.empty())
+      std::printf(
+          "marks: CUDA events on the stream where the work runs ((side) = the side stream of the permutes and of "
+          "the chunked combine's local tokens; the rest: comm.stream()). Read the gaps:\n"
+          "  plan built -> counts on GPU           the NCCL count exchange (E ints per peer)\n"
+          "  counts on GPU -> host has counts      the count table's copy to the host and the host's one wait\n"
+          "  host has counts -> dispatch exchange  NCCL moving the rows that travel; it waits for the remote "
+          "permute (chunked: only for each piece's own permute)\n"
+          "  experts done -> return exchange done  NCCL bringing the rows back\n"
+          "  return exchange done -> combine done  combine work left after the last row came back (chunked: "
+          "only the tokens with a remote row)\n"
+          "  combine done                          the whole forward with no drains (compare: total ms above, "
+          "measured with a drain after each stage)\n");
   }
   return {{"chapter", "04_expert_parallel"}, {"bench", true}, {"ranks", N}, {"device", comm.describe()},
-          {"placement", placement_name(pkind)}, {"rows", rows}, {"pass", *pass}};
+          {"placement", placement_name(pkind)}, {"chunks", chunks}, {"rows", rows}, {"pass", *pass}};
 }
 
 }  // namespace eplab

@@ -1,7 +1,8 @@
 // The GPU expert-parallel layer of chapter 04: a thin adapter over the engine EpMoeGpu
 // (kernels/ep/ep_moe_gpu.{hpp,cu}: route, count exchange, NCCL dispatch, grouped experts, combine, all on
 // the communicator's stream), holding this rank's tokens and output on the GPU so that every forward()
-// runs the same x. Each forward drains the stream after every stage (time_stages) to report the split.
+// runs the same x. Each forward drains the stream after every stage (time_stages) to report the split;
+// timeline_forward() runs one undrained forward with the engine's CUDA-event marks instead.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -46,6 +47,14 @@ class GpuEpLayer final : public EpLayer {
   std::size_t dispatch_row_bytes() const override { return eng_->row_bytes(); }
   std::size_t combine_row_bytes() const override { return eng_->row_bytes(); }
   std::pair<double, double> raw_exchange_ms() override { return eng_->raw_exchange_ms(); }
+  EpTimeline timeline_forward() override {
+    eng_->set_timeline(true);
+    eng_->forward_device(d_x_, T_, d_y_, /*time_stages=*/false);  // queued only, as in a model
+    EpTimeline tl = eng_->last_timeline();                        // waits for the stream, then reads the events
+    eng_->set_timeline(false);
+    return tl;
+  }
+  EpMoeGpu& engine() { return *eng_; }
 
  private:
   std::unique_ptr<EpMoeGpu> eng_;
@@ -57,16 +66,18 @@ class GpuEpLayer final : public EpLayer {
 
 std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Placement& placement,
                                            const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
-                                           const RouterCfg& router, EpLayout layout) {
+                                           const RouterCfg& router, EpLayout layout, int chunks) {
   auto l = std::make_unique<GpuEpLayer>(std::make_unique<EpMoeGpu>(comm, placement, mine, router, layout), T);
+  l->engine().set_chunks(chunks);
   l->upload(x);
   return l;
 }
 
 std::unique_ptr<EpLayer> make_gpu_ep_layer_random(dist::Communicator& comm, const Placement& placement,
                                                   const RandomLayerSpec& spec, int T, const RouterCfg& router,
-                                                  EpLayout layout) {
+                                                  EpLayout layout, int chunks) {
   auto l = std::make_unique<GpuEpLayer>(std::make_unique<EpMoeGpu>(comm, placement, spec, router, layout), T);
+  l->engine().set_chunks(chunks);
   random_tokens_device(spec, comm.rank(), T, l->d_x());
   return l;
 }

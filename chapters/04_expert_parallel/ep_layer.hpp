@@ -53,6 +53,9 @@ class EpLayer {
   // A plain all-to-all-v of exactly the last forward's byte counts (dispatch direction, then combine
   // direction), nothing else: the ceiling dispatch and combine are compared with. Milliseconds, this rank.
   virtual std::pair<double, double> raw_exchange_ms() = 0;
+  // One forward as a model runs it (no drain between stages), with the engine's sub-stage marks (CUDA
+  // events, ms since the forward's start; EpMoeGpu::set_timeline). The CPU layer has none: empty.
+  virtual EpTimeline timeline_forward() { return {}; }
 };
 
 // x: this rank's tokens [T, H] (bf16, as every path receives them); mine: this rank's experts of the layer.
@@ -62,9 +65,10 @@ std::unique_ptr<EpLayer> make_cpu_ep_layer(dist::Communicator& comm, const Place
 
 // GPU: EpMoeGpu (kernels/ep/ep_moe_gpu.hpp) with this rank's x uploaded once and its own y buffer.
 // From checkpoint weights (uploaded; w1/w3 packed into the [n, 2I, H] layout grouped_experts reads).
+// chunks: EpMoeGpu::set_chunks (the chunked pipeline of the inplace layout; 1 = off).
 std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Placement& placement,
                                            const MoeLayerWeights& mine, std::span<const bf16_bits> x, int T,
-                                           const RouterCfg& router, EpLayout layout);
+                                           const RouterCfg& router, EpLayout layout, int chunks = 1);
 
 // GPU with random weights and tokens made on the device (the benchmark: no checkpoint needed). Every
 // value is a function of (seed, tensor, expert) or (seed, rank), so the benchmark can rebuild any
@@ -72,6 +76,6 @@ std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Place
 using RandomLayerSpec = EpMoeGpu::RandomSpec;
 std::unique_ptr<EpLayer> make_gpu_ep_layer_random(dist::Communicator& comm, const Placement& placement,
                                                   const RandomLayerSpec& spec, int T, const RouterCfg& router,
-                                                  EpLayout layout);
+                                                  EpLayout layout, int chunks = 1);
 
 }  // namespace eplab

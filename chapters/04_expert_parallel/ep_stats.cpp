@@ -1,5 +1,9 @@
 #include "ep_stats.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
 #include "util/timer.hpp"
 
 namespace eplab {
@@ -21,7 +25,10 @@ StageStats time_forwards(EpLayer& layer, dist::Communicator& comm, int iters) {
     mc.push_back(comm.sum(x.combine_ms) / N);
   }
   StageStats s{median(r), median(d), median(e), median(c), median(t), {}};
-  s.mean = {median(mr), median(md), median(me), median(mc)};
+  s.mean.route_ms = median(mr);
+  s.mean.dispatch_ms = median(md);
+  s.mean.experts_ms = median(me);
+  s.mean.combine_ms = median(mc);
   return s;
 }
 
@@ -33,6 +40,36 @@ std::pair<double, double> time_raw_exchange(EpLayer& layer, dist::Communicator& 
     b.push_back(comm.max(y));
   }
   return {median(a), median(b)};
+}
+
+TimelineStats time_timeline(EpLayer& layer, dist::Communicator& comm, int iters) {
+  TimelineStats out;
+  std::vector<std::vector<double>> r0, mx;  // [mark][forward]
+  for (int i = 0; i < iters; ++i) {
+    comm.barrier();
+    const EpTimeline tl = layer.timeline_forward();
+    // Every rank records the same marks (they depend on the layout and chunks only): one allgather of
+    // nanoseconds per forward gives rank 0's marks and the max over ranks.
+    std::vector<std::int64_t> ns;
+    for (const auto& m : tl) ns.push_back(std::llround(m.second * 1e6));
+    const std::vector<std::int64_t> all = comm.allgather(ns);
+    if (i == 0) {
+      for (const auto& m : tl) out.marks.push_back(m.first);
+      r0.resize(tl.size());
+      mx.resize(tl.size());
+    }
+    for (std::size_t m = 0; m < tl.size(); ++m) {
+      std::int64_t hi = all[m];
+      for (int r = 1; r < comm.size(); ++r) hi = std::max(hi, all[std::size_t(r) * tl.size() + m]);
+      r0[m].push_back(double(all[m]) * 1e-6);
+      mx[m].push_back(double(hi) * 1e-6);
+    }
+  }
+  for (std::size_t m = 0; m < out.marks.size(); ++m) {
+    out.rank0_ms.push_back(median(r0[m]));
+    out.max_ms.push_back(median(mx[m]));
+  }
+  return out;
 }
 
 Bandwidth bandwidth(double bytes, double ms, int N) {

@@ -9,6 +9,7 @@
 // (N-1)/N is the share of S that has to cross a link when the traffic is uniform; busbw is then
 // comparable with the link's bandwidth whatever N is. With uneven traffic we use the mean S over ranks.
 #pragma once
+#include <string>
 #include <vector>
 
 #include "dist/communicator.hpp"
@@ -25,6 +26,15 @@ struct StageStats {
 StageStats time_forwards(EpLayer& layer, dist::Communicator& comm, int iters);
 // The layer's raw all-to-all-v of the same bytes: {dispatch direction, combine direction}, same statistics.
 std::pair<double, double> time_raw_exchange(EpLayer& layer, dist::Communicator& comm, int iters);
+
+// The engine's sub-stage timeline (EpLayer::timeline_forward: undrained forwards, CUDA-event marks in ms
+// since each forward's start), iters forwards each started together (barrier). Per mark: the median over
+// forwards of rank 0's value and of the max over ranks. Empty for a layer without marks (the CPU one).
+struct TimelineStats {
+  std::vector<std::string> marks;
+  std::vector<double> rank0_ms, max_ms;
+};
+TimelineStats time_timeline(EpLayer& layer, dist::Communicator& comm, int iters);
 
 struct Bandwidth {
   double bytes = 0;  // S: mean bytes sent per rank

@@ -15,6 +15,7 @@
 // Run: mpirun -np 4 04_expert_parallel --device cpu                 laptop: MPI ranks stand in for GPUs
 //      mpirun -np 2 04_expert_parallel --device gpu                 NCCL, one GPU per rank
 //      mpirun -np 2 04_expert_parallel --bench                      Phi-tiny layer shape, T = 128 .. 16384
+//      mpirun -np 2 04_expert_parallel --bench --chunks 1 2 4 8     ... and the inplace layout's chunked pipeline
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -36,10 +37,10 @@ namespace eplab {
 
 // bench.cu
 nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind placement, const std::vector<int>& tokens,
-                            int iters, std::uint64_t seed, bool* pass);
+                            int iters, std::uint64_t seed, const std::vector<int>& chunks, bool* pass);
 // vary.cu
 bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOptions& lo, PlacementKind pkind,
-                 EpLayout layout, std::uint64_t seed);
+                 EpLayout layout, int chunks, std::uint64_t seed);
 
 namespace {
 
@@ -53,6 +54,7 @@ struct Options {
   bool vary = false;
   std::vector<int> bench_tokens{128, 1024, 4096, 16384};
   int bench_iters = 20;
+  std::vector<int> chunks{1};  // the inplace layout's chunked pipeline; --bench takes a list
   int fail_rank = -1;
   int stall_rank = -1;
 };
@@ -143,6 +145,11 @@ int run(int argc, char** argv) {
                "one workspace; every token checked against the CPU reference");
   app.add_option("--bench-tokens", o.bench_tokens, "tokens per rank for --bench")->capture_default_str();
   app.add_option("--bench-iters", o.bench_iters, "timed forwards per size for --bench")->capture_default_str();
+  app.add_option("--chunks", o.chunks,
+                 "GPU, inplace layout: cut each peer's dispatch message into N pieces, each sent as soon as it is "
+                 "permuted, and combine the tokens that stayed home during the return exchange (1 = off; --bench "
+                 "takes a list, e.g. --chunks 1 2 4 8; the CPU path ignores it)")
+      ->capture_default_str();
   app.add_option("--fail-rank", o.fail_rank, "test only: this rank exits before the dispatch")->group("");
   app.add_option("--stall-rank", o.stall_rank, "test only: this rank hangs before the dispatch")->group("");
 
@@ -156,6 +163,12 @@ int run(int argc, char** argv) {
     require(o.layer.tokens >= 0, "--tokens must be >= 0, got ", o.layer.tokens);
     require(o.fail_rank < N, "--fail-rank ", o.fail_rank, " is not a rank (N = ", N, ")");
     require(o.stall_rank < N, "--stall-rank ", o.stall_rank, " is not a rank (N = ", N, ")");
+    for (int c : o.chunks)
+      require(c >= 1 && c <= EpMoeGpu::kMaxChunks, "--chunks must be between 1 and ", EpMoeGpu::kMaxChunks, ", got ",
+              c, " (1 = one message per peer)");
+    require(o.bench || o.chunks.size() == 1, "--chunks takes one value (a list only with --bench)");
+    require(o.bench || o.chunks[0] == 1 || o.layout == "inplace",
+            "--chunks ", o.chunks[0], " pipelines the inplace layout only: add --layout inplace");
   });
   if (early) return *early;
   const PlacementKind pkind = parse_placement(o.placement);
@@ -183,7 +196,7 @@ int run(int argc, char** argv) {
 
   if (o.bench) {
     bool pass = false;
-    nlohmann::json j = run_ep_bench(comm, pkind, o.bench_tokens, o.bench_iters, o.common.seed, &pass);
+    nlohmann::json j = run_ep_bench(comm, pkind, o.bench_tokens, o.bench_iters, o.common.seed, o.chunks, &pass);
     if (rank == 0 && !o.common.json.empty()) write_json(o.common.json, j);
     say(pass ? strf("CHECK PASS 04_expert_parallel --bench: %zu sizes on %d ranks\n", o.bench_tokens.size(), N)
              : "CHECK FAIL 04_expert_parallel --bench: the output check failed (see above)\n");
@@ -194,7 +207,7 @@ int run(int argc, char** argv) {
     dist::all_or_none(comm, [&] { require(gpu, "--vary tests the GPU engine; use --device gpu"); });
     std::optional<Checkpoint> ck;
     dist::all_or_none(comm, [&] { ck.emplace(Checkpoint::open(o.common.model)); });
-    return run_ep_vary(comm, *ck, o.layer, pkind, layout, o.common.seed) ? 0 : 1;
+    return run_ep_vary(comm, *ck, o.layer, pkind, layout, o.chunks[0], o.common.seed) ? 0 : 1;
   }
 
   // --- set-up, all or none: model, placement, this rank's experts, the global batch
@@ -202,6 +215,9 @@ int run(int argc, char** argv) {
   std::optional<Placement> placement;
   LayerProblem p;
   const int T = o.layer.tokens;
+  const int chunks = o.chunks[0];
+  if (!gpu && chunks > 1)
+    say(strf("--chunks %d: ignored on the CPU (MPI) path, which runs inplace as permute (same answer)\n", chunks));
   dist::all_or_none(comm, [&] {
     ckpt.emplace(Checkpoint::open(o.common.model));
     placement.emplace(pkind, ckpt->config().num_local_experts, N);
@@ -214,9 +230,9 @@ int run(int argc, char** argv) {
   // Every rank must run the same problem: compare a fingerprint with rank 0's.
   dist::all_or_none(comm, [&] {
     const char* names[] = {"hidden", "inter", "experts", "top-k", "layer", "tokens", "router", "placement", "seed",
-                           "layout"};
+                           "layout", "--chunks"};
     const std::vector<std::int64_t> fp{H, I, E, k, o.layer.layer, T, int(p.router), int(pkind),
-                                       std::int64_t(o.common.seed), int(layout)};
+                                       std::int64_t(o.common.seed), int(layout), chunks};
     std::vector<std::int64_t> all = comm.allgather(fp);
     for (std::size_t f = 0; f < fp.size(); ++f)
       require(fp[f] == all[f], "this rank's ", names[f], " is ", fp[f], " but rank 0's is ", all[f],
@@ -225,7 +241,8 @@ int run(int argc, char** argv) {
 
   say(strf("model %s: layer %d, H=%d, I=%d, E=%d, router %s, top-%d\n", o.common.model.c_str(), o.layer.layer, H, I, E,
            router_name(p.router), k));
-  say(strf("tokens: %d per rank, %d in all; layout %s\n", T, N * T, layout_name(layout)));
+  say(strf("tokens: %d per rank, %d in all; layout %s%s\n", T, N * T, layout_name(layout),
+           gpu && chunks > 1 ? strf(", %d chunks per peer message", chunks).c_str() : ""));
   say(placement->str());
   const double expert_bytes = 3.0 * I * H * 2;  // w1, w3, w2 in bf16
   say(strf("memory: %s of experts per rank (at most %d experts) instead of %s for all %d on one device\n",
@@ -236,7 +253,7 @@ int run(int argc, char** argv) {
   const RouterCfg rc{p.router, k, p.jitter_eps};
   std::unique_ptr<EpLayer> layer;
   dist::all_or_none(comm, [&] {
-    layer = gpu ? make_gpu_ep_layer(comm, *placement, p.weights, x_mine, T, rc, layout)
+    layer = gpu ? make_gpu_ep_layer(comm, *placement, p.weights, x_mine, T, rc, layout, chunks)
                 : make_cpu_ep_layer(comm, *placement, p.weights, x_mine, T, rc, layout);
   });
 
@@ -339,8 +356,9 @@ int run(int argc, char** argv) {
                 (unsigned long long)sum, N * T, H);
     std::printf("max |y - y_ref| = %.3g\n", maxdiff);
     pass = check.pass;
-    std::printf("%s 04_expert_parallel: N=%d %s %s, T=%d per rank, %s: %s\n", pass ? "CHECK PASS" : "CHECK FAIL", N,
-                placement_name(pkind), layout_name(layout), T, gpu ? "GPU/NCCL" : "CPU/MPI", check.summary().c_str());
+    std::printf("%s 04_expert_parallel: N=%d %s %s%s, T=%d per rank, %s: %s\n", pass ? "CHECK PASS" : "CHECK FAIL", N,
+                placement_name(pkind), layout_name(layout), gpu && chunks > 1 ? strf(" (%d chunks)", chunks).c_str() : "",
+                T, gpu ? "GPU/NCCL" : "CPU/MPI", check.summary().c_str());
 
     j = {{"chapter", "04_expert_parallel"},
          {"ranks", N},
@@ -348,6 +366,7 @@ int run(int argc, char** argv) {
          {"device", comm.describe()},
          {"placement", placement_name(pkind)},
          {"layout", layout_name(layout)},
+         {"chunks", gpu ? chunks : 1},
          {"tokens_per_rank", T},
          {"hidden", H},
          {"experts", E},

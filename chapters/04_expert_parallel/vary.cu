@@ -56,7 +56,7 @@ std::vector<V> gather_rows(dist::Communicator& comm, const std::vector<V>& mine,
 }  // namespace
 
 bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOptions& lo, PlacementKind pkind,
-                 EpLayout layout, std::uint64_t seed) {
+                 EpLayout layout, int chunks, std::uint64_t seed) {
   const int rank = comm.rank(), N = comm.size();
   const std::vector<int> a{3, 0, 16, 200, 0, 2500, 1, 129, 33};
   const std::vector<int> b{0, 7, 16, 37, 0, 1800, 40, 0, 2};
@@ -76,15 +76,17 @@ bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOp
     const RouterCfg rc{pa.router, pa.top_k, pa.jitter_eps};
     A = std::make_unique<EpMoeGpu>(comm, *placement, pa.weights, rc, layout);
     B = std::make_unique<EpMoeGpu>(comm, *placement, pb.weights, rc, layout);
+    A->set_chunks(chunks);
+    B->set_chunks(chunks);
   });
   const int H = pa.weights.hidden, k = pa.top_k;
   const MoeLayerWeights full_a = rank == 0 ? load_moe_layer(ckpt, la) : MoeLayerWeights{};
   const MoeLayerWeights full_b = rank == 0 ? load_moe_layer(ckpt, lb) : MoeLayerWeights{};
   const MoeRefOptions ropt{pa.router, k, pa.jitter_eps, true};
   if (rank == 0)
-    std::printf("vary: layers %d and %d share one workspace; %s layout, %s placement; %zu calls, T per rank "
-                "alternating between even and odd ranks\n",
-                la, lb, layout_name(layout), placement_name(pkind), a.size());
+    std::printf("vary: layers %d and %d share one workspace; %s layout, %d chunk(s), %s placement; %zu calls, T per "
+                "rank alternating between even and odd ranks\n",
+                la, lb, layout_name(layout), chunks, placement_name(pkind), a.size());
 
   bool all_pass = true;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(comm.stream());
@@ -144,8 +146,8 @@ bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOp
     all_pass = all_pass && ok;
   }
   if (rank == 0)
-    std::printf("%s 04_expert_parallel --vary: N=%d %s %s, %zu calls x 2 layers\n", all_pass ? "CHECK PASS" : "CHECK FAIL",
-                N, placement_name(pkind), layout_name(layout), a.size());
+    std::printf("%s 04_expert_parallel --vary: N=%d %s %s, chunks %d, %zu calls x 2 layers\n",
+                all_pass ? "CHECK PASS" : "CHECK FAIL", N, placement_name(pkind), layout_name(layout), chunks, a.size());
   return all_pass;
 }
 

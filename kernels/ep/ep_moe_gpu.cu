@@ -11,6 +11,29 @@
 // Host waits: one per forward, for the N x E count table (comm.sync(): NCCL needs every message size on
 // the host); plus, with time_stages, one at the end of each stage.
 //
+// Chunked pipeline (InPlace, chunks C > 1; C = 1 runs the flow above exactly as before):
+//
+//   time ─────────────────────────────────────────────────────────────────────────────────────────────►
+//   side  [piece 0][piece 1][piece 2][piece 3][own rows]                   [local tokens]
+//   main  [counts][host wait] [NCCL 0][NCCL 1][NCCL 2][NCCL 3][experts][return exchange][other tokens]
+//                             └ waits for piece 0's event only (one event per piece)
+//
+//   Piece c of the rows for peer p is rows [cnt*c/C, cnt*(c+1)/C) of p's block (cnt = rows for p); the
+//   receiver cuts what it gets from p by the same rule, so both sides post the same sizes, and every
+//   rank posts its C groups in the same order c = 0..C-1 (each group pairs with the same group on every
+//   peer: no deadlock). Empty pieces are left out on both sides. The count exchange is queued before the
+//   pieces here, so the C extra launches do not delay the host's one wait.
+//   Combine: a token whose k rows all stayed on this rank (read from the expert output) does not need the
+//   return exchange: those tokens are combined on the side stream while NCCL brings the others' rows
+//   back, and the remaining tokens after it. Every token is still computed whole, by the same per-element
+//   code (accumulate/store below: fp32, j = 0..k-1, one rounding), so the bits equal C = 1's. (Keeping an
+//   fp32 partial sum of the mixed tokens' own rows and finishing it in order later would also be exact,
+//   but it writes and re-reads 4 bytes per element to save reading a 2-byte row: more memory traffic
+//   than it hides.)
+//
+// Timeline (set_timeline): CUDA events with timing, recorded on the stream where each step happens, so
+// they measure the GPU's own clock without adding host waits; read once the stream has drained.
+//
 // Kernel versions in this file (all bandwidth-bound copies / gathers, one thread per 16 bytes when rows
 // are 16-byte aligned, else per element; grid-stride with a capped grid so NCCL's blocks still find room):
 //   ids_to_slots_kernel    ids -> slots (rank-major expert order), for non-linear placements
@@ -18,6 +41,9 @@
 //   segment_table_kernel   the (source, local expert) segment offsets of the arrival buffer, from the count table
 //   combine_part_kernel    y[t] = Σ_j w[t,j] · row(t,j), own rows read from the expert output, others from
 //                          the returned rows (unpermute_combine with two sources)
+//   permute_piece_kernel   (chunked) piece c of the remote rows of every peer -> send buffer
+//   combine_split_kernel   (chunked) combine_part_kernel for one class of tokens: those whose rows all stayed
+//                          here (during the return exchange), or the others (after it); a block per token
 #include "ep_moe_gpu.hpp"
 
 #include <cuda_runtime.h>
@@ -76,6 +102,35 @@ __global__ void permute_part_kernel(const V* __restrict__ x, const int* __restri
     if (a >= 0) val = x[std::size_t(a / k) * per_row + v];
     if (own) arrival[std::size_t(r - lo) * per_row + v] = val;
     else send[std::size_t(r) * per_row + v] = val;
+  }
+}
+
+// The chunked pipeline's rule for cutting a block of `rows` rows into C pieces: piece c starts at row
+// piece_begin(rows, c, C) of the block. Sender and receiver both use it (host and device).
+__host__ __device__ inline int piece_begin(int rows, int c, int C) { return int((long long)rows * c / C); }
+
+// Piece c of C of the rows that travel: for every peer p != me, rows [a + piece_begin(cnt, c, C),
+// a + piece_begin(cnt, c + 1, C)) of its block [a, a + cnt) = [offsets[rank_slot[p]], offsets[rank_slot[p+1]])
+// -> send[r], exactly as permute_part_kernel (own == false) writes them. The block bounds are read here:
+// the pieces are queued before the host knows the counts.
+template <typename V>
+__global__ void permute_piece_kernel(const V* __restrict__ x, const int* __restrict__ assignment, int k, int per_row,
+                                     const int* __restrict__ offsets, const int* __restrict__ rank_slot, int N, int me,
+                                     int c, int C, V* __restrict__ send) {
+  for (int p = 0; p < N; ++p) {
+    if (p == me) continue;
+    const int a = offsets[rank_slot[p]], cnt = offsets[rank_slot[p + 1]] - a;
+    const int r0 = a + piece_begin(cnt, c, C), r1 = a + piece_begin(cnt, c + 1, C);
+    const std::size_t total = std::size_t(r1 - r0) * per_row;
+    for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += std::size_t(gridDim.x) * blockDim.x) {
+      const int q = int(i / per_row), v = int(i - std::size_t(q) * per_row);
+      const int r = r0 + q;
+      const int as = assignment[r];
+      V val{};
+      if (as >= 0) val = x[std::size_t(as / k) * per_row + v];
+      send[std::size_t(r) * per_row + v] = val;
+    }
   }
 }
 
@@ -139,6 +194,41 @@ __global__ void combine_part_kernel(const V* __restrict__ own, const V* __restri
     V out;
     store(out, acc);
     y[i] = out;
+  }
+}
+
+// combine_part_kernel for one class of tokens (the chunked pipeline's split combine): local_only == true:
+// the tokens whose k rows are all own (or invalid, which add nothing), which need nothing from the return
+// exchange; false: every other token. A block per token (grid-stride over tokens), its threads over the
+// row's vectors, so the class test is one read of k ints per token. The per-element arithmetic is
+// combine_part_kernel's, through the same accumulate()/store(): the same bits.
+template <typename V, int kElems>
+__global__ void combine_split_kernel(const V* __restrict__ own, const V* __restrict__ returned,
+                                     const int* __restrict__ row_of, const float* __restrict__ weights, int T, int k,
+                                     int per_row, const int* __restrict__ offsets, int lo_slot, int hi_slot,
+                                     bool local_only, V* __restrict__ y) {
+  const int lo = offsets[lo_slot], hi = offsets[hi_slot], rows = T * k;
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    bool local = true;
+    for (int j = 0; j < k; ++j) {
+      const int r = row_of[std::size_t(t) * k + j];
+      if (r >= 0 && r < rows && (r < lo || r >= hi)) local = false;
+    }
+    if (local != local_only) continue;
+    for (int v = threadIdx.x; v < per_row; v += blockDim.x) {
+      float acc[kElems];
+#pragma unroll
+      for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
+      for (int j = 0; j < k; ++j) {
+        const int r = row_of[std::size_t(t) * k + j];
+        if (r < 0 || r >= rows) continue;
+        const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
+        accumulate(q, weights[std::size_t(t) * k + j], acc);
+      }
+      V out;
+      store(out, acc);
+      y[std::size_t(t) * per_row + v] = out;
+    }
   }
 }
 
@@ -213,7 +303,8 @@ struct EpWorkspace {
   cudaStream_t s2 = nullptr;  // side stream (own)
   cublasHandle_t blas = nullptr;
   gpu::GroupedWorkspace gws;
-  cudaEvent_t ev_plan = nullptr, ev_remote = nullptr, ev_side = nullptr;
+  cudaEvent_t ev_plan = nullptr, ev_remote = nullptr, ev_side = nullptr, ev_experts = nullptr;
+  std::vector<cudaEvent_t> ev_piece;  // chunked pipeline: piece c of the remote rows is in the send buffer
   int sms = 1;
 
   float* logits = nullptr;
@@ -230,7 +321,8 @@ struct EpWorkspace {
     CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&blas));
     CUBLAS_CHECK(cublasSetStream(blas, s));
-    for (cudaEvent_t* e : {&ev_plan, &ev_remote, &ev_side}) CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    for (cudaEvent_t* e : {&ev_plan, &ev_remote, &ev_side, &ev_experts})
+      CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     sms = sm_count();
   }
   ~EpWorkspace() {  // no throwing here: errors at exit (dead context) are ignored
@@ -241,8 +333,9 @@ struct EpWorkspace {
       if (p) cudaFree(p);
     if (h_all) cudaFreeHost(h_all);
     if (h_idx) cudaFreeHost(h_idx);
-    for (cudaEvent_t e : {ev_plan, ev_remote, ev_side})
+    for (cudaEvent_t e : {ev_plan, ev_remote, ev_side, ev_experts})
       if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : ev_piece) cudaEventDestroy(e);
     if (blas) cublasDestroy(blas);
     if (s2) cudaStreamDestroy(s2);
   }
@@ -253,6 +346,14 @@ struct EpWorkspace {
   // kernels, which run at the same time, still get SMs.
   unsigned grid(std::size_t work) const {
     return unsigned(std::max<std::size_t>(1, std::min<std::size_t>((work + 255) / 256, std::size_t(sms) * 4)));
+  }
+  // At least n piece events (created once, kept for later forwards).
+  void grow_piece_events(int n) {
+    while (int(ev_piece.size()) < n) {
+      cudaEvent_t e = nullptr;
+      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      ev_piece.push_back(e);
+    }
   }
   // s waits for everything queued on s2 so far.
   void join_side() {
@@ -299,6 +400,59 @@ struct EpMoeGpu::Impl {
   int last_T = 0;
   EpPlan plan;
   std::vector<int> h_goff, h_gexp;  // InPlace: the segment table on the host
+  int chunks = 1;                   // the chunked pipeline (InPlace): pieces per peer message
+  int* rank_slot = nullptr;         // [N+1] placement.first_slot(p): where each rank's block starts (device)
+
+  // ------------------------------------------------------------ timeline
+  // The marks of one forward, in the order the table prints them. Each is a CUDA event recorded on the
+  // stream named in brackets, right after the work it names was queued there, so it fires when the GPU
+  // has finished that work (main = comm.stream(), side = the permute / combine stream):
+  enum Mark {
+    kStart,           // [main] the forward's first work: everything below is ms after this
+    kRouted,          // [main] router logits + top-k / sparsemixer done
+    kPlan,            // [main] dispatch plan over slots (counts, offsets, row_of) built on the GPU
+    kCounts,          // [main] the NCCL count exchange done: every rank's E counts on this GPU
+    kHostCounts,      // [main] recorded right after comm.sync() returned: the N x E table reached the host
+                      //        and the host went on (its one wait ends here; what follows is queued after)
+    kRemotePermuted,  // [side] the send-side permute of the rows that travel done (the last piece)
+    kDispatched,      // [main] the dispatch exchange done (its last piece arrived)
+    kOwnPermuted,     // [side] InPlace: this rank's own rows written to the front of the arrival buffer
+    kExperts,         // [main] grouped experts done
+    kLocalCombined,   // [side] chunks > 1: tokens whose rows all stayed here, combined during the return exchange
+    kReturned,        // [main] the return exchange done
+    kCombined,        // [main] y complete (the side stream joined)
+    kMarks
+  };
+  static constexpr const char* kMarkNames[kMarks] = {
+      "start",           "routed",        "plan built",           "counts on GPU",
+      "host has counts", "remote rows permuted (side)",            "dispatch exchange done",
+      "own rows permuted (side)",         "experts done",         "local tokens combined (side)",
+      "return exchange done",             "combine done"};
+  bool timeline_on = false;
+  cudaEvent_t tl_ev[kMarks] = {};  // with timing; created on first use
+  bool tl_set[kMarks] = {};        // recorded in the last forward
+
+  void mark(Mark m, cudaStream_t st) {
+    if (!timeline_on) return;
+    if (!tl_ev[m]) CUDA_CHECK(cudaEventCreate(&tl_ev[m]));
+    CUDA_CHECK(cudaEventRecord(tl_ev[m], st));
+    tl_set[m] = true;
+  }
+  // The recorded marks, ms after kStart. Waits for the main stream (every side-stream mark is joined into it
+  // before a forward ends).
+  EpTimeline read_timeline() {
+    EpTimeline out;
+    if (!tl_set[kStart]) return out;
+    comm.sync();
+    for (int m = 0; m < kMarks; ++m) {
+      if (!tl_set[m]) continue;
+      CUDA_CHECK(cudaEventSynchronize(tl_ev[m]));
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, tl_ev[kStart], tl_ev[m]));
+      out.emplace_back(kMarkNames[m], double(ms));
+    }
+    return out;
+  }
 
   Impl(dist::Communicator& c, const Placement& p, int hidden, int inter, const RouterCfg& r, EpLayout l)
       : comm(c), placement(p), H(hidden), I(inter), E(p.num_experts()), N(p.num_ranks()), me(c.rank()),
@@ -322,12 +476,20 @@ struct EpMoeGpu::Impl {
       identity_slots &= so[e] == e;
     }
     CUDA_CHECK(cudaMemcpy(slot_of, so.data(), sizeof(int) * E, cudaMemcpyHostToDevice));
+    std::vector<int> rs(N + 1);
+    for (int p = 0; p <= N; ++p) rs[p] = placement.first_slot(p);
+    cap = 0;
+    grow(rank_slot, cap, std::size_t(N) + 1);
+    CUDA_CHECK(cudaMemcpy(rank_slot, rs.data(), sizeof(int) * (N + 1), cudaMemcpyHostToDevice));
   }
 
   ~Impl() {
     if (s) cudaStreamSynchronize(s);
-    for (void* p : {(void*)gate, (void*)w13, (void*)w2, (void*)slot_of, (void*)ids, (void*)weights})
+    if (ws && ws->s2) cudaStreamSynchronize(ws->s2);
+    for (void* p : {(void*)gate, (void*)w13, (void*)w2, (void*)slot_of, (void*)rank_slot, (void*)ids, (void*)weights})
       if (p) cudaFree(p);
+    for (cudaEvent_t e : tl_ev)
+      if (e) cudaEventDestroy(e);
   }
 
   // Checkpoint weights: gate as is; w1 and w3 of each local expert stacked into [2I, H]; w2 as is.
@@ -367,6 +529,7 @@ struct EpMoeGpu::Impl {
         }
       comm.exchange(w.counts, sends, w.all_counts, recvs, row);
     }
+    mark(kCounts, s);
     if (layout == EpLayout::InPlace && n > 0)
       segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts, N, E, me, placement.first_slot(me), n, w.goff, w.gexp);
     CUDA_CHECK_LAUNCH();
@@ -388,12 +551,52 @@ struct EpMoeGpu::Impl {
     CUDA_CHECK_LAUNCH();
   }
 
+  // Chunked pipeline: piece c of C of the remote rows (every peer's block) -> send buffer, on stream st.
+  void permute_piece(const bf16* d_x, int TK, int c, cudaStream_t st) {
+    EpWorkspace& w = *ws;
+    if (TK == 0 || N == 1) return;
+    const std::size_t rows = std::size_t(TK) / chunks + 1;  // about one piece of every block together
+    if (H % 8 == 0 && aligned16(d_x)) {
+      const int per_row = H / 8;
+      permute_piece_kernel<int4><<<w.grid(rows * per_row), 256, 0, st>>>(
+          reinterpret_cast<const int4*>(d_x), w.assign, k, per_row, w.offsets, rank_slot, N, me, c, chunks,
+          reinterpret_cast<int4*>(w.send));
+    } else {
+      permute_piece_kernel<bf16><<<w.grid(rows * H), 256, 0, st>>>(d_x, w.assign, k, H, w.offsets, rank_slot, N, me,
+                                                                   c, chunks, w.send);
+    }
+    CUDA_CHECK_LAUNCH();
+  }
+
+  // Chunked pipeline: the combine of one class of tokens (combine_split_kernel), on stream st.
+  void combine_split(bf16* d_y, int T, bool local_only, cudaStream_t st) {
+    EpWorkspace& w = *ws;
+    const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
+    if (H % 8 == 0 && aligned16(d_y)) {  // the same choice of vector width as the unsplit combine
+      combine_split_kernel<int4, 8><<<blocks, 256, 0, st>>>(
+          reinterpret_cast<const int4*>(w.xg), reinterpret_cast<const int4*>(w.send), w.row_of, weights, T, k, H / 8,
+          w.offsets, lo_slot, hi_slot, local_only, reinterpret_cast<int4*>(d_y));
+    } else {
+      combine_split_kernel<bf16, 1><<<blocks, 256, 0, st>>>(w.xg, w.send, w.row_of, weights, T, k, H, w.offsets,
+                                                            lo_slot, hi_slot, local_only, d_y);
+    }
+    CUDA_CHECK_LAUNCH();
+  }
+
+  // Piece c of C of one message (a peer's whole block), by piece_begin: what both sides post.
+  static dist::Transfer piece_of(const dist::Transfer& b, int c, int C) {
+    const int rows = int(b.rows), p0 = piece_begin(rows, c, C), p1 = piece_begin(rows, c + 1, C);
+    return {b.peer, b.offset + std::size_t(p0), std::size_t(p1 - p0)};
+  }
+
   EpTimes forward(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
     require(T >= 0, "EpMoeGpu::forward_device: T must be >= 0, got ", T);
     require(T == 0 || (d_x && d_y && d_x != d_y), "EpMoeGpu::forward_device: d_x and d_y must be distinct device buffers");
     EpWorkspace& w = *ws;
     EpTimes t;
     const int TK = T * k;
+    // Chunked pipeline (InPlace, chunks > 1); chunks == 1 takes exactly the unchunked path.
+    const bool piped = layout == EpLayout::InPlace && chunks > 1;
     WallTimer clk;
     auto lap = [&](double& ms) {
       if (!time_stages) return;
@@ -401,6 +604,7 @@ struct EpMoeGpu::Impl {
       ms = clk.ms();
       clk.reset();
     };
+    std::fill(std::begin(tl_set), std::end(tl_set), false);
 
     // --- buffers that depend on T only (grow to the largest T seen)
     grow(ids, c_ids, std::size_t(TK));
@@ -416,13 +620,16 @@ struct EpMoeGpu::Impl {
     grow(w.gexp, w.c_gexp, std::size_t(N) * std::max(n, 1));
     grow(w.send, w.c_send, std::size_t(TK) * H);
     grow_pinned(w.h_all, w.c_h_all, std::size_t(N) * E);
+    if (piped) w.grow_piece_events(chunks);
     last_T = T;
+    mark(kStart, s);
 
     // --- route
     if (T > 0) {
       gpu::router_logits(w.blas, d_x, gate, T, H, E, w.logits, s);
       gpu::route_topk(w.logits, T, E, k, router.kind, router.jitter_eps, ids, weights, s);
     }
+    mark(kRouted, s);
     lap(t.route_ms);
 
     // --- dispatch: plan over slots, counts, exchange
@@ -433,15 +640,27 @@ struct EpMoeGpu::Impl {
       plan_ids = w.slot_ids;
     }
     gpu::build_dispatch_plan(plan_ids, T, k, E, w.counts, w.offsets, w.row_of, w.assign, s);
+    mark(kPlan, s);
     // The send-side permute on the side stream, while the counts travel and the host plans (InPlace: the
     // remote rows only; the others: every row, into the send buffer).
     CUDA_CHECK(cudaEventRecord(w.ev_plan, s));
     CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_plan, 0));
-    if (layout == EpLayout::InPlace) permute_part(d_x, TK, /*own=*/false, w.s2);
-    else if (TK > 0) gpu::permute_rows(d_x, w.assign, TK, k, H, w.send, w.s2);
-    CUDA_CHECK(cudaEventRecord(w.ev_remote, w.s2));
-    exchange_counts();
+    if (!piped) {
+      if (layout == EpLayout::InPlace) permute_part(d_x, TK, /*own=*/false, w.s2);
+      else if (TK > 0) gpu::permute_rows(d_x, w.assign, TK, k, H, w.send, w.s2);
+      mark(kRemotePermuted, w.s2);
+      CUDA_CHECK(cudaEventRecord(w.ev_remote, w.s2));
+      exchange_counts();
+    } else {
+      exchange_counts();  // queued first: the host's one wait needs it, the pieces do not
+      for (int c = 0; c < chunks; ++c) {
+        permute_piece(d_x, TK, c, w.s2);
+        CUDA_CHECK(cudaEventRecord(w.ev_piece[c], w.s2));
+      }
+      mark(kRemotePermuted, w.s2);
+    }
     comm.sync();  // the count table is on the host (and the watchdog knows we are alive)
+    mark(kHostCounts, s);
     plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all + std::size_t(me) * E, E));
     finish_ep_plan(plan, placement, std::span<const int>(w.h_all, std::size_t(N) * E));
     const int R = plan.recv_rows();
@@ -461,9 +680,28 @@ struct EpMoeGpu::Impl {
       }
       x_blocks_ = recvs;
       own_rows_ = own;
-      CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));
-      if (!sends.empty() || !recvs.empty()) comm.exchange(w.send, sends, w.xg, recvs, row);
+      if (!piped) {
+        CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));
+        if (!sends.empty() || !recvs.empty()) comm.exchange(w.send, sends, w.xg, recvs, row);
+      } else {
+        // Piece c of every block, sent as soon as its permute is done. Every rank posts the same C groups
+        // in the same order; both sides cut a block by piece_begin, so the sizes match; empty pieces are
+        // left out on both sides.
+        std::vector<dist::Transfer> ps, pr;
+        for (int c = 0; c < chunks; ++c) {
+          ps.clear();
+          pr.clear();
+          for (const dist::Transfer& b : sends)
+            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) ps.push_back(q);
+          for (const dist::Transfer& b : recvs)
+            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) pr.push_back(q);
+          CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_piece[c], 0));
+          if (!ps.empty() || !pr.empty()) comm.exchange(w.send, ps, w.xg, pr, row);
+        }
+      }
+      mark(kDispatched, s);
       if (own > 0) permute_part(d_x, TK, /*own=*/true, w.s2);  // concurrent with the exchange
+      mark(kOwnPermuted, w.s2);
       w.join_side();
       // the same segment table the GPU built, on the host (the cuBLAS paths size their GEMMs from it)
       h_goff.assign(1, 0);
@@ -491,9 +729,11 @@ struct EpMoeGpu::Impl {
       CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));  // the send buffer is complete
       if (layout == EpLayout::Permute) {
         comm.alltoallv(w.send, to_sizes(plan.send_counts), w.recv, to_sizes(plan.recv_counts), row);
+        mark(kDispatched, s);
         if (R > 0) gpu::permute_rows(w.recv, w.idx + n + 1, R, 1, H, w.xg, s);  // a gather: k = 1
       } else {
         comm.exchange(w.send, to_transfers(plan.send_segments), w.xg, to_transfers(plan.recv_segments), row);
+        mark(kDispatched, s);
       }
     }
     lap(t.dispatch_ms);
@@ -506,6 +746,7 @@ struct EpMoeGpu::Impl {
       else
         gpu::grouped_experts(w.blas, experts(), w.xg, w.idx, plan.local_offsets.data(), R, w.xg, w.gws, s);
     }
+    mark(kExperts, s);
     lap(t.experts_ms);
 
     // --- combine: the rows go back to where they left the send buffer
@@ -515,8 +756,19 @@ struct EpMoeGpu::Impl {
       for (int p = 0; p < N; ++p)
         if (p != me && plan.send_counts[p])
           recvs.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
+      if (piped) {
+        // the tokens that need nothing from the return exchange, on the side stream, while it runs
+        CUDA_CHECK(cudaEventRecord(w.ev_experts, s));
+        CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_experts, 0));
+        if (T > 0) combine_split(d_y, T, /*local_only=*/true, w.s2);
+        mark(kLocalCombined, w.s2);
+      }
       if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
-      if (T > 0) {
+      mark(kReturned, s);
+      if (piped) {
+        if (T > 0) combine_split(d_y, T, /*local_only=*/false, s);  // every other token
+        w.join_side();
+      } else if (T > 0) {
         if (H % 8 == 0 && aligned16(d_y)) {
           const int per_row = H / 8;
           combine_part_kernel<int4, 8><<<w.grid(std::size_t(T) * per_row), 256, 0, s>>>(
@@ -535,10 +787,13 @@ struct EpMoeGpu::Impl {
       } else {
         comm.exchange(w.xg, to_transfers(plan.recv_segments), w.send, to_transfers(plan.send_segments), row);
       }
+      mark(kReturned, s);
       // the returned rows sit where they left the send buffer: row_of of the slot plan finds them
       gpu::unpermute_combine(w.send, w.row_of, weights, T, k, H, d_y, s);
     }
+    mark(kCombined, s);
     lap(t.combine_ms);
+    if (time_stages && timeline_on) t.timeline = read_timeline();  // the stream has drained: no extra wait
     return t;
   }
 
@@ -587,6 +842,17 @@ EpMoeGpu::~EpMoeGpu() = default;
 EpTimes EpMoeGpu::forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, bool time_stages) {
   return impl_->forward(d_x, T, d_y, time_stages);
 }
+
+void EpMoeGpu::set_chunks(int chunks) {
+  require(chunks >= 1 && chunks <= kMaxChunks, "EpMoeGpu::set_chunks: chunks must be in [1, ", kMaxChunks, "], got ",
+          chunks);
+  require(chunks == 1 || impl_->layout == EpLayout::InPlace,
+          "EpMoeGpu::set_chunks: chunks > 1 pipelines the inplace layout only; this layer uses another layout");
+  impl_->chunks = chunks;
+}
+int EpMoeGpu::chunks() const { return impl_->chunks; }
+void EpMoeGpu::set_timeline(bool on) { impl_->timeline_on = on; }
+EpTimeline EpMoeGpu::last_timeline() { return impl_->read_timeline(); }
 
 const EpPlan& EpMoeGpu::plan() const { return impl_->plan; }
 

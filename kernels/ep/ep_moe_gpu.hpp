@@ -22,6 +22,18 @@
 //   Permute  one all-to-all-v per direction + a local permute by expert and its inverse (the textbook flow).
 //   Direct   one message per (peer, local expert) segment, received straight into expert order.
 //
+// Chunked pipeline (InPlace only, set_chunks(C), C > 1; C = 1 is the flow above, unchanged). The dispatch
+// message to each peer is cut into C pieces in row order (piece c: rows [cnt*c/C, cnt*(c+1)/C) of the
+// peer's block, the same rule on both sides, so the receiver sizes its pieces from the counts it already
+// has). The side stream permutes piece c and records an event; NCCL sends piece c (one group per piece,
+// c = 0..C-1 on every rank) as soon as that event has fired, so the exchange no longer waits for the
+// whole permute. On the way back the combine is split: tokens whose k rows all stayed on this rank are
+// combined on the side stream while the return exchange runs; the others after it. Same bits as C = 1.
+//
+// Timeline (set_timeline(true)): every forward records CUDA events at its sub-stages (route, plan,
+// counts, permutes, exchanges, experts, combine) on the stream where each happens, with no host wait
+// added; last_timeline() reads them as milliseconds since the forward's start.
+//
 // Every rank calls forward_device() once per layer step with its OWN rows (T may differ per rank, and may
 // be 0): it is a collective. Everything runs on the communicator's stream (comm.stream()) plus one side
 // stream that is joined back before forward_device returns its work; callers put their own work on
@@ -40,6 +52,8 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "dist/communicator.hpp"
@@ -59,9 +73,15 @@ struct RouterCfg {
 // Wall-clock milliseconds of one forward on this rank; each stage ends when its results are in place (the
 // stream has drained). Waiting for a slower peer shows up in dispatch and combine. All zero when the
 // forward was not timed.
+// Sub-stage marks of one forward: (mark, ms since the forward's start), GPU clock (CUDA events).
+using EpTimeline = std::vector<std::pair<std::string, double>>;
+
 struct EpTimes {
   double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
   double total_ms() const { return route_ms + dispatch_ms + experts_ms + combine_ms; }
+  // Filled only with set_timeline(true) AND time_stages (the stages' drains then shape the marks; for the
+  // marks of a forward as a model runs it, call forward_device without time_stages, then last_timeline()).
+  EpTimeline timeline;
 };
 
 class EpMoeGpu {
@@ -90,6 +110,18 @@ class EpMoeGpu {
   // NCCL watchdog). Buffers grow to the largest T seen. d_x must stay unchanged until the queued work
   // has read it (anything the caller queues on comm.stream() afterwards is ordered after that).
   EpTimes forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, bool time_stages = false);
+
+  // Chunked pipeline of the InPlace layout (see the top of this file): chunks >= 1, 1 = one message per
+  // peer (the default). Every rank must use the same value (receivers size the pieces by the same rule).
+  // Throws eplab::Error (one line) for chunks outside [1, kMaxChunks], or chunks > 1 with another layout.
+  static constexpr int kMaxChunks = 1024;  // a bound on launches and NCCL groups per forward
+  void set_chunks(int chunks);
+  int chunks() const;
+  // While on, every forward records CUDA events at its sub-stages (see ep_moe_gpu.cu, "Timeline"); no host
+  // wait is added. last_timeline(): the last forward's marks in a fixed order, ms since its start; waits
+  // for comm.stream() (through comm.sync()). Empty when the last forward ran with the timeline off.
+  void set_timeline(bool on);
+  EpTimeline last_timeline();
 
   const EpPlan& plan() const;  // the last forward's plan (counts, traffic, segments)
   Routing routing();           // the last forward's routing, on the host (synchronises the stream)
