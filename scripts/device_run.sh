@@ -13,6 +13,7 @@
 #   phi        make the full-size Phi-tiny-shaped checkpoint in /tmp/phi (bench05, bench05ep need it)
 #   bench05    chapter 05 --bench + a generation, EP = 1    bench05ep  the same with EP = 2 (2 GPUs)
 #   bench04    chapter 04 --bench on 2 ranks                bench03    chapter 03 --bench on 1 and 2 GPUs
+#   bench04c   chapter 04 --bench with --chunks 1 2 4 8 at 4096 and 16384 tokens per rank, with timelines
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
@@ -101,6 +102,11 @@ fi
 if has bench04; then
   log bench04; "${mpirun_[@]}" -np 2 $B/chapters/04_expert_parallel/04_expert_parallel --bench --json "$OUT/bench04.json" > "$OUT/bench04.log" 2>&1
   tail -30 "$OUT/bench04.log"
+fi
+if has bench04c; then  # the chunked pipeline: inplace with 1, 2, 4, 8 pieces per peer message, and the timelines
+  log bench04c; "${mpirun_[@]}" -np 2 $B/chapters/04_expert_parallel/04_expert_parallel --bench --bench-tokens 4096 16384 \
+    --chunks 1 2 4 8 --json "$OUT/bench04_chunks.json" > "$OUT/bench04_chunks.log" 2>&1
+  tail -60 "$OUT/bench04_chunks.log"
 fi
 if has bench03; then
   log bench03; for g in 1 2; do $B/chapters/03_manual_placement/03_manual_placement --bench --gpus $g > "$OUT/bench03_g$g.log" 2>&1; tail -15 "$OUT/bench03_g$g.log"; done
