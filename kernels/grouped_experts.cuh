@@ -97,7 +97,8 @@
 //   So the large path must keep the GEMMs at >= 60% of peak: one grouped launch over all experts, the
 //   fast "TN" layout, and no per-expert host work beyond building small argument arrays.
 //
-// Empty experts are skipped by every strategy; rows = 0 returns without launching anything.
+// Empty experts are skipped by every strategy (cublas-padded: those before the first and after the last
+// non-empty one; empty ones in between are zero rows of the batch); rows = 0 returns without launching anything.
 // The workspace (gate_up, h, pointer arrays, pinned offsets, extra streams) grows on demand and never
 // shrinks, so after one call at the largest rows nothing is allocated again.
 #pragma once
