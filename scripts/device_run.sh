@@ -9,6 +9,7 @@
 #   ctestgpu   ctest -L gpu without the 2-GPU tests         ep        the 2-GPU tests (ep_*, 03_*, np2)
 #   viz        the visualizer's GPU routing tests           sanitizer compute-sanitizer on chapters 01/02
 #   bench02    chapter 02 --bench (with the peer if hfbench ran)   bench02x3  three short bench02 runs (spread)
+#   bench02s   chapter 02 --bench with the expert strategies interleaved, write and read L2 flush
 #   ncu02      Nsight Compute on chapter 02's single kernels at T = 1 and 4096
 #   phi        make the full-size Phi-tiny-shaped checkpoint in /tmp/phi (bench05, bench05ep need it)
 #   bench05    chapter 05 --bench + a generation, EP = 1    bench05ep  the same with EP = 2 (2 GPUs)
@@ -64,6 +65,11 @@ if has sanitizer; then
     i=$((i + 1)); compute-sanitizer --tool memcheck --error-exitcode 1 $B/chapters/$ch > "$OUT/memcheck$i.log" 2>&1
     echo "memcheck $ch: rc $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck$i.log"
   done
+  for T in 5 300 1000; do  # the padded experts strategy (unrun before session 9)
+    EPLAB_EXPERTS=cublas-padded compute-sanitizer --tool memcheck --error-exitcode 1 \
+      $B/chapters/02_moe_grouped/02_moe_grouped $M --device gpu --tokens $T > "$OUT/memcheck_padded_$T.log" 2>&1
+    echo "memcheck cublas-padded T=$T: rc $?"
+  done
 fi
 if has ncu02; then
   # Single kernels of chapter 02's layer under Nsight Compute (real clocks; ncu flushes caches before each
@@ -75,6 +81,13 @@ if has ncu02; then
       $X --bench --bench-tokens $T > "$OUT/ncu02_T$T.log" 2>&1
     grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size" "$OUT/ncu02_T$T.log" | head -120
   done
+fi
+if has bench02s; then  # expert strategies interleaved in one run, with both L2 flush kinds (notes/perf-02.md v6)
+  log bench02s; X=$B/chapters/02_moe_grouped/02_moe_grouped
+  $X --bench --bench-tokens 1 8 64 512 4096 16384 --bench-experts cublas-streams,cublas-padded,cublas-grouped \
+    --json "$OUT/bench02_write.json" > "$OUT/bench02_write.log" 2>&1; tail -70 "$OUT/bench02_write.log"
+  $X --bench --flush read --bench-tokens 1 8 4096 16384 --bench-experts cublas-streams,cublas-padded \
+    --json "$OUT/bench02_read.json" > "$OUT/bench02_read.log" 2>&1; tail -50 "$OUT/bench02_read.log"
 fi
 if has bench02x3; then
   log bench02x3; X=$B/chapters/02_moe_grouped/02_moe_grouped
