@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(k2Warps * 32)
 // through the assignment list instead of a permuted copy.
 __global__ void __launch_bounds__(k13Warps * 32)
     w13_swiglu_direct(const bf16* __restrict__ w13, const bf16* __restrict__ x, const int* __restrict__ ids, int rows,
-                      int k, int n, int H, int I, bf16* __restrict__ h) {
+                      int k, int n, int H, int I, bf16* __restrict__ h, const bf16* __restrict__ w2_prefetch) {
   extern __shared__ int s_mem[];
   int* s_flag = s_mem;      // [n]: expert has rows
   int* s_list = s_mem + n;  // [rows]: this block's expert's assignments
@@ -243,6 +243,14 @@ __global__ void __launch_bounds__(k13Warps * 32)
   __syncthreads();
   const int e = s_e, cnt = s_cnt;
   if (e < 0) return;  // block-uniform
+  if (w2_prefetch) {  // this block's share of expert e's w2 [H, I] into L2, one 128-byte line per thread-step
+    const std::size_t bytes = std::size_t(H) * I * sizeof(bf16), lines = (bytes + 127) / 128;
+    const std::size_t per = (lines + gridDim.x - 1) / gridDim.x, l0 = std::size_t(blockIdx.x) * per;
+    const char* base = reinterpret_cast<const char*>(w2_prefetch + std::size_t(e) * H * I);
+    const std::size_t l1 = l0 + per < lines ? l0 + per : lines;
+    for (std::size_t l = l0 + tid; l < l1; l += blockDim.x)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + l * 128));
+  }
   const int i = int(blockIdx.x) * k13Warps + warp;
   const bool active = i < I;  // inactive warps stay for the __syncthreads below
   const bf16* r1 = w13 + (std::size_t(e) * 2 * I + (active ? i : 0)) * H;
@@ -829,7 +837,7 @@ bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16
 }
 
 void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s) {
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool prefetch_w2) {
   require(T >= 0 && k >= 1, "experts_direct: need T >= 0 and k >= 1, got ", T, " and ", k);
   if (T == 0) return;
   require(experts_direct_ok(w, d_x, d_y, T, k), "experts_direct: T*k = ", T * k, " rows (at most ", kDirectMaxRows,
@@ -839,7 +847,7 @@ void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
   ws.last_used = GroupedStrategy::WeightStream;
   const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), unsigned(std::min(n, rows)));
   w13_swiglu_direct<<<g13, k13Warps * 32, std::size_t(n + rows) * sizeof(int), s>>>(w.w13, d_x, d_ids, rows, k, n, H,
-                                                                                      I, ws.h);
+                                                                                      I, ws.h, prefetch_w2 ? w.w2 : nullptr);
   CUDA_CHECK_LAUNCH();
   w2_combine_direct<<<unsigned((H + kD2Feat - 1) / kD2Feat), kD2Warps * 32, w2_direct_smem(n, rows, T, I), s>>>(
       w.w2, ws.h, d_ids, d_weights, T, k, n, H, I, d_y);

@@ -218,7 +218,11 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 // and the per-block shared memory (token partial sums) under 48 KB. No host synchronisation.
 constexpr int kDirectMaxRows = 1024;
 bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16* d_y, int T, int k);
+// prefetch_w2: the w13 kernel's blocks, once they know their expert, also ask L2 to fetch that expert's w2
+// (prefetch.global.L2, a hint: results are unchanged), so the w2 kernel reads from L2 instead of starting
+// its HBM round trips only after w13 has finished. Both kernels are latency-bound at T = 1 (~0.7 TB/s), so
+// the extra requests in flight should be nearly free. Unmeasured (EPLAB_PREFETCH_W2=1 in GpuMoeLayer).
 void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s);
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool prefetch_w2 = false);
 
 }  // namespace eplab::gpu

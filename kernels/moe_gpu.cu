@@ -197,6 +197,7 @@ struct GpuMoeLayer::Impl {
   // H200 (notes/perf-02.md, v5): experts_decode is slower (T=1 0.048 vs 0.041 ms, T=8 0.119 vs 0.095 ms).
   bool use_decode = false;
   bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
+  bool prefetch_w2 = false;  // experts_direct's w13 kernel prefetches w2 into L2 (EPLAB_PREFETCH_W2=1; unmeasured)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
   unsigned long long graphs_gen = ~0ull;
@@ -263,6 +264,7 @@ struct GpuMoeLayer::Impl {
     if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
     if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) use_decode = std::string(s) != "0";
     if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
+    if (const char* s = std::getenv("EPLAB_PREFETCH_W2"); s && *s) prefetch_w2 = std::string(s) != "0";
   }
 
   gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
@@ -364,7 +366,7 @@ struct GpuMoeLayer::Impl {
       if (use_decode && gpu::experts_decode_ok(experts(), d_x, d_y, T, k))
         gpu::experts_decode(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, use_pdl && evs == nullptr);
       else
-        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
+        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, prefetch_w2);
       mark(4);
       mark(5);
       return;

@@ -96,6 +96,13 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
   const std::vector<float> a = bf16_to_float(std::span<const bf16_bits>(d_y.download()));
   const std::vector<float> b = bf16_to_float(std::span<const bf16_bits>(d_y2.download()));
   CHECK_MESSAGE(rel_l2(a, b) <= kYTol, "experts_decode vs experts_direct rel-L2 = ", rel_l2(a, b));
+  // experts_direct with the w2 prefetch into L2 (a hint): the same bits as without it.
+  DevBuf<bf16_bits> d_y3(size_t(T) * H);
+  d_y3.poison();
+  device_sync();
+  gpu::experts_direct(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y3), ws, s, /*prefetch_w2=*/true);
+  s.sync();
+  CHECK_MESSAGE(d_y3.download() == d_y2.download(), "experts_direct with the w2 prefetch differs from without it");
 }
 
 std::vector<int> all_experts(int E) {
