@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bf16_accum.cuh"
 #include "cuda_check.hpp"
 
 namespace eplab::gpu {
@@ -22,20 +23,10 @@ __global__ void combine_vec8_kernel(const int4* __restrict__ yp, const int* __re
     for (int j = 0; j < k; ++j) {
       const int r = row_of[size_t(t) * k + j];
       if (r < 0 || r >= rows) continue;
-      const float g = weights[size_t(t) * k + j];
-      const int4 q = yp[size_t(r) * per_row + v];
-      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&q);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float2 f = __bfloat1622float2(p[c]);
-        acc[2 * c] += g * f.x;
-        acc[2 * c + 1] += g * f.y;
-      }
+      accumulate(yp[size_t(r) * per_row + v], weights[size_t(t) * k + j], acc);
     }
     int4 out;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[c] = __floats2bfloat162_rn(acc[2 * c], acc[2 * c + 1]);
+    store(out, acc);
     y[i] = out;
   }
 }

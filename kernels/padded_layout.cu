@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16_accum.cuh"
 #include "cuda_check.hpp"
 
 namespace eplab::gpu {
@@ -91,20 +92,10 @@ __global__ void combine_padded_vec8_kernel(const int4* __restrict__ ypad, int yp
       const std::size_t a = t * k + j;
       const int p = padded_row(ids, row_of, off, m_pad, n, ypad_rows, a);
       if (p < 0) continue;
-      const float g = weights[a];
-      const int4 q = ypad[std::size_t(p) * per_row + v];
-      const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&q);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float2 f = __bfloat1622float2(h2[c]);
-        acc[2 * c] += g * f.x;
-        acc[2 * c + 1] += g * f.y;
-      }
+      accumulate(ypad[std::size_t(p) * per_row + v], weights[a], acc);
     }
     int4 out;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[c] = __floats2bfloat162_rn(acc[2 * c], acc[2 * c + 1]);
+    store(out, acc);
     y[i] = out;
   }
 }

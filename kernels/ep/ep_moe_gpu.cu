@@ -54,6 +54,7 @@
 #include <map>
 #include <mutex>
 
+#include "bf16_accum.cuh"
 #include "combine.cuh"
 #include "cuda_check.hpp"
 #include "grouped_experts.cuh"
@@ -152,22 +153,29 @@ __global__ void segment_table_kernel(const int* __restrict__ all, int N, int E, 
   }
 }
 
-__device__ __forceinline__ void accumulate(const int4& q, float g, float* acc) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&q);
+// accumulate() / store(): bf16_accum.cuh, shared with chapter 02's combine.
+using gpu::accumulate;
+using gpu::store;
+
+// Vector v of token t's combined row: Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one
+// rounding; rows in [lo, hi) are this rank's own (read from `own`), the others came back (`returned`).
+template <typename V, int kElems>
+__device__ __forceinline__ V combine_vector(const V* __restrict__ own, const V* __restrict__ returned,
+                                            const int* __restrict__ row_of, const float* __restrict__ weights, int t,
+                                            int k, int per_row, int v, int lo, int hi, int rows) {
+  float acc[kElems];
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const float2 f = __bfloat1622float2(p[c]);
-    acc[2 * c] += g * f.x;
-    acc[2 * c + 1] += g * f.y;
+  for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
+  for (int j = 0; j < k; ++j) {
+    const int r = row_of[std::size_t(t) * k + j];
+    if (r < 0 || r >= rows) continue;
+    const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
+    accumulate(q, weights[std::size_t(t) * k + j], acc);
   }
+  V out;
+  store(out, acc);
+  return out;
 }
-__device__ __forceinline__ void accumulate(const bf16& q, float g, float* acc) { acc[0] += g * __bfloat162float(q); }
-__device__ __forceinline__ void store(int4& out, const float* acc) {
-  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int c = 0; c < 4; ++c) o[c] = __floats2bfloat162_rn(acc[2 * c], acc[2 * c + 1]);
-}
-__device__ __forceinline__ void store(bf16& out, const float* acc) { out = __float2bfloat16_rn(acc[0]); }
 
 // y[t] = Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one rounding: exactly
 // unpermute_combine, except that a row r in [lo, hi) (this rank's own, never sent) is read from
@@ -182,18 +190,7 @@ __global__ void combine_part_kernel(const V* __restrict__ own, const V* __restri
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += std::size_t(gridDim.x) * blockDim.x) {
     const int t = int(i / per_row), v = int(i - std::size_t(t) * per_row);
-    float acc[kElems];
-#pragma unroll
-    for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
-    for (int j = 0; j < k; ++j) {
-      const int r = row_of[std::size_t(t) * k + j];
-      if (r < 0 || r >= rows) continue;
-      const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
-      accumulate(q, weights[std::size_t(t) * k + j], acc);
-    }
-    V out;
-    store(out, acc);
-    y[i] = out;
+    y[i] = combine_vector<V, kElems>(own, returned, row_of, weights, t, k, per_row, v, lo, hi, rows);
   }
 }
 
@@ -216,18 +213,8 @@ __global__ void combine_split_kernel(const V* __restrict__ own, const V* __restr
     }
     if (local != local_only) continue;
     for (int v = threadIdx.x; v < per_row; v += blockDim.x) {
-      float acc[kElems];
-#pragma unroll
-      for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
-      for (int j = 0; j < k; ++j) {
-        const int r = row_of[std::size_t(t) * k + j];
-        if (r < 0 || r >= rows) continue;
-        const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
-        accumulate(q, weights[std::size_t(t) * k + j], acc);
-      }
-      V out;
-      store(out, acc);
-      y[std::size_t(t) * per_row + v] = out;
+      y[std::size_t(t) * per_row + v] = combine_vector<V, kElems>(own, returned, row_of, weights, t, k, per_row, v, lo, hi,
+                                                                  rows);
     }
   }
 }
