@@ -55,12 +55,14 @@ void gpu_busy_wait(cudaStream_t s, double us) {
   CUDA_CHECK_LAUNCH();
 }
 
-const char* l2_flush_name(L2FlushKind k) { return k == L2FlushKind::Write ? "write" : "read"; }
+const char* l2_flush_name(L2FlushKind k) {
+  return k == L2FlushKind::Write ? "write" : k == L2FlushKind::Read ? "read" : "none";
+}
 
 L2FlushKind parse_l2_flush(const std::string& name) {
-  for (L2FlushKind k : {L2FlushKind::Write, L2FlushKind::Read})
+  for (L2FlushKind k : {L2FlushKind::Write, L2FlushKind::Read, L2FlushKind::None})
     if (name == l2_flush_name(k)) return k;
-  fail("unknown L2 flush kind '", name, "': use write or read");
+  fail("unknown L2 flush kind '", name, "': use write, read or none");
 }
 
 L2Flusher::L2Flusher(L2FlushKind kind) : kind_(kind) {
@@ -82,6 +84,7 @@ L2Flusher::~L2Flusher() {
 }
 
 void L2Flusher::flush(cudaStream_t s, int salt) {
+  if (kind_ == L2FlushKind::None) return;
   if (kind_ == L2FlushKind::Write) {
     CUDA_CHECK(cudaMemsetAsync(buf_, salt & 0xff, bytes_, s));
     return;

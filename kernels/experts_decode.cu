@@ -273,7 +273,7 @@ bool experts_decode_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16
 }
 
 void experts_decode(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool pdl) {
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool pdl, bool direct_w2) {
   require(T >= 0 && k >= 1, "experts_decode: need T >= 0 and k >= 1, got ", T, " and ", k);
   if (T == 0) return;
   require(experts_decode_ok(w, d_x, d_y, T, k), "experts_decode: T*k = ", T * k, " rows (at most ", kDecodeMaxRows,
@@ -289,6 +289,11 @@ void experts_decode(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
   }
   launch_pdl(pdl, w13_swiglu_decode, dim3(unsigned((I + k13Idx - 1) / k13Idx), unsigned(std::min(n, rows))),
              dim3(k13Threads), smem13, s, w.w13, d_x, d_ids, rows, k, n, H, I, ws.h);
+  if (direct_w2) {  // an ordinary launch: it must not start before h is complete (it has no pdl_wait)
+    require(experts_direct_ok(w, d_x, d_y, T, k), "experts_decode: the direct w2 kernel cannot run this shape");
+    w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s);
+    return;
+  }
   launch_pdl(pdl, w2_combine_decode, dim3(unsigned((H + k2Feat - 1) / k2Feat)), dim3(k2Threads), w2_smem(rows, I), s,
              w.w2, ws.h, d_ids, d_weights, T, k, n, H, I, d_y);
 }

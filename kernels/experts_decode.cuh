@@ -28,7 +28,10 @@ namespace eplab::gpu {
 constexpr int kDecodeMaxRows = 32;
 
 bool experts_decode_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16* d_y, int T, int k);
+// direct_w2: the w2 + combine step runs experts_direct's w2 kernel (w2_combine_direct_launch) instead of
+// w2_combine_decode: under ncu at T = 1 (H200) the decode w13 kernel took 10.5-11.3 us against the direct one's
+// 12.5-13.1, but w2_combine_decode 23-24 us (198 registers, one block per SM) against the direct 13.7-14.6.
 void experts_decode(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool pdl = true);
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool pdl = true, bool direct_w2 = false);
 
 }  // namespace eplab::gpu

@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(k2Warps * 32)
 // through the assignment list instead of a permuted copy.
 __global__ void __launch_bounds__(k13Warps * 32)
     w13_swiglu_direct(const bf16* __restrict__ w13, const bf16* __restrict__ x, const int* __restrict__ ids, int rows,
-                      int k, int n, int H, int I, bf16* __restrict__ h, const bf16* __restrict__ w2_prefetch) {
+                      int k, int n, int H, int I, bf16* __restrict__ h) {
   extern __shared__ int s_mem[];
   int* s_flag = s_mem;      // [n]: expert has rows
   int* s_list = s_mem + n;  // [rows]: this block's expert's assignments
@@ -243,14 +243,6 @@ __global__ void __launch_bounds__(k13Warps * 32)
   __syncthreads();
   const int e = s_e, cnt = s_cnt;
   if (e < 0) return;  // block-uniform
-  if (w2_prefetch) {  // this block's share of expert e's w2 [H, I] into L2, one 128-byte line per thread-step
-    const std::size_t bytes = std::size_t(H) * I * sizeof(bf16), lines = (bytes + 127) / 128;
-    const std::size_t per = (lines + gridDim.x - 1) / gridDim.x, l0 = std::size_t(blockIdx.x) * per;
-    const char* base = reinterpret_cast<const char*>(w2_prefetch + std::size_t(e) * H * I);
-    const std::size_t l1 = l0 + per < lines ? l0 + per : lines;
-    for (std::size_t l = l0 + tid; l < l1; l += blockDim.x)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + l * 128));
-  }
   const int i = int(blockIdx.x) * k13Warps + warp;
   const bool active = i < I;  // inactive warps stay for the __syncthreads below
   const bf16* r1 = w13 + (std::size_t(e) * 2 * I + (active ? i : 0)) * H;
@@ -323,7 +315,10 @@ __global__ void __launch_bounds__(k13Warps * 32)
 // the kernel was latency-bound at T = 64). Each warp keeps fp32 partial sums s_y[warp][t][f] in shared
 // memory, touched only by the one lane that owns (warp, f): no atomics. At the end the block adds the
 // warps' partials in warp order: a fixed order, so the result is the same bits on every run.
-// Dynamic smem: (3n + 1 + rows) ints + kD2Warps * T * 4 floats.
+// Dynamic smem: (3n + 1 + rows) ints + kD2Warps * T * 4 floats + the warps' h slices.
+// The block has min(kD2Warps, min(n, rows)) warps (blockDim): at T = 1 only 2 experts have rows, and 4 warps
+// per block (2 idle) made the 1024 blocks need 1.3 waves (96 registers: 6 blocks per SM), i.e. a second full
+// latency chain; with 2 warps they fit in one (H200, ncu).
 constexpr int kD2Warps = 4;
 constexpr int kD2Feat = k2FeatPerWarp;  // 4 features per block -> 1024 blocks at H = 4096
 
@@ -381,12 +376,24 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   const int chunks = I / 8;
   float* my_y = s_y + std::size_t(warp) * T * kD2Feat;
   uint4* my_h = reinterpret_cast<uint4*>(s_y + std::size_t(kD2Warps) * T * kD2Feat) + std::size_t(warp) * kRowsPerPass * chunks;
-  for (int slot = warp; slot < s_nne; slot += kD2Warps) {
+  const int nw = int(blockDim.x) >> 5;
+  for (int slot = warp; slot < s_nne; slot += nw) {
     const int e = s_ne[slot];
     const int beg = s_off[e], cnt = s_off[e + 1] - beg;
     const bf16* wrow = w2 + (std::size_t(e) * H + (active ? o : 0)) * I;
+    auto load_w = [&](int cb, uint4 (&wv)[k2Unroll]) {
+#pragma unroll
+      for (int u = 0; u < k2Unroll; ++u) {
+        const int c = cb + k2Lanes * u;
+        wv[u] = (active && c < chunks) ? ldg_bf16x8(wrow + std::size_t(c) * 8) : make_uint4(0, 0, 0, 0);
+      }
+    };
     for (int r0 = 0; r0 < cnt; r0 += kRowsPerPass) {
       const int R = min(kRowsPerPass, cnt - r0);
+      // The first batch of weight loads goes out before the h rows are staged: w2 comes from HBM, h from
+      // L2, so the two round trips overlap instead of following each other (the weights do not depend on h).
+      uint4 wv[k2Unroll];
+      load_w(g, wv);
       // The pass's h rows into this warp's shared slice, all loads in flight at once (reading h inside
       // the FMA loop made every row a dependent L2 round trip).
       __syncwarp();
@@ -399,12 +406,7 @@ __global__ void __launch_bounds__(kD2Warps * 32)
 #pragma unroll
       for (int r = 0; r < kRowsPerPass; ++r) acc[r] = 0.f;
       for (int cb = g; cb < chunks; cb += k2Lanes * k2Unroll) {
-        uint4 wv[k2Unroll];
-#pragma unroll
-        for (int u = 0; u < k2Unroll; ++u) {
-          const int c = cb + k2Lanes * u;
-          wv[u] = (active && c < chunks) ? ldg_bf16x8(wrow + std::size_t(c) * 8) : make_uint4(0, 0, 0, 0);
-        }
+        if (cb != g) load_w(cb, wv);  // I > 512: later batches
 #pragma unroll
         for (int u = 0; u < k2Unroll; ++u) {
           const int c = cb + k2Lanes * u;
@@ -444,7 +446,7 @@ __global__ void __launch_bounds__(kD2Warps * 32)
     const int t = j / kD2Feat, f = j - t * kD2Feat;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kD2Warps; ++w) v += s_y[std::size_t(w) * T * kD2Feat + j];
+    for (int w = 0; w < nw; ++w) v += s_y[std::size_t(w) * T * kD2Feat + j];
     if (o0 + f < H) y[std::size_t(t) * H + o0 + f] = __float2bfloat16_rn(v);
   }
 }
@@ -590,6 +592,7 @@ GroupedStrategy choose_grouped_strategy(const GroupedWorkspace& ws, const Expert
   GroupedStrategy st = ws.strategy;
   if (st == GroupedStrategy::Auto)
     st = rows <= ws.small_rows_max    ? GroupedStrategy::WeightStream
+         : ws.auto_padded             ? GroupedStrategy::CublasPadded
          : rows < ws.streams_min_rows ? GroupedStrategy::CublasGrouped
                                       : GroupedStrategy::CublasStreams;
 #if CUBLAS_VERSION < 120500
@@ -615,7 +618,9 @@ void reserve_groups(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows
           "]");
   // CublasPadded runs its SwiGLU over n * M_pad rows (M_pad <= the cap; above it, streams on `rows` rows).
   std::size_t act_rows = std::size_t(rows);
-  if (ws.strategy == GroupedStrategy::CublasPadded && rows > 0)
+  const bool padded = ws.strategy == GroupedStrategy::CublasPadded ||
+                      (ws.strategy == GroupedStrategy::Auto && ws.auto_padded && rows > ws.small_rows_max);
+  if (padded && rows > 0)
     act_rows = std::max(act_rows, std::size_t(w.n) * padded_capacity_per_expert(ws.padded_max_ratio, w.n, rows));
   device_grow(ws.gate_up, ws.gate_up_cap, act_rows * 2 * w.I, ws.generation);
   device_grow(ws.h, ws.h_cap, act_rows * w.I, ws.generation);
@@ -837,7 +842,7 @@ bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16
 }
 
 void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool prefetch_w2) {
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s) {
   require(T >= 0 && k >= 1, "experts_direct: need T >= 0 and k >= 1, got ", T, " and ", k);
   if (T == 0) return;
   require(experts_direct_ok(w, d_x, d_y, T, k), "experts_direct: T*k = ", T * k, " rows (at most ", kDirectMaxRows,
@@ -847,10 +852,17 @@ void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
   ws.last_used = GroupedStrategy::WeightStream;
   const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), unsigned(std::min(n, rows)));
   w13_swiglu_direct<<<g13, k13Warps * 32, std::size_t(n + rows) * sizeof(int), s>>>(w.w13, d_x, d_ids, rows, k, n, H,
-                                                                                      I, ws.h, prefetch_w2 ? w.w2 : nullptr);
+                                                                                      I, ws.h);
   CUDA_CHECK_LAUNCH();
-  w2_combine_direct<<<unsigned((H + kD2Feat - 1) / kD2Feat), kD2Warps * 32, w2_direct_smem(n, rows, T, I), s>>>(
-      w.w2, ws.h, d_ids, d_weights, T, k, n, H, I, d_y);
+  w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s);
+}
+
+void w2_combine_direct_launch(const ExpertWeightsDevice& w, const bf16* d_h, const int* d_ids, const float* d_weights,
+                              int T, int k, bf16* d_y, cudaStream_t s) {
+  const int rows = T * k, n = w.n, H = w.H, I = w.I;
+  const int w2_warps = std::clamp(std::min(n, rows), 1, kD2Warps);  // at most one warp per expert with rows
+  w2_combine_direct<<<unsigned((H + kD2Feat - 1) / kD2Feat), w2_warps * 32, w2_direct_smem(n, rows, T, I), s>>>(
+      w.w2, d_h, d_ids, d_weights, T, k, n, H, I, d_y);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -58,8 +58,8 @@
 //          offsets arrive) cost more than the GEMMs: whole layer at T = 64: streams 0.404 ms vs grouped
 //          0.130; T = 512: 0.436 vs 0.141. 8 streams instead of 4: no better (0.46 / 0.62 ms at
 //          8192 / 32768 rows); chaining each expert's SwiGLU on its stream: slower (more launches).
-//        CublasPadded (never chosen by Auto; EPLAB_EXPERTS=cublas-padded; written in session 8, not yet
-//          measured): the rows in the padded layout of padded_layout.cuh ([n, M_pad, H], M_pad = the largest
+//        CublasPadded (Auto above small_rows_max when ws.auto_padded, i.e. in GpuMoeLayer; measured below):
+//          the rows in the padded layout of padded_layout.cuh ([n, M_pad, H], M_pad = the largest
 //          count rounded up to 64), then ONE cublasGemmStridedBatchedEx for all experts' w13 (batch = the
 //          experts from the first to the last non-empty one, m = 2I, n = M_pad, k = H, A/B/C a fixed stride
 //          apart), SwiGLU over the padded rows, ONE strided-batched GEMM for w2. Why it may beat streams at
@@ -75,6 +75,11 @@
 //          unpermute_combine_padded) and calls grouped_experts_padded for the GEMMs, so the layer pays no
 //          extra pass. Not available with a group->expert map (grouped_experts_segments with d_expert_of):
 //          the weights are then not a fixed stride apart; it runs cublas-streams there.
+//          Measured (H200, session 9, whole layer in GpuMoeLayer, strategies interleaved in one run, median
+//          ms, write / read L2 flush): T = 4096 padded 0.308 / 0.303 vs streams 0.400 / 0.396 vs grouped
+//          0.484; T = 16384 0.918 / 0.907 vs streams 1.003 / 0.995 vs grouped 1.571; T = 64 0.119 vs grouped
+//          0.143; T = 512 0.129 vs 0.157. Its w13 GEMM at T = 4096 runs at 81 % of the SMs' throughput
+//          (ncu). Hence GpuMoeLayer's Auto (ws.auto_padded).
 //      Row-major vs column-major: cuBLAS is column-major, and a row-major [R, C] matrix is the same bytes
 //      as a column-major [C, R] one. We compute gate_upᵀ [2I, c_e] = w13_e(as [H, 2I] col-major)ᵀ ·
 //      xp_eᵀ (as [H, c_e] col-major): transa = T, transb = N, m = 2I, n = c_e, k = H, lda = ldb = H,
@@ -139,6 +144,9 @@ class GroupedWorkspace {
   // CublasPadded: M_pad may be at most this many times the mean rows per expert (padded_capacity_per_expert);
   // above, cublas-streams runs. Buffers for the padded layout are sized for that cap.
   float padded_max_ratio = 2.f;
+  // Auto above small_rows_max: CublasPadded instead of CublasGrouped / CublasStreams. GpuMoeLayer sets it (its
+  // permute writes the padded layout directly); callers with contiguous rows keep it off (pad + unpad copies).
+  bool auto_padded = false;
 
   // What the last grouped_experts call actually ran (Auto resolved), for benchmarks.
   GroupedStrategy last_used = GroupedStrategy::Auto;
@@ -218,11 +226,11 @@ void reserve_grouped_workspace(GroupedWorkspace& ws, const ExpertWeightsDevice& 
 // and the per-block shared memory (token partial sums) under 48 KB. No host synchronisation.
 constexpr int kDirectMaxRows = 1024;
 bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16* d_y, int T, int k);
-// prefetch_w2: the w13 kernel's blocks, once they know their expert, also ask L2 to fetch that expert's w2
-// (prefetch.global.L2, a hint: results are unchanged), so the w2 kernel reads from L2 instead of starting
-// its HBM round trips only after w13 has finished. Both kernels are latency-bound at T = 1 (~0.7 TB/s), so
-// the extra requests in flight should be nearly free. Unmeasured (EPLAB_PREFETCH_W2=1 in GpuMoeLayer).
 void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
-                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s, bool prefetch_w2 = false);
+                    int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s);
+// experts_direct's second kernel alone: y [T, H] from h [T*k, I] (per assignment), ids and multipliers.
+// For experts_decode's hybrid (its w13 kernel, this w2 kernel). Same requirements as experts_direct.
+void w2_combine_direct_launch(const ExpertWeightsDevice& w, const bf16* d_h, const int* d_ids, const float* d_weights,
+                              int T, int k, bf16* d_y, cudaStream_t s);
 
 }  // namespace eplab::gpu

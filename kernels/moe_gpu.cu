@@ -28,7 +28,7 @@
 // time the same (T, path, x, y, buffers) comes by, and replayed with one cudaGraphLaunch after that. If a
 // capture fails, the layer says so once on stderr and runs without graphs.
 //
-// cublas-padded (EPLAB_EXPERTS=cublas-padded, unmeasured): the permute writes x straight into the padded
+// cublas-padded (Auto above the small-batch rows; measured in grouped_experts.cuh): the permute writes x straight into the padded
 // layout [E, M_pad, H] (padded_layout.cuh; M_pad found on the GPU from the offsets, capped), the experts are two
 // strided-batched GEMMs over it, and the combine reads it back: the same kernel count as the other cuBLAS
 // strategies, no extra pass. xp and yp are then sized for E x the cap rows (2 x rows at the default ratio).
@@ -193,11 +193,9 @@ struct GpuMoeLayer::Impl {
   // per-token kernel up to fused_router_max_t, else cuBLAS + route_topk. EPLAB_ROUTER=cublas|fused|tiled forces one
   // (fused / tiled fall back when they cannot run the shape).
   RouterImpl router_impl = RouterImpl::Auto;
-  // direct path with T*k <= 32: experts_direct by default; experts_decode with EPLAB_DECODE=1. Measured on an
-  // H200 (notes/perf-02.md, v5): experts_decode is slower (T=1 0.048 vs 0.041 ms, T=8 0.119 vs 0.095 ms).
-  bool use_decode = false;
+  // direct path with T*k <= 32: which expert kernels (DecodeKernels, EPLAB_DECODE=direct|decode|hybrid).
+  DecodeKernels decode_kernels = DecodeKernels::Direct;
   bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
-  bool prefetch_w2 = false;  // experts_direct's w13 kernel prefetches w2 into L2 (EPLAB_PREFETCH_W2=1; unmeasured)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
   unsigned long long graphs_gen = ~0ull;
@@ -219,6 +217,7 @@ struct GpuMoeLayer::Impl {
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_gate), std::size_t(E) * H * sizeof(bf16)));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w13), std::size_t(E) * 2 * I * H * sizeof(bf16)));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w2), std::size_t(E) * H * I * sizeof(bf16)));
+    ws.auto_padded = true;  // Auto above the small-batch rows: cublas-padded (measured fastest, grouped_experts.cuh)
     read_environment();
   }
 
@@ -262,9 +261,8 @@ struct GpuMoeLayer::Impl {
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
     if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
     if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
-    if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) use_decode = std::string(s) != "0";
+    if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) decode_kernels = parse_decode_kernels(s);
     if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
-    if (const char* s = std::getenv("EPLAB_PREFETCH_W2"); s && *s) prefetch_w2 = std::string(s) != "0";
   }
 
   gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
@@ -363,10 +361,12 @@ struct GpuMoeLayer::Impl {
       route(d_x, T, s, mark);
       mark(2);
       mark(3);
-      if (use_decode && gpu::experts_decode_ok(experts(), d_x, d_y, T, k))
-        gpu::experts_decode(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, use_pdl && evs == nullptr);
+      const bool hybrid = decode_kernels == DecodeKernels::Hybrid;
+      if (decode_kernels != DecodeKernels::Direct && gpu::experts_decode_ok(experts(), d_x, d_y, T, k) &&
+          (!hybrid || gpu::experts_direct_ok(experts(), d_x, d_y, T, k)))
+        gpu::experts_decode(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, use_pdl && evs == nullptr, hybrid);
       else
-        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, prefetch_w2);
+        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
       mark(4);
       mark(5);
       return;
@@ -705,8 +705,20 @@ void GpuMoeLayer::set_router_impl(RouterImpl r) {
 
 RouterImpl GpuMoeLayer::last_router_impl() const { return impl_->last_router; }
 
-void GpuMoeLayer::set_decode_kernels(bool on, bool pdl) {
-  impl_->use_decode = on;
+const char* decode_kernels_name(DecodeKernels d) {
+  return d == DecodeKernels::Direct ? "direct" : d == DecodeKernels::Decode ? "decode" : "hybrid";
+}
+
+DecodeKernels parse_decode_kernels(const std::string& name) {
+  for (DecodeKernels d : {DecodeKernels::Direct, DecodeKernels::Decode, DecodeKernels::Hybrid})
+    if (name == decode_kernels_name(d)) return d;
+  if (name == "0") return DecodeKernels::Direct;  // the older on/off spelling of EPLAB_DECODE
+  if (name == "1") return DecodeKernels::Decode;
+  fail("unknown decode kernels '", name, "': use direct, decode or hybrid");
+}
+
+void GpuMoeLayer::set_decode_kernels(DecodeKernels d, bool pdl) {
+  impl_->decode_kernels = d;
   impl_->use_pdl = pdl;
   impl_->clear_graphs();
   impl_->warm.clear();

@@ -25,18 +25,27 @@ enum class MoePath {
 };
 
 // How the grouped path computes the experts (kernels/grouped_experts.cuh explains each one).
-//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max = 32), CublasGrouped up to
-//                 4095 rows, CublasStreams from 4096 rows (measured on an H200: grouped_experts.cuh)
+//   Auto          WeightStream for small batches (rows = T*k <= small_rows_max = 32), CublasPadded above
+//                 (and so CublasStreams above its cap; measured on an H200: grouped_experts.cuh)
 //   WeightStream  custom kernels that stream each weight once and read the offsets on the GPU (no host sync)
 //   CublasGrouped cublasGemmGroupedBatchedEx: one call for all experts' w1|w3, one for all w2
 //   CublasLoop    cublasGemmEx per expert, one stream
 //   CublasStreams cublasGemmEx per expert, spread over 4 streams
 //   CublasPadded  rows permuted into a padded [E, M_pad, H] layout, one strided-batched GEMM per matrix for all
-//                 experts, combine from the padded layout (unmeasured: never chosen by Auto; falls back to
-//                 CublasStreams when M_pad would exceed EPLAB_PADDED_RATIO (default 2) x the mean rows per expert)
+//                 experts, combine from the padded layout (falls back to CublasStreams when M_pad would exceed
+//                 EPLAB_PADDED_RATIO (default 2) x the mean rows per expert)
 enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams, CublasPadded };
 const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
 ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
+
+// The expert kernels of the direct small-batch path (T*k <= 32; notes/perf-02.md has the measurements):
+//   Direct  experts_direct (grouped_experts.cuh): w13 + SwiGLU, then w2 + weighted combine
+//   Decode  experts_decode (experts_decode.cuh): its own w13 and w2 kernels, programmatic dependent launch
+//   Hybrid  experts_decode's w13 kernel, then experts_direct's w2 kernel
+// A choice that cannot run the shape (experts_decode_ok) runs Direct.
+enum class DecodeKernels { Direct, Decode, Hybrid };
+const char* decode_kernels_name(DecodeKernels d);               // "direct", "decode", "hybrid"
+DecodeKernels parse_decode_kernels(const std::string& name);    // the names above (or 0 / 1); throws otherwise
 
 // How the router GEMM + routing runs (moe_gpu.cu, router_tiled.cuh, routing.cuh):
 //   Auto    Tiled wherever it can run the shape (E <= 64, H % 8 == 0), else Fused up to T = 512, else Cublas
@@ -111,10 +120,9 @@ class GpuMoeLayer {
   // Router implementation (default Auto, or EPLAB_ROUTER=<name>); last_router_impl: what the last forward ran.
   void set_router_impl(RouterImpl r);
   RouterImpl last_router_impl() const;
-  // Direct small-batch path with T*k <= 32: the decode experts kernels (experts_decode.cuh), with programmatic
-  // dependent launch when pdl. Off: experts_direct. Defaults off/on (measured slower: notes/perf-02.md v5);
-  // EPLAB_DECODE=1, EPLAB_PDL=0.
-  void set_decode_kernels(bool on, bool pdl = true);
+  // Direct small-batch path with T*k <= 32: which expert kernels run (DecodeKernels above), with programmatic
+  // dependent launch for the decode ones when pdl. EPLAB_DECODE=direct|decode|hybrid, EPLAB_PDL=0.
+  void set_decode_kernels(DecodeKernels d, bool pdl = true);
   int cached_graphs() const;  // graphs captured and ready to replay (tests: did capture work?)
   // The routing of the last forward_device / forward (ids and multipliers as the GPU computed them), copied
   // to the host after a device-wide synchronisation. For reports and tests, not for hot loops. A caller that
@@ -153,8 +161,10 @@ void gpu_busy_wait(cudaStream_t s, double us);
 //          kernel also pay write-backs to HBM.
 //   Read:  a kernel reads it all and folds it into one value. The L2 is left full of CLEAN lines, as after
 //          a layer that mostly read weights (what a real model's next layer finds).
-enum class L2FlushKind { Write, Read };
-const char* l2_flush_name(L2FlushKind k);              // "write", "read"
+//   None:  no flush (a diagnostic, not a model of decoding: the layer's weights may still sit in L2 from the
+//          previous forward; the gap to write/read is what the cold caches cost).
+enum class L2FlushKind { Write, Read, None };
+const char* l2_flush_name(L2FlushKind k);              // "write", "read", "none"
 L2FlushKind parse_l2_flush(const std::string& name);  // the names above; throws on anything else
 class L2Flusher {
  public:

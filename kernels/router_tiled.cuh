@@ -22,8 +22,10 @@
 // per-token warp code as route_topk (routing_rows.cuh), so ids and weights are exactly route_topk's on
 // the same logits (tests check it). Logits differ from cuBLAS's only by fp32 summation order.
 //
-// splits: chosen so that the grid has ~3 blocks per SM (T = 1: 32 blocks each reading 4 KB of the gate;
-// T = 4096: 128 tiles x 4; T >= 16384: 1). Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
+// splits: chosen so that the grid has ~3 blocks per SM, with at least 4 H steps per warp (T = 4096: 128 tiles
+// x 4; T >= 16384: 1). One tile (T <= 32) with E <= 16 and automatic splits runs as ONE block of 16 warps
+// instead: the warps meet in shared memory, with no partial tiles, fence or counter (decode's T = 1 case:
+// that handshake, not the 128 KB of gate, was most of the kernel's time). Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -88,9 +88,9 @@ if has bench02s; then  # expert strategies interleaved in one run, with both L2 
     --json "$OUT/bench02_write.json" > "$OUT/bench02_write.log" 2>&1; tail -70 "$OUT/bench02_write.log"
   $X --bench --flush read --bench-tokens 1 8 4096 16384 --bench-experts cublas-streams,cublas-padded \
     --json "$OUT/bench02_read.json" > "$OUT/bench02_read.log" 2>&1; tail -50 "$OUT/bench02_read.log"
-  for pf in 0 1; do  # the w2 L2 prefetch of the decode path, same run
-    EPLAB_PREFETCH_W2=$pf $X --bench --bench-tokens 1 8 > "$OUT/bench02_prefetch$pf.log" 2>&1
-    echo "EPLAB_PREFETCH_W2=$pf:"; grep -E "^(1|8) " "$OUT/bench02_prefetch$pf.log"
+  for dk in direct decode hybrid; do  # the decode path's kernel choice (EPLAB_DECODE), same run
+    EPLAB_DECODE=$dk $X --bench --bench-tokens 1 8 --bench-split queued > "$OUT/bench02_decode_$dk.log" 2>&1
+    echo "EPLAB_DECODE=$dk:"; grep -E "^(1|8) " "$OUT/bench02_decode_$dk.log"
   done
 fi
 if has bench02x3; then

@@ -10,7 +10,7 @@
 //
 // Run: 02_moe_grouped [--tokens 64] [--device auto|gpu|cpu]        check against the CPU reference
 //      02_moe_grouped --bench [--peer-json hf.json]                Phi-tiny shape, T = 1 .. 16384, GPU
-//                     [--flush write|read] [--bench-split eager|queued|both] [--bench-spin-us 300]
+//                     [--flush write|read|none] [--bench-split eager|queued|both] [--bench-spin-us 300]
 //                     [--bench-experts cublas-streams,cublas-padded]   strategies side by side
 #include <cstdio>
 
@@ -54,8 +54,8 @@ int main(int argc, char** argv) {
     app.add_option("--peer-json", bopt.peer_json, "HF transformers timings from scripts/hf_moe_bench.py --json");
     app.add_option("--flush", bopt.flush,
                    "--bench: L2 flush before each timed forward: write (memset, leaves dirty lines; default) or read"
-                   " (a kernel reads 2 x L2, leaves clean lines)")
-        ->check(CLI::IsMember({"write", "read"}));
+                   " (a kernel reads 2 x L2, leaves clean lines) or none (warm caches: a diagnostic)")
+        ->check(CLI::IsMember({"write", "read", "none"}));
     app.add_option("--bench-split", bopt.split,
                    "--bench: per-stage split method: eager (launch by launch), queued (behind a GPU busy-wait: GPU"
                    " time only) or both (default)")

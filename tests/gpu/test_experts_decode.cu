@@ -1,5 +1,6 @@
 // experts_decode (kernels/experts_decode.cuh) vs moe_experts_reference, and GpuMoeLayer with every router
-// implementation (cublas, fused, tiled) and the decode kernels on/off vs moe_layer_reference.
+// implementation (cublas, fused, tiled) and every decode-kernel choice (direct, decode, hybrid) vs
+// moe_layer_reference.
 //
 // Tolerances as in test_moe_layer.cu: y rel-L2 <= 1e-2 against the reference with h rounded to bf16 (what
 // remains is y's own bf16 rounding and fp32 summation order); worst single token <= 2e-2; routing ids
@@ -70,11 +71,13 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
   REQUIRE(gpu::experts_decode_ok(dev.view, as_bf16(d_x), as_bf16(d_y), T, k));
   gpu::GroupedWorkspace ws;
   Stream s;
-  for (bool pdl : {true, false}) {
+  // Every launch mode: both decode kernels with and without PDL, and the hybrid (decode w13 + direct w2).
+  for (auto [pdl, direct_w2] : {std::pair{true, false}, std::pair{false, false}, std::pair{true, true}, std::pair{false, true}}) {
     CAPTURE(pdl);
+    CAPTURE(direct_w2);
     d_y.poison();
     device_sync();
-    gpu::experts_decode(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y), ws, s, pdl);
+    gpu::experts_decode(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y), ws, s, pdl, direct_w2);
     s.sync();
     const std::vector<float> got = bf16_to_float(std::span<const bf16_bits>(d_y.download()));
     const double rel = rel_l2(got, want);
@@ -96,13 +99,6 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
   const std::vector<float> a = bf16_to_float(std::span<const bf16_bits>(d_y.download()));
   const std::vector<float> b = bf16_to_float(std::span<const bf16_bits>(d_y2.download()));
   CHECK_MESSAGE(rel_l2(a, b) <= kYTol, "experts_decode vs experts_direct rel-L2 = ", rel_l2(a, b));
-  // experts_direct with the w2 prefetch into L2 (a hint): the same bits as without it.
-  DevBuf<bf16_bits> d_y3(size_t(T) * H);
-  d_y3.poison();
-  device_sync();
-  gpu::experts_direct(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y3), ws, s, /*prefetch_w2=*/true);
-  s.sync();
-  CHECK_MESSAGE(d_y3.download() == d_y2.download(), "experts_direct with the w2 prefetch differs from without it");
 }
 
 std::vector<int> all_experts(int E) {
@@ -158,7 +154,7 @@ TEST_CASE("experts_decode: odd shapes (H = 104, I = 48, E = 5; H = 4096, I = 448
   CHECK_FALSE(gpu::experts_decode_ok(wdev.view, as_bf16(x), as_bf16(y), 1, 2));
 }
 
-TEST_CASE("GpuMoeLayer: every router implementation x decode kernels on/off vs moe_layer_reference (graphs too)") {
+TEST_CASE("GpuMoeLayer: every router implementation x every decode-kernel choice vs moe_layer_reference (graphs too)") {
   const MoeLayerWeights w = random_layer(256, 128, 16, 9601);
   const int H = w.hidden, E = w.num_experts, k = 2;
   Rng rng(9602);
@@ -168,13 +164,13 @@ TEST_CASE("GpuMoeLayer: every router implementation x decode kernels on/off vs m
       const Bf16Data x = random_bf16(rng, size_t(T) * H);
       const MoeRefResult ref = moe_layer_reference(w, x.f, T, {kind, k, 0.01f, true});
       for (RouterImpl ri : {RouterImpl::Tiled, RouterImpl::Fused, RouterImpl::Cublas, RouterImpl::Auto})
-        for (bool decode : {true, false}) {
-          if (!decode && T * k > 32) continue;  // the switch only matters on the decode path
+        for (DecodeKernels dk : {DecodeKernels::Decode, DecodeKernels::Hybrid, DecodeKernels::Direct}) {
+          if (dk != DecodeKernels::Decode && T * k > 32) continue;  // the switch only matters on the decode path
           layer.set_router_impl(ri);
-          layer.set_decode_kernels(decode);
+          layer.set_decode_kernels(dk);
           for (int rep = 0; rep < 3; ++rep) {  // eager, graph capture, graph replay (sync-free forwards)
-            INFO(router_str(kind) << " T=" << T << " router " << router_impl_name(ri) << " decode "
-                                  << (decode ? "on" : "off") << " call " << rep + 1);
+            INFO(router_str(kind) << " T=" << T << " router " << router_impl_name(ri) << " decode kernels "
+                                  << decode_kernels_name(dk) << " call " << rep + 1);
             const auto got = layer.forward(x.bits, T, MoePath::Grouped);
             if (ri != RouterImpl::Auto) CHECK(layer.last_router_impl() == ri);
             REQUIRE(got.logits.size() == size_t(T) * E);
@@ -211,4 +207,7 @@ TEST_CASE("GpuMoeLayer: every router implementation x decode kernels on/off vs m
   }
   CHECK(parse_router_impl("tiled") == RouterImpl::Tiled);
   CHECK_THROWS_AS(parse_router_impl("fastest"), Error);
+  for (DecodeKernels dk : {DecodeKernels::Direct, DecodeKernels::Decode, DecodeKernels::Hybrid})
+    CHECK(parse_decode_kernels(decode_kernels_name(dk)) == dk);
+  CHECK_THROWS_AS(parse_decode_kernels("2"), Error);
 }
