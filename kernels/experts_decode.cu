@@ -289,9 +289,9 @@ void experts_decode(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
   }
   launch_pdl(pdl, w13_swiglu_decode, dim3(unsigned((I + k13Idx - 1) / k13Idx), unsigned(std::min(n, rows))),
              dim3(k13Threads), smem13, s, w.w13, d_x, d_ids, rows, k, n, H, I, ws.h);
-  if (direct_w2) {  // an ordinary launch: it must not start before h is complete (it has no pdl_wait)
+  if (direct_w2) {  // its prologue and first weight loads overlap the w13 kernel (PDL), h is read after it
     require(experts_direct_ok(w, d_x, d_y, T, k), "experts_decode: the direct w2 kernel cannot run this shape");
-    w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s);
+    w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s, pdl);
     return;
   }
   launch_pdl(pdl, w2_combine_decode, dim3(unsigned((H + k2Feat - 1) / k2Feat)), dim3(k2Threads), w2_smem(rows, I), s,

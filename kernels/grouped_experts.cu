@@ -13,6 +13,7 @@
 
 #include "cuda_check.hpp"
 #include "padded_layout.cuh"
+#include "pdl.cuh"
 #include "swiglu.cuh"
 
 namespace eplab::gpu {
@@ -322,11 +323,11 @@ __global__ void __launch_bounds__(k13Warps * 32)
 constexpr int kD2Warps = 4;
 constexpr int kD2Feat = k2FeatPerWarp;  // 4 features per block -> 1024 blocks at H = 4096
 
-std::size_t w2_direct_smem(int n, int rows, int T, int I) {
+std::size_t w2_direct_smem(int n, int rows, int T, int I, int warps = kD2Warps) {
   std::size_t ints = std::size_t(3 * n + 1 + rows) * sizeof(int);
   ints = (ints + 15) / 16 * 16;  // s_y and the h slices start 16-byte aligned
-  return ints + std::size_t(kD2Warps) * T * kD2Feat * sizeof(float) +
-         std::size_t(kD2Warps) * kRowsPerPass * (I / 8) * sizeof(uint4);
+  return ints + std::size_t(warps) * T * kD2Feat * sizeof(float) +
+         std::size_t(warps) * kRowsPerPass * (I / 8) * sizeof(uint4);
 }
 
 __global__ void __launch_bounds__(kD2Warps * 32)
@@ -338,11 +339,11 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   int* s_cur = s_mem + n + 1;       // [n]
   int* s_ne = s_mem + 2 * n + 1;    // [n]: experts with rows, ascending
   int* s_list = s_mem + 3 * n + 1;  // [rows], grouped by expert
-  float* s_y = reinterpret_cast<float*>(s_mem + (3 * n + 1 + rows + 3) / 4 * 4);  // [kD2Warps][T][kD2Feat], then per warp h [8][I/8] uint4
+  float* s_y = reinterpret_cast<float*>(s_mem + (3 * n + 1 + rows + 3) / 4 * 4);  // [nw][T][kD2Feat], then per warp h [8][I/8] uint4
   __shared__ int s_nne;
-  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31, nw = int(blockDim.x) >> 5;
   for (int j = tid; j < n; j += int(blockDim.x)) s_cur[j] = 0;
-  for (int j = tid; j < kD2Warps * T * kD2Feat; j += int(blockDim.x)) s_y[j] = 0.f;
+  for (int j = tid; j < nw * T * kD2Feat; j += int(blockDim.x)) s_y[j] = 0.f;
   __syncthreads();
   for (int a = tid; a < rows; a += int(blockDim.x)) {
     const int e = ids[a];
@@ -375,8 +376,7 @@ __global__ void __launch_bounds__(kD2Warps * 32)
   const bool active = o < H;
   const int chunks = I / 8;
   float* my_y = s_y + std::size_t(warp) * T * kD2Feat;
-  uint4* my_h = reinterpret_cast<uint4*>(s_y + std::size_t(kD2Warps) * T * kD2Feat) + std::size_t(warp) * kRowsPerPass * chunks;
-  const int nw = int(blockDim.x) >> 5;
+  uint4* my_h = reinterpret_cast<uint4*>(s_y + std::size_t(nw) * T * kD2Feat) + std::size_t(warp) * kRowsPerPass * chunks;
   for (int slot = warp; slot < s_nne; slot += nw) {
     const int e = s_ne[slot];
     const int beg = s_off[e], cnt = s_off[e + 1] - beg;
@@ -394,6 +394,9 @@ __global__ void __launch_bounds__(kD2Warps * 32)
       // L2, so the two round trips overlap instead of following each other (the weights do not depend on h).
       uint4 wv[k2Unroll];
       load_w(g, wv);
+      // Launched with PDL (experts_decode's hybrid), everything above ran while the w13 kernel was still
+      // running (ids and multipliers are the router's, complete before that kernel started); h is not: wait.
+      pdl_wait();
       // The pass's h rows into this warp's shared slice, all loads in flight at once (reading h inside
       // the FMA loop made every row a dependent L2 round trip).
       __syncwarp();
@@ -858,12 +861,11 @@ void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
 }
 
 void w2_combine_direct_launch(const ExpertWeightsDevice& w, const bf16* d_h, const int* d_ids, const float* d_weights,
-                              int T, int k, bf16* d_y, cudaStream_t s) {
+                              int T, int k, bf16* d_y, cudaStream_t s, bool pdl) {
   const int rows = T * k, n = w.n, H = w.H, I = w.I;
   const int w2_warps = std::clamp(std::min(n, rows), 1, kD2Warps);  // at most one warp per expert with rows
-  w2_combine_direct<<<unsigned((H + kD2Feat - 1) / kD2Feat), w2_warps * 32, w2_direct_smem(n, rows, T, I), s>>>(
-      w.w2, d_h, d_ids, d_weights, T, k, n, H, I, d_y);
-  CUDA_CHECK_LAUNCH();
+  launch_pdl(pdl, w2_combine_direct, dim3(unsigned((H + kD2Feat - 1) / kD2Feat)), dim3(unsigned(w2_warps * 32)),
+             w2_direct_smem(n, rows, T, I, w2_warps), s, w.w2, d_h, d_ids, d_weights, T, k, n, H, I, d_y);
 }
 
 }  // namespace eplab::gpu

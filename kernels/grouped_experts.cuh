@@ -229,8 +229,12 @@ bool experts_direct_ok(const ExpertWeightsDevice& w, const bf16* d_x, const bf16
 void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_ids, const float* d_weights, int T,
                     int k, bf16* d_y, GroupedWorkspace& ws, cudaStream_t s);
 // experts_direct's second kernel alone: y [T, H] from h [T*k, I] (per assignment), ids and multipliers.
-// For experts_decode's hybrid (its w13 kernel, this w2 kernel). Same requirements as experts_direct.
+// For experts_decode's hybrid (its w13 kernel, this w2 kernel). Same requirements as experts_direct. pdl:
+// launched with programmatic dependent launch; the kernel then reads ids, multipliers and its first weights
+// while the previous kernel still runs, and waits for it (griddepcontrol.wait) only before reading h. Only
+// valid behind a kernel that triggers its dependents after ids and multipliers are final (experts_decode's
+// w13 kernel does so right after its own wait for the router).
 void w2_combine_direct_launch(const ExpertWeightsDevice& w, const bf16* d_h, const int* d_ids, const float* d_weights,
-                              int T, int k, bf16* d_y, cudaStream_t s);
+                              int T, int k, bf16* d_y, cudaStream_t s, bool pdl = false);
 
 }  // namespace eplab::gpu

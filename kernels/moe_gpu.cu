@@ -194,7 +194,8 @@ struct GpuMoeLayer::Impl {
   // (fused / tiled fall back when they cannot run the shape).
   RouterImpl router_impl = RouterImpl::Auto;
   // direct path with T*k <= 32: which expert kernels (DecodeKernels, EPLAB_DECODE=direct|decode|hybrid).
-  DecodeKernels decode_kernels = DecodeKernels::Direct;
+  // Hybrid: measured fastest at T = 1 on an H200 (notes/perf-02.md, v7).
+  DecodeKernels decode_kernels = DecodeKernels::Hybrid;
   bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers

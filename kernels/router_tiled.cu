@@ -37,16 +37,16 @@ __device__ __forceinline__ uint4 ldg_v4(const void* p) {
   return v;
 }
 
-// NT: n-tiles of 8 experts (E <= 8 NT); U: H steps whose loads are in flight together per lane; W: warps.
-template <int NT, int U, int W>
-__global__ void __launch_bounds__(W * 32)
+// NT: n-tiles of 8 experts (E <= 8 NT); U: H steps whose loads are in flight together per lane.
+template <int NT, int U>
+__global__ void __launch_bounds__(kWarps * 32)
     router_tiled_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gate, int T, int H,
                         int E, int k, RouterKind kind, float eps, int splits, float* __restrict__ logits,
                         int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ partials,
                         int* __restrict__ counters) {
   constexpr int EC = NT * 8;  // padded expert columns
   constexpr int VPL = EC <= 32 ? 1 : 2;
-  __shared__ float s_part[W][kTile][EC];
+  __shared__ float s_part[kWarps][kTile][EC];
   __shared__ float s_logit[kTile][EC];
   __shared__ int s_is_last;
   pdl_launch_dependents();  // a PDL-launched successor may get scheduled now; it waits for our completion itself
@@ -86,12 +86,12 @@ __global__ void __launch_bounds__(W * 32)
       for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int s0 = s_beg + warp; s0 < s_end; s0 += W * U) {
+  for (int s0 = s_beg + warp; s0 < s_end; s0 += kWarps * U) {
     uint4 xa[U][2][2], ga[U][NT];
     // All loads of U steps first (16 B each: U x (4 token rows + NT gate rows) per lane) ...
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int st = s0 + W * u;
+      const int st = s0 + kWarps * u;
       const int h = st * kStepH + 8 * c;
       const bool ok = st < s_end && h < H;  // H % 8 == 0: a vector is wholly inside or outside
 #pragma unroll
@@ -132,17 +132,17 @@ __global__ void __launch_bounds__(W * 32)
     }
   __syncthreads();
   float* flat = &s_logit[0][0];
-  for (int i = tid; i < kTile * EC; i += W * 32) {
+  for (int i = tid; i < kTile * EC; i += kWarps * 32) {
     float v = s_part[0][0][i];
 #pragma unroll
-    for (int w = 1; w < W; ++w) v += (&s_part[w][0][0])[i];  // warp order: fixed
+    for (int w = 1; w < kWarps; ++w) v += (&s_part[w][0][0])[i];  // warp order: fixed
     flat[i] = v;
   }
 
   if (splits > 1) {
     // Publish this split's partial tile; the last block of the tile adds all splits in split order.
     float* mine = partials + (std::size_t(tile) * splits + split) * kTile * EC;
-    for (int i = tid; i < kTile * EC; i += W * 32) mine[i] = flat[i];
+    for (int i = tid; i < kTile * EC; i += kWarps * 32) mine[i] = flat[i];
     __threadfence();
     __syncthreads();
     if (tid == 0) s_is_last = atomicAdd(&counters[tile], 1) == splits - 1;
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(W * 32)
     // a load-add-load chain here made every split an L2 round trip in sequence (~12 us at T = 1, 32 splits).
     constexpr int kQuads = kTile * EC / 4, kBatch = 8;
     const float4* all = reinterpret_cast<const float4*>(partials + std::size_t(tile) * splits * kTile * EC);
-    for (int q = tid; q < kQuads; q += W * 32) {
+    for (int q = tid; q < kQuads; q += kWarps * 32) {
       float4 v = __ldcg(all + q);
       for (int sp0 = 1; sp0 < splits; sp0 += kBatch) {
         float4 p[kBatch];
@@ -170,11 +170,11 @@ __global__ void __launch_bounds__(W * 32)
   }
   __syncthreads();
 
-  for (int i = tid; i < kTile * E; i += W * 32) {
+  for (int i = tid; i < kTile * E; i += kWarps * 32) {
     const int r = i / E, e = i - r * E, t = t0 + r;
     if (t < T) logits[std::size_t(t) * E + e] = s_logit[r][e];
   }
-  for (int r = warp; r < kTile; r += W) {
+  for (int r = warp; r < kTile; r += kWarps) {
     const int t = t0 + r;
     if (t >= T) break;  // warp-uniform
     if (kind == RouterKind::SparseMixer)
@@ -209,22 +209,8 @@ void launch_tiled(const __nv_bfloat16* x, const __nv_bfloat16* gate, int T, int 
                   float eps, int splits, float* logits, int* ids, float* w, TiledRouterWorkspace& ws, cudaStream_t s) {
   constexpr int U = NT >= 4 ? 2 : 4;
   const dim3 grid(unsigned((T + kTile - 1) / kTile), unsigned(splits));
-  router_tiled_kernel<NT, U, kWarps><<<grid, kWarps * 32, 0, s>>>(x, gate, T, H, E, k, kind, eps, splits, logits, ids,
-                                                                  w, ws.partials, ws.counters);
-  CUDA_CHECK_LAUNCH();
-}
-
-// One tile (T <= 32) with E <= 16: a single block of kSingleWarps warps covers all of H, so the warps' partial
-// tiles meet in shared memory and no partial sums, fence, atomic counter or second pass through L2 are needed
-// (those were most of the multi-block kernel's ~9 us at T = 1 on an H200: the data is 128 KB).
-constexpr int kSingleWarps = 16;
-bool single_block_ok(int T, int E, int splits) { return splits <= 0 && T >= 1 && T <= kTile && E <= 16; }
-
-template <int NT>
-void launch_single(const __nv_bfloat16* x, const __nv_bfloat16* gate, int T, int H, int E, int k, RouterKind kind,
-                   float eps, float* logits, int* ids, float* w, cudaStream_t s) {
-  router_tiled_kernel<NT, 4, kSingleWarps><<<1, kSingleWarps * 32, 0, s>>>(x, gate, T, H, E, k, kind, eps, 1, logits,
-                                                                          ids, w, nullptr, nullptr);
+  router_tiled_kernel<NT, U><<<grid, kWarps * 32, 0, s>>>(x, gate, T, H, E, k, kind, eps, splits, logits, ids, w,
+                                                          ws.partials, ws.counters);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -289,11 +275,6 @@ void router_route_tiled(const __nv_bfloat16* d_x, const __nv_bfloat16* d_gate, i
   require(d_x && d_gate && d_logits && d_ids && d_weights, "router_route_tiled: null device pointer");
   require(router_route_tiled_ok(d_x, d_gate, H, E),
           "router_route_tiled: needs H % 8 == 0 and 16-byte aligned x and gate (use router_logits + route_topk)");
-  if (single_block_ok(T, E, splits)) {
-    if (E <= 8) launch_single<1>(d_x, d_gate, T, H, E, k, kind, jitter_eps, d_logits, d_ids, d_weights, s);
-    else launch_single<2>(d_x, d_gate, T, H, E, k, kind, jitter_eps, d_logits, d_ids, d_weights, s);
-    return;
-  }
   splits = resolve_splits(T, H, splits);
   if (splits > 1) reserve_router_tiled(ws, T, H, E, splits);
   switch (padded_experts(E)) {
