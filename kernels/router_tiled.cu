@@ -1,8 +1,6 @@
 // Token-tiled router GEMM (tensor cores) + routing in one kernel; design in router_tiled.cuh.
 #include "router_tiled.cuh"
 
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -16,7 +14,6 @@ namespace eplab::gpu {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxClusterSplits = 8;  // the portable thread-block cluster size
 constexpr int kTile = kTiledRouterTokens;  // 2 m-tiles of 16 tokens
 constexpr int kStepH = 32;                 // H per step: 4 lanes x 8 bf16 per row
 
@@ -44,13 +41,13 @@ __device__ __forceinline__ uint4 ldg_v4(const void* p) {
 template <int NT, int U>
 __global__ void __launch_bounds__(kWarps * 32)
     router_tiled_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gate, int T, int H,
-                        int E, int k, RouterKind kind, float eps, int splits, bool in_cluster, float* __restrict__ logits,
+                        int E, int k, RouterKind kind, float eps, int splits, float* __restrict__ logits,
                         int* __restrict__ ids, float* __restrict__ weights, float* __restrict__ partials,
                         int* __restrict__ counters) {
   constexpr int EC = NT * 8;  // padded expert columns
   constexpr int VPL = EC <= 32 ? 1 : 2;
   __shared__ float s_part[kWarps][kTile][EC];
-  __shared__ __align__(16) float s_logit[kTile][EC];
+  __shared__ float s_logit[kTile][EC];
   __shared__ int s_is_last;
   pdl_launch_dependents();  // a PDL-launched successor may get scheduled now; it waits for our completion itself
 
@@ -142,32 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     flat[i] = v;
   }
 
-  if (splits > 1 && in_cluster) {
-    // One tile whose splits form one thread-block cluster (block `split` = cluster rank `split`): rank 0
-    // adds the other blocks' tiles straight from their shared memory (distributed shared memory), in split
-    // order (the same order, so the same bits, as the partials path below), with no global partial tiles,
-    // fence or counter: at T = 1 that handshake was a chain of L2 round trips.
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every split's tile is complete and visible to the cluster
-    if (split == 0) {
-      constexpr int kQuads = kTile * EC / 4, kMaxCluster = 8;
-      float4* own = reinterpret_cast<float4*>(flat);
-      for (int q = tid; q < kQuads; q += kWarps * 32) {
-        float4 p[kMaxCluster];  // every remote load in flight before the first add
-#pragma unroll
-        for (int j = 1; j < kMaxCluster; ++j)
-          if (j < splits) p[j] = cluster.map_shared_rank(own, j)[q];
-        float4 v = own[q];
-#pragma unroll
-        for (int j = 1; j < kMaxCluster; ++j)
-          if (j < splits) v.x += p[j].x, v.y += p[j].y, v.z += p[j].z, v.w += p[j].w;
-        own[q] = v;
-      }
-    }
-    cluster.sync();  // the other blocks' shared memory must outlive rank 0's reads
-    if (split != 0) return;  // block-uniform
-  } else if (splits > 1) {
+  if (splits > 1) {
     // Publish this split's partial tile; the last block of the tile adds all splits in split order.
     float* mine = partials + (std::size_t(tile) * splits + split) * kTile * EC;
     for (int i = tid; i < kTile * EC; i += kWarps * 32) mine[i] = flat[i];
@@ -237,21 +209,9 @@ void launch_tiled(const __nv_bfloat16* x, const __nv_bfloat16* gate, int T, int 
                   float eps, int splits, float* logits, int* ids, float* w, TiledRouterWorkspace& ws, cudaStream_t s) {
   constexpr int U = NT >= 4 ? 2 : 4;
   const dim3 grid(unsigned((T + kTile - 1) / kTile), unsigned(splits));
-  // One tile split 2..8 ways (decode): the splits run as one cluster and meet in distributed shared memory.
-  const bool in_cluster = grid.x == 1 && splits >= 2 && splits <= kMaxClusterSplits;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kWarps * 32);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = unsigned(splits);
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = in_cluster ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, router_tiled_kernel<NT, U>, x, gate, T, H, E, k, kind, eps, splits, in_cluster,
-                                logits, ids, w, ws.partials, ws.counters));
+  router_tiled_kernel<NT, U><<<grid, kWarps * 32, 0, s>>>(x, gate, T, H, E, k, kind, eps, splits, logits, ids, w,
+                                                          ws.partials, ws.counters);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace

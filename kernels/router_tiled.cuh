@@ -25,10 +25,7 @@
 // splits: chosen so that the grid has ~3 blocks per SM, with at least 4 H steps per warp (T = 4096: 128 tiles
 // x 4; T >= 16384: 1; T = 1: 8 blocks of 16 KB of gate each). Measured at T = 1 on an H200 (ncu): 32 splits
 // with a scalar split sum 12 us, 8 splits with the vectorised sum 8.7 us; one block of 16 warps reading all
-// 128 KB (no partials, fence or counter) 11.2 us, slower: one SM cannot pull 128 KB fast enough. So one tile
-// split 2..8 ways (decode) keeps its 8 SMs but runs as ONE thread-block cluster: block 0 adds the others'
-// tiles from their shared memory (distributed shared memory) instead of the global partials + fence +
-// counter handshake, in the same split order (same bits). Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
+// 128 KB (no partials, fence or counter) 11.2 us, slower: one SM cannot pull 128 KB fast enough. Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -3,8 +3,7 @@
 //  * logits: within the fp32 dot-product error bound of router_logits_cpu (same bound as router_logits'
 //    test: 2 gamma_H + u, tensor-core accumulation may truncate), on sizes with T = 0, 1, odd T, T not a
 //    multiple of the 32-token tile, H not a multiple of the 32-wide step, E not a multiple of 8, and
-//    forced split counts (1, 3, the maximum) next to the automatic one, and one-tile launches split 2..8
-//    ways (a thread-block cluster whose blocks add their tiles through distributed shared memory).
+//    forced split counts (1, 3, the maximum) next to the automatic one.
 //  * ids/weights: EXACTLY the CPU router's ids on the GPU's own logits (the "identical logits -> identical
 //    decisions" contract shared with route_topk), weights within 1e-5; and against the all-CPU routing,
 //    differences only at near-ties (routing_margin < 1e-4).
@@ -65,10 +64,6 @@ TEST_CASE("router_route_tiled: logits within the fp32 bound, ids identical to th
       {1000, 256, 16, RouterKind::SparseMixer, 2, 1},  {513, 4096, 16, RouterKind::SparseMixer, 2, 0},
       {4096, 4096, 16, RouterKind::SparseMixer, 2, 0}, {300, 512, 40, RouterKind::SoftmaxTopK, 4, 0},
       {130, 256, 64, RouterKind::SoftmaxTopK, 2, 2},   {50, 128, 24, RouterKind::SparseMixer, 2, 0},
-      // One tile split 2..8 ways runs as a thread-block cluster (distributed shared memory sum): 3 and 8
-      // forced, 4 automatic (H = 2048), and 40 experts (64 padded columns) split 5 ways.
-      {5, 4096, 16, RouterKind::SoftmaxTopK, 2, 3},    {1, 4096, 16, RouterKind::SparseMixer, 2, 8},
-      {20, 2048, 8, RouterKind::SparseMixer, 2, 0},    {9, 1024, 40, RouterKind::SoftmaxTopK, 4, 5},
   };
   unsigned seed = 7100;
   gpu::TiledRouterWorkspace ws;  // shared across cases: growth and counter reuse are exercised too
