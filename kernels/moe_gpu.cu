@@ -193,6 +193,7 @@ struct GpuMoeLayer::Impl {
   // per-token kernel up to fused_router_max_t, else cuBLAS + route_topk. EPLAB_ROUTER=cublas|fused|tiled forces one
   // (fused / tiled fall back when they cannot run the shape).
   RouterImpl router_impl = RouterImpl::Auto;
+  int router_splits = 0;  // the tiled router's split-K count (0: its automatic choice; EPLAB_ROUTER_SPLITS)
   // direct path with T*k <= 32: which expert kernels (DecodeKernels, EPLAB_DECODE=direct|decode|hybrid).
   // Hybrid: measured fastest at T = 1 on an H200 (notes/perf-02.md, v7).
   DecodeKernels decode_kernels = DecodeKernels::Hybrid;
@@ -262,6 +263,13 @@ struct GpuMoeLayer::Impl {
     if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
     if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
     if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
+    if (const char* s = std::getenv("EPLAB_ROUTER_SPLITS"); s && *s) {
+      char* end = nullptr;
+      const long v = std::strtol(s, &end, 10);
+      require(end && *end == '\0' && v >= 0 && v <= 4096, "EPLAB_ROUTER_SPLITS must be 0 (automatic) or a split count, got '",
+              s, "'");
+      router_splits = int(v);
+    }
     if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) decode_kernels = parse_decode_kernels(s);
     if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
   }
@@ -315,7 +323,7 @@ struct GpuMoeLayer::Impl {
         if (c_xp != xp_before || c_yp != yp_before) ++generation;
       }
     }
-    if (gpu::router_route_tiled_ok(d_gate, d_gate, H, E)) gpu::reserve_router_tiled(rws, T, H, E);
+    if (gpu::router_route_tiled_ok(d_gate, d_gate, H, E)) gpu::reserve_router_tiled(rws, T, H, E, router_splits);
     const unsigned long long g = (static_cast<unsigned long long>(generation) << 40) ^
                                  (static_cast<unsigned long long>(ws.generation) << 20) ^ rws.generation;
     if (g != graphs_gen) {  // some buffer moved: every captured graph points at freed memory
@@ -447,7 +455,7 @@ struct GpuMoeLayer::Impl {
     last_router = resolve_router(d_x, T);
     switch (last_router) {
       case RouterImpl::Tiled:
-        gpu::router_route_tiled(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, rws, s);
+        gpu::router_route_tiled(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, rws, s, router_splits);
         mark(1);
         break;
       case RouterImpl::Fused:
