@@ -22,10 +22,12 @@
 // per-token warp code as route_topk (routing_rows.cuh), so ids and weights are exactly route_topk's on
 // the same logits (tests check it). Logits differ from cuBLAS's only by fp32 summation order.
 //
-// splits: chosen so that the grid has ~3 blocks per SM, with at least 4 H steps per warp (T = 4096: 128 tiles
-// x 4; T >= 16384: 1; T = 1: 8 blocks of 16 KB of gate each). Measured at T = 1 on an H200 (ncu): 32 splits
-// with a scalar split sum 12 us, 8 splits with the vectorised sum 8.7 us; one block of 16 warps reading all
-// 128 KB (no partials, fence or counter) 11.2 us, slower: one SM cannot pull 128 KB fast enough. Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
+// splits: chosen so that the grid has ~3 blocks per SM, with at least 2 H steps per warp (T = 4096: 128 tiles
+// x 4; T >= 16384: 1; T = 1: 16 blocks of 8 KB of gate each). Measured at T = 1 on an H200: the router kernel
+// with 32 splits and a scalar split sum 12 us (ncu), 8 splits with the vectorised sum 8.7 us; one block of 16
+// warps reading all 128 KB (no partials, fence or counter) 11.2 us: one SM cannot pull 128 KB fast enough;
+// the 8 splits as one thread-block cluster summing through distributed shared memory: no faster (so not
+// kept). Whole layer by split count: router_tiled.cu, router_tiled_auto_splits. Requires H % 8 == 0, 16-byte aligned x and gate, E <= 64.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
