@@ -2,6 +2,10 @@
 // parallelism. Same contract as experts_direct (grouped_experts.cuh): x [T, H] and ids/weights [T, k] in,
 // y [T, H] out, h [T*k, I] (bf16, per assignment) in the workspace, no host synchronisation.
 //
+// GpuMoeLayer's default on that path is the HYBRID (DecodeKernels::Hybrid, direct_w2 below): this file's w13
+// kernel, then experts_direct's w2 kernel launched with PDL. Measured at T = 1 on an H200, whole layer:
+// hybrid 0.0299-0.0308 ms, experts_direct 0.0356, both kernels of this file 0.0429.
+//
 // What changed against experts_direct, and why (at T = 1 it read weights at ~1 TB/s):
 //  * No shared-memory scan of ids before the first weight load. Every warp reads ids[0..rows) (one lane
 //    each, one L2 round trip), finds its block's expert with a warp OR-reduction over expert bits, and

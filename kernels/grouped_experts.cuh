@@ -94,8 +94,9 @@
 // 02_moe_grouped --bench.
 //
 // Budget at Phi-tiny's shape (H = 4096, I = 448, E = 16, top-2) against the step's targets on an H200:
-//   T = 1:     22 MB of weights -> ~5 us here; the rest of the 30 us goes to ~7 other tiny kernels, which is
-//              why the layer replays the whole sync-free forward as one CUDA graph.
+//   T = 1:     22 MB of weights -> ~5 us at HBM speed; measured, the 3 kernels of the direct path (router,
+//              w1|w3, w2) take ~9-11 us each, latency chains rather than bandwidth (notes/perf-02.md v7), so
+//              the layer replays the sync-free forward as one CUDA graph with programmatic dependent launch.
 //   T = 4096:  6·8192·4096·448 = 90 GFLOP -> ~0.14 ms at ~650 TFLOP/s, leaving ~0.2 ms of the 0.35 ms for
 //              router, plan, permute (reads x, writes 2x), SwiGLU and combine (~0.3 GB of traffic).
 //   T = 16384: 360 GFLOP -> ~0.55 ms, leaving ~0.45 ms of the 1.0 ms for ~1.2 GB of memory-bound traffic.
