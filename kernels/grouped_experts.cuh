@@ -37,7 +37,7 @@
 //  (2) cuBLAS, large rows (prefill, rows > 32): tensor cores. The GEMM sizes come from the HOST copy of the
 //      offsets (cuBLAS takes m/n/k on the host), so this path costs one device->host copy of n+1 ints and
 //      a wait for it; GpuMoeLayer hides that wait behind permute_rows. Three variants:
-//        CublasGrouped (Auto for 33..4095 rows): cublasGemmGroupedBatchedEx (cuBLAS >= 12.5), one call for the w13 GEMMs
+//        CublasGrouped (Auto for 33..4095 rows unless ws.auto_padded): cublasGemmGroupedBatchedEx (cuBLAS >= 12.5), one call for the w13 GEMMs
 //          of all non-empty experts and one for the w2 GEMMs, each expert its own group (group_size 1,
 //          n = c_e). Chosen because the per-expert GEMMs are small (Phi-tiny at T = 4096: ~512 x 896 x
 //          4096 per expert, i.e. ~28 128x128 tiles, a fifth of an H100) and only a single launch over
@@ -48,7 +48,7 @@
 //          with a previous call on a host staging buffer).
 //        CublasLoop: cublasGemmEx per non-empty expert (2 GEMMs each) on the caller's stream. Works for any
 //          shape and alignment; the fallback when the grouped API cannot be used (odd H or I).
-//        CublasStreams (Auto from 4096 rows): the same per-expert GEMMs spread over 4 forked streams (own
+//        CublasStreams (Auto from 4096 rows unless ws.auto_padded): the same per-expert GEMMs spread over 4 forked streams (own
 //          cuBLAS handles), largest experts first. Measured on one H200 at Phi-tiny's shape (gpu_tests,
 //          grouped_experts alone, median of 5): rows = 8192: grouped 0.365-0.372 ms, loop 0.351-0.370,
 //          streams 0.284-0.353; rows = 32768: grouped 1.218-1.232, loop 0.676-0.679, streams 0.629-0.633.
@@ -135,7 +135,8 @@ class GroupedWorkspace {
   GroupedWorkspace(const GroupedWorkspace&) = delete;
   GroupedWorkspace& operator=(const GroupedWorkspace&) = delete;
 
-  // Knobs. Auto = WeightStream when rows <= small_rows_max, else CublasGrouped. A forced strategy that
+  // Knobs. Auto = WeightStream when rows <= small_rows_max, else CublasPadded (auto_padded), CublasGrouped
+  // (below streams_min_rows) or CublasStreams. A forced strategy that
   // cannot run for a shape (WeightStream or CublasGrouped with H or I not a multiple of 8, or unaligned
   // xp/yp) quietly becomes CublasLoop, which runs everything.
   GroupedStrategy strategy = GroupedStrategy::Auto;
