@@ -15,6 +15,8 @@
 #   bench05    chapter 05 --bench + a generation, EP = 1    bench05ep  the same with EP = 2 (2 GPUs)
 #   bench04    chapter 04 --bench on 2 ranks                bench03    chapter 03 --bench on 1 and 2 GPUs
 #   bench04c   chapter 04 --bench with --chunks 1 2 4 8 at 4096 and 16384 tokens per rank, with timelines
+#   bench04np1 chapter 04 --bench on ONE rank (no peer traffic): the bookkeeping's own cost, with its timeline
+#   sanitizer04 compute-sanitizer memcheck of chapter 04's engine on one rank (top-2 and top-4, chunked or not)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
@@ -124,6 +126,21 @@ if has bench04c; then  # the chunked pipeline: inplace with 1, 2, 4, 8 pieces pe
   log bench04c; "${mpirun_[@]}" -np 2 $B/chapters/04_expert_parallel/04_expert_parallel --bench --bench-tokens 4096 16384 \
     --chunks 1 2 4 8 --json "$OUT/bench04_chunks.json" > "$OUT/bench04_chunks.log" 2>&1
   tail -60 "$OUT/bench04_chunks.log"
+fi
+if has bench04np1; then  # one GPU: what the plan, count exchange, host wait, permute and combine cost alone
+  log bench04np1; "${mpirun_[@]}" -np 1 $B/chapters/04_expert_parallel/04_expert_parallel --bench --bench-tokens 4096 16384 \
+    --chunks 1 2 --json "$OUT/bench04_np1.json" > "$OUT/bench04_np1.log" 2>&1
+  tail -60 "$OUT/bench04_np1.log"
+fi
+if has sanitizer04; then
+  log sanitizer04; X=$B/chapters/04_expert_parallel/04_expert_parallel; M="--model $B/test-models/mini"
+  i=0; for a in "--tokens 300 --layout inplace" "--tokens 300 --layout inplace --chunks 3" \
+               "--tokens 77 --router softmax --top-k 4 --layer 2 --layout inplace" \
+               "--tokens 77 --router softmax --top-k 4 --layer 2 --layout inplace --chunks 2" "--vary --layout inplace"; do
+    i=$((i + 1)); "${mpirun_[@]}" -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 $X $M --device gpu $a \
+      > "$OUT/memcheck04_$i.log" 2>&1
+    echo "memcheck 04 $a: rc $?"; grep -E "ERROR SUMMARY|CHECK (PASS|FAIL)" "$OUT/memcheck04_$i.log" | head -3
+  done
 fi
 if has bench03; then
   log bench03; for g in 1 2; do $B/chapters/03_manual_placement/03_manual_placement --bench --gpus $g > "$OUT/bench03_g$g.log" 2>&1; tail -15 "$OUT/bench03_g$g.log"; done

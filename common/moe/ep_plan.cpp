@@ -68,7 +68,7 @@ EpPlan make_ep_counts_plan(const Placement& p, int rank, std::span<const int> sl
   return plan;
 }
 
-void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all) {
+void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all, EpRowMaps row_maps) {
   const int N = p.num_ranks(), E = p.num_experts(), me = plan.rank, L = plan.num_local;
   require(plan.ranks == N && plan.num_experts == E, "ep plan: placement changed between the two steps");
   require(all.size() == size_t(N) * E, "ep plan: expected ", size_t(N) * E, " slot counts (", N, " ranks x ", E,
@@ -97,9 +97,10 @@ void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all) 
   for (int le = 0; le < L; ++le) plan.local_offsets[le + 1] = plan.local_offsets[le] + plan.local_counts[le];
 
   const int R = plan.recv_rows();
-  plan.recv_local_expert.resize(R);
-  plan.recv_to_grouped.resize(R);
-  plan.grouped_to_recv.resize(R);
+  const bool maps = row_maps == EpRowMaps::Build;
+  plan.recv_local_expert.resize(maps ? R : 0);
+  plan.recv_to_grouped.resize(maps ? R : 0);
+  plan.grouped_to_recv.resize(maps ? R : 0);
   std::vector<int> cursor(plan.local_offsets.begin(), plan.local_offsets.end() - 1);
   plan.recv_segments.clear();
   int i = 0;
@@ -107,6 +108,10 @@ void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all) 
     for (int le = 0; le < L; ++le) {
       const int rows = all[size_t(s) * E + my0 + le];
       if (rows > 0) plan.recv_segments.push_back({s, cursor[le], rows});
+      if (!maps) {
+        cursor[le] += rows;
+        continue;
+      }
       for (int c = 0; c < rows; ++c, ++i) {
         const int g = cursor[le]++;
         plan.recv_local_expert[i] = le;

@@ -60,6 +60,7 @@ struct EpPlan {
   std::vector<int> traffic;            // [N*N] rows sent from rank s to rank d at [s*N + d]
   std::vector<int> recv_counts;        // [N] rows from each rank
   std::vector<int> recv_offsets;       // [N+1]
+  // The per-row maps: empty when finish_ep_plan ran with EpRowMaps::Skip.
   std::vector<int> recv_local_expert;  // [R] local expert index of each received row
   std::vector<int> local_counts;       // [n_local] rows per local expert, all sources together
   std::vector<int> local_offsets;      // [n_local+1]
@@ -85,8 +86,16 @@ EpPlan make_ep_send_plan(const Routing& routing, const Placement& placement, int
 // slot ids): only the rows per slot are known here. by_slot stays empty; everything else is the same.
 EpPlan make_ep_counts_plan(const Placement& placement, int rank, std::span<const int> slot_counts);
 
+// Whether finish_ep_plan fills the per-row maps (recv_local_expert, recv_to_grouped, grouped_to_recv:
+// R entries each). Only the Permute layout reads them; the others need the counts and segments alone,
+// and skipping the maps keeps the host's part of the dispatch O(N * E) instead of O(R). (On the GPU
+// path this host work sits between the count exchange and the row exchange: at 32768 received rows
+// the maps cost ~0.1 ms there.)
+enum class EpRowMaps { Build, Skip };
+
 // all_slot_counts: [N * E], rank s's slot_counts at [s*E, (s+1)*E) (an allgather of slot_counts).
 // Throws eplab::Error if the counts disagree with this rank's own (a sign of ranks out of step).
-void finish_ep_plan(EpPlan& plan, const Placement& placement, std::span<const int> all_slot_counts);
+void finish_ep_plan(EpPlan& plan, const Placement& placement, std::span<const int> all_slot_counts,
+                    EpRowMaps row_maps = EpRowMaps::Build);
 
 }  // namespace eplab

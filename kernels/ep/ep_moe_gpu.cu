@@ -57,6 +57,7 @@
 #include "bf16_accum.cuh"
 #include "combine.cuh"
 #include "cuda_check.hpp"
+#include "grid_stride.cuh"
 #include "grouped_experts.cuh"
 #include "permute.cuh"
 #include "random_init.cuh"
@@ -73,6 +74,11 @@ static_assert(sizeof(bf16) == sizeof(bf16_bits), "bf16_bits and __nv_bfloat16 mu
 namespace {
 
 // ---------------------------------------------------------------- kernels
+
+// Vectors in flight per thread (kernels/grid_stride.cuh): the permutes copy 4 at a time; the combine
+// loads k rows for each of 2 tokens.
+constexpr int kCopyUnroll = 4;
+constexpr int kCombineUnroll = 2;
 
 // ids -> slots, so that build_dispatch_plan groups rows by (destination rank, local expert). The E-entry
 // table sits in L1. Skipped for the linear placement, where slot == expert.
@@ -93,17 +99,13 @@ __global__ void permute_part_kernel(const V* __restrict__ x, const int* __restri
                                     V* __restrict__ send, V* __restrict__ arrival) {
   const int lo = offsets[lo_slot], hi = offsets[hi_slot];
   const std::size_t rows = own ? std::size_t(hi - lo) : std::size_t(TK - (hi - lo));
-  const std::size_t total = rows * per_row;
-  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += std::size_t(gridDim.x) * blockDim.x) {
+  gpu::copy_unrolled<kCopyUnroll, V>(rows * per_row, [&](std::size_t i, const V*& src, V*& dst) {
     const int q = int(i / per_row), v = int(i - std::size_t(q) * per_row);
     const int r = own ? lo + q : (q < lo ? q : q + (hi - lo));
     const int a = assignment[r];
-    V val{};
-    if (a >= 0) val = x[std::size_t(a / k) * per_row + v];
-    if (own) arrival[std::size_t(r - lo) * per_row + v] = val;
-    else send[std::size_t(r) * per_row + v] = val;
-  }
+    src = a >= 0 ? x + std::size_t(a / k) * per_row + v : nullptr;
+    dst = own ? arrival + std::size_t(r - lo) * per_row + v : send + std::size_t(r) * per_row + v;
+  });
 }
 
 // The chunked pipeline's rule for cutting a block of `rows` rows into C pieces: piece c starts at row
@@ -122,16 +124,13 @@ __global__ void permute_piece_kernel(const V* __restrict__ x, const int* __restr
     if (p == me) continue;
     const int a = offsets[rank_slot[p]], cnt = offsets[rank_slot[p + 1]] - a;
     const int r0 = a + piece_begin(cnt, c, C), r1 = a + piece_begin(cnt, c + 1, C);
-    const std::size_t total = std::size_t(r1 - r0) * per_row;
-    for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-         i += std::size_t(gridDim.x) * blockDim.x) {
+    gpu::copy_unrolled<kCopyUnroll, V>(std::size_t(r1 - r0) * per_row, [&](std::size_t i, const V*& src, V*& dst) {
       const int q = int(i / per_row), v = int(i - std::size_t(q) * per_row);
       const int r = r0 + q;
       const int as = assignment[r];
-      V val{};
-      if (as >= 0) val = x[std::size_t(as / k) * per_row + v];
-      send[std::size_t(r) * per_row + v] = val;
-    }
+      src = as >= 0 ? x + std::size_t(as / k) * per_row + v : nullptr;
+      dst = send + std::size_t(r) * per_row + v;
+    });
   }
 }
 
@@ -157,20 +156,66 @@ __global__ void segment_table_kernel(const int* __restrict__ all, int N, int E, 
 using gpu::accumulate;
 using gpu::store;
 
-// Vector v of token t's combined row: Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one
-// rounding; rows in [lo, hi) are this rank's own (read from `own`), the others came back (`returned`).
-template <typename V, int kElems>
-__device__ __forceinline__ V combine_vector(const V* __restrict__ own, const V* __restrict__ returned,
-                                            const int* __restrict__ row_of, const float* __restrict__ weights, int t,
-                                            int k, int per_row, int v, int lo, int hi, int rows) {
+// Vector v of token t's combined row, Σ_j w[t,j] · row(row_of[t*k+j]), in two phases so that a thread can
+// have several tokens' loads in flight (kernels/grid_stride.cuh): combine_load reads the k rows and
+// weights, combine_sum adds them in fp32 in the order j = 0..k-1 and rounds once. Rows in [lo, hi) are
+// this rank's own (read from `own`), the others came back (`returned`); invalid rows add nothing.
+// K = top-k when the host knows it at compile time (2 for Phi-tiny); K = 0 for any other k: then
+// combine_load only notes (t, v) and combine_sum loads and adds one row after the other. Both do the same
+// arithmetic in the same order, so every K gives the same bits.
+struct CombineArgs {
+  const int* row_of;
+  const float* weights;
+  int k, per_row, lo, hi, rows;
+};
+
+template <typename V, int K>
+struct CombineLoads {
+  V q[K > 0 ? K : 1];
+  float w[K > 0 ? K : 1];
+  unsigned valid;  // K > 0: bit j set when row j exists
+  int t, v;        // K == 0: which vector combine_sum works on
+};
+
+template <typename V>
+__device__ __forceinline__ bool combine_row(const V* __restrict__ own, const V* __restrict__ returned,
+                                            const CombineArgs& a, int t, int v, int j, V& q, float& w) {
+  const int r = a.row_of[std::size_t(t) * a.k + j];
+  w = a.weights[std::size_t(t) * a.k + j];
+  if (r < 0 || r >= a.rows) return false;
+  q = (r >= a.lo && r < a.hi) ? own[std::size_t(r - a.lo) * a.per_row + v] : returned[std::size_t(r) * a.per_row + v];
+  return true;
+}
+
+template <int K, typename V>
+__device__ __forceinline__ void combine_load(const V* __restrict__ own, const V* __restrict__ returned,
+                                             const CombineArgs& a, int t, int v, CombineLoads<V, K>& c) {
+  c.t = t;
+  c.v = v;
+  c.valid = 0;
+  if constexpr (K > 0) {
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (combine_row(own, returned, a, t, v, j, c.q[j], c.w[j])) c.valid |= 1u << j;
+  }
+}
+
+template <int K, typename V, int kElems>
+__device__ __forceinline__ V combine_sum(const V* __restrict__ own, const V* __restrict__ returned,
+                                         const CombineArgs& a, const CombineLoads<V, K>& c) {
   float acc[kElems];
 #pragma unroll
-  for (int c = 0; c < kElems; ++c) acc[c] = 0.f;
-  for (int j = 0; j < k; ++j) {
-    const int r = row_of[std::size_t(t) * k + j];
-    if (r < 0 || r >= rows) continue;
-    const V q = (r >= lo && r < hi) ? own[std::size_t(r - lo) * per_row + v] : returned[std::size_t(r) * per_row + v];
-    accumulate(q, weights[std::size_t(t) * k + j], acc);
+  for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+  if constexpr (K > 0) {
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (c.valid >> j & 1u) accumulate(c.q[j], c.w[j], acc);
+  } else {
+    for (int j = 0; j < a.k; ++j) {
+      V q;
+      float w;
+      if (combine_row(own, returned, a, c.t, c.v, j, q, w)) accumulate(q, w, acc);
+    }
   }
   V out;
   store(out, acc);
@@ -179,43 +224,46 @@ __device__ __forceinline__ V combine_vector(const V* __restrict__ own, const V* 
 
 // y[t] = Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one rounding: exactly
 // unpermute_combine, except that a row r in [lo, hi) (this rank's own, never sent) is read from
-// own[r - lo] and every other row from returned[r].
-template <typename V, int kElems>
-__global__ void combine_part_kernel(const V* __restrict__ own, const V* __restrict__ returned,
-                                    const int* __restrict__ row_of, const float* __restrict__ weights, int T, int k,
-                                    int per_row, const int* __restrict__ offsets, int lo_slot, int hi_slot,
+// own[r - lo] and every other row from returned[r]. Two tokens' vectors in flight per thread.
+template <int K, typename V, int kElems>
+__global__ void combine_part_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
+                                    const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
                                     V* __restrict__ y) {
-  const int lo = offsets[lo_slot], hi = offsets[hi_slot], rows = T * k;
-  const std::size_t total = std::size_t(T) * per_row;
-  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += std::size_t(gridDim.x) * blockDim.x) {
-    const int t = int(i / per_row), v = int(i - std::size_t(t) * per_row);
-    y[i] = combine_vector<V, kElems>(own, returned, row_of, weights, t, k, per_row, v, lo, hi, rows);
-  }
+  a.lo = offsets[lo_slot];
+  a.hi = offsets[hi_slot];
+  gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
+      std::size_t(T) * a.per_row, gpu::grid_first(), gpu::grid_stride(),
+      [&](std::size_t i, CombineLoads<V, K>& c) {
+        const int t = int(i / a.per_row), v = int(i - std::size_t(t) * a.per_row);
+        combine_load<K>(own, returned, a, t, v, c);
+      },
+      [&](std::size_t i, const CombineLoads<V, K>& c) { y[i] = combine_sum<K, V, kElems>(own, returned, a, c); });
 }
 
 // combine_part_kernel for one class of tokens (the chunked pipeline's split combine): local_only == true:
 // the tokens whose k rows are all own (or invalid, which add nothing), which need nothing from the return
 // exchange; false: every other token. A block per token (grid-stride over tokens), its threads over the
 // row's vectors, so the class test is one read of k ints per token. The per-element arithmetic is
-// combine_part_kernel's, through the same accumulate()/store(): the same bits.
-template <typename V, int kElems>
-__global__ void combine_split_kernel(const V* __restrict__ own, const V* __restrict__ returned,
-                                     const int* __restrict__ row_of, const float* __restrict__ weights, int T, int k,
-                                     int per_row, const int* __restrict__ offsets, int lo_slot, int hi_slot,
+// combine_part_kernel's (combine_load / combine_sum): the same bits.
+template <int K, typename V, int kElems>
+__global__ void combine_split_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
+                                     const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
                                      bool local_only, V* __restrict__ y) {
-  const int lo = offsets[lo_slot], hi = offsets[hi_slot], rows = T * k;
+  a.lo = offsets[lo_slot];
+  a.hi = offsets[hi_slot];
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     bool local = true;
-    for (int j = 0; j < k; ++j) {
-      const int r = row_of[std::size_t(t) * k + j];
-      if (r >= 0 && r < rows && (r < lo || r >= hi)) local = false;
+    for (int j = 0; j < a.k; ++j) {
+      const int r = a.row_of[std::size_t(t) * a.k + j];
+      if (r >= 0 && r < a.rows && (r < a.lo || r >= a.hi)) local = false;
     }
     if (local != local_only) continue;
-    for (int v = threadIdx.x; v < per_row; v += blockDim.x) {
-      y[std::size_t(t) * per_row + v] = combine_vector<V, kElems>(own, returned, row_of, weights, t, k, per_row, v, lo, hi,
-                                                                  rows);
-    }
+    gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
+        std::size_t(a.per_row), threadIdx.x, blockDim.x,
+        [&](std::size_t v, CombineLoads<V, K>& c) { combine_load<K>(own, returned, a, t, int(v), c); },
+        [&](std::size_t v, const CombineLoads<V, K>& c) {
+          y[std::size_t(t) * a.per_row + v] = combine_sum<K, V, kElems>(own, returned, a, c);
+        });
   }
 }
 
@@ -555,19 +603,35 @@ struct EpMoeGpu::Impl {
     CUDA_CHECK_LAUNCH();
   }
 
-  // Chunked pipeline: the combine of one class of tokens (combine_split_kernel), on stream st.
-  void combine_split(bf16* d_y, int T, bool local_only, cudaStream_t st) {
+  // The combine on stream st: every token (combine_part_kernel), or one class of tokens for the chunked
+  // pipeline's split combine (combine_split_kernel). K = 2 (Phi-tiny's top-k) is compiled with its loads
+  // independent; any other k takes the general path (the same bits, kernels above).
+  enum class CombineTokens { All, LocalOnly, Others };
+  void combine(bf16* d_y, int T, CombineTokens which, cudaStream_t st) {
     EpWorkspace& w = *ws;
-    const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
-    if (H % 8 == 0 && aligned16(d_y)) {  // the same choice of vector width as the unsplit combine
-      combine_split_kernel<int4, 8><<<blocks, 256, 0, st>>>(
-          reinterpret_cast<const int4*>(w.xg), reinterpret_cast<const int4*>(w.send), w.row_of, weights, T, k, H / 8,
-          w.offsets, lo_slot, hi_slot, local_only, reinterpret_cast<int4*>(d_y));
-    } else {
-      combine_split_kernel<bf16, 1><<<blocks, 256, 0, st>>>(w.xg, w.send, w.row_of, weights, T, k, H, w.offsets,
-                                                            lo_slot, hi_slot, local_only, d_y);
-    }
+    if (T == 0) return;
+    const bool vec = H % 8 == 0 && aligned16(d_y);  // int4 = 8 bf16 per load, when the rows allow it
+    const CombineArgs a{w.row_of, weights, k, vec ? H / 8 : H, 0, 0, T * k};
+    if (vec && k == 2) launch_combine<2, int4, 8>(a, T, which, d_y, st);
+    else if (vec) launch_combine<0, int4, 8>(a, T, which, d_y, st);
+    else if (k == 2) launch_combine<2, bf16, 1>(a, T, which, d_y, st);
+    else launch_combine<0, bf16, 1>(a, T, which, d_y, st);
     CUDA_CHECK_LAUNCH();
+  }
+  template <int K, typename V, int kElems>
+  void launch_combine(const CombineArgs& a, int T, CombineTokens which, bf16* d_y, cudaStream_t st) {
+    EpWorkspace& w = *ws;
+    const V* own = reinterpret_cast<const V*>(w.xg);
+    const V* returned = reinterpret_cast<const V*>(w.send);
+    V* y = reinterpret_cast<V*>(d_y);
+    if (which == CombineTokens::All) {
+      combine_part_kernel<K, V, kElems><<<w.grid(std::size_t(T) * a.per_row / kCombineUnroll), 256, 0, st>>>(
+          own, returned, a, w.offsets, lo_slot, hi_slot, T, y);
+    } else {
+      const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
+      combine_split_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets, lo_slot, hi_slot, T,
+                                                                  which == CombineTokens::LocalOnly, y);
+    }
   }
 
   // Piece c of C of one message (a peer's whole block), by piece_begin: what both sides post.
@@ -649,7 +713,9 @@ struct EpMoeGpu::Impl {
     comm.sync();  // the count table is on the host (and the watchdog knows we are alive)
     mark(kHostCounts, s);
     plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all + std::size_t(me) * E, E));
-    finish_ep_plan(plan, placement, std::span<const int>(w.h_all, std::size_t(N) * E));
+    // Only Permute reads the per-row maps; building them is O(R) host work on the dispatch's critical path.
+    finish_ep_plan(plan, placement, std::span<const int>(w.h_all, std::size_t(N) * E),
+                   layout == EpLayout::Permute ? EpRowMaps::Build : EpRowMaps::Skip);
     const int R = plan.recv_rows();
     const std::size_t row = std::size_t(H) * sizeof(bf16);
     grow(w.xg, w.c_xg, std::size_t(R) * H);  // experts' input and (aliased) output
@@ -747,25 +813,16 @@ struct EpMoeGpu::Impl {
         // the tokens that need nothing from the return exchange, on the side stream, while it runs
         CUDA_CHECK(cudaEventRecord(w.ev_experts, s));
         CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_experts, 0));
-        if (T > 0) combine_split(d_y, T, /*local_only=*/true, w.s2);
+        combine(d_y, T, CombineTokens::LocalOnly, w.s2);
         mark(kLocalCombined, w.s2);
       }
       if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
       mark(kReturned, s);
       if (piped) {
-        if (T > 0) combine_split(d_y, T, /*local_only=*/false, s);  // every other token
+        combine(d_y, T, CombineTokens::Others, s);  // every other token
         w.join_side();
-      } else if (T > 0) {
-        if (H % 8 == 0 && aligned16(d_y)) {
-          const int per_row = H / 8;
-          combine_part_kernel<int4, 8><<<w.grid(std::size_t(T) * per_row), 256, 0, s>>>(
-              reinterpret_cast<const int4*>(w.xg), reinterpret_cast<const int4*>(w.send), w.row_of, weights, T, k,
-              per_row, w.offsets, lo_slot, hi_slot, reinterpret_cast<int4*>(d_y));
-        } else {
-          combine_part_kernel<bf16, 1><<<w.grid(std::size_t(T) * H), 256, 0, s>>>(
-              w.xg, w.send, w.row_of, weights, T, k, H, w.offsets, lo_slot, hi_slot, d_y);
-        }
-        CUDA_CHECK_LAUNCH();
+      } else {
+        combine(d_y, T, CombineTokens::All, s);
       }
     } else {
       if (layout == EpLayout::Permute) {

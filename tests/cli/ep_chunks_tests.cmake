@@ -4,7 +4,7 @@
 #  GPU (label gpu; skipped, exit 77, with fewer GPUs than the test needs): chunks vs the CPU reference
 #  (both placements, N = 1 and 2, top-4, 0 tokens, more chunks than rows, T varying per call and per rank
 #  with 0 included), the same output bits as --chunks 1, and a short --bench with its timeline.
-# (ep_tests.cmake has the unchunked tests; helpers are defined here again because this file is included first.)
+# (ep_tests.cmake has the unchunked tests; the helpers are in mpi_launch.cmake.)
 if(NOT TARGET 04_expert_parallel OR NOT MPIEXEC_EXECUTABLE)
   return()
 endif()
@@ -34,44 +34,37 @@ eplab_expect_pass(NAME ep_cpu_chunks_ignored
                   COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --layout inplace --chunks 4 --tokens 8)
 _ep_props(ep_cpu_chunks_ignored TIMEOUT 120)
 
-# --- GPU: NCCL. ep_gpu_or_skip.sh MIN_GPUS skips (77) with fewer GPUs.
-set(_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
-function(_ep_chunks_gpu name min_gpus regex)
-  add_test(NAME ${name} COMMAND ${_skip} ${min_gpus} ${ARGN})
-  # RUN_SERIAL: each test holds the GPUs; under `ctest -j` they would share them with other tests.
-  set_tests_properties(${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 600 RUN_SERIAL ON)
-  if(regex)
-    set_tests_properties(${name} PROPERTIES PASS_REGULAR_EXPRESSION "${regex}")
-  endif()
-  _ep_props(${name})
-endfunction()
+# --- GPU: NCCL (_ep_gpu: mpi_launch.cmake; skipped, exit 77, with fewer GPUs than the test needs)
 # every token vs the CPU reference, 4 pieces per peer message, both placements
 foreach(pl linear round-robin)
-  _ep_chunks_gpu(ep_gpu_np2_${pl}_inplace_chunks4 2 "CHECK PASS 04_expert_parallel: N=2 ${pl} inplace \\(4 chunks\\)"
+  _ep_gpu(ep_gpu_np2_${pl}_inplace_chunks4 2 "CHECK PASS 04_expert_parallel: N=2 ${pl} inplace \\(4 chunks\\)"
                  ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 256 --placement ${pl} --layout inplace --chunks 4)
 endforeach()
 # more pieces than rows (most pieces empty, skipped on both sides), a count that divides nothing, top-4,
 # no tokens at all, and one rank alone (no peer: every token is combined on the side stream)
-_ep_chunks_gpu(ep_gpu_np2_inplace_chunks_beyond_rows 2 "CHECK PASS 04_expert_parallel: N=2 round-robin inplace \\(64 chunks\\)"
+_ep_gpu(ep_gpu_np2_inplace_chunks_beyond_rows 2 "CHECK PASS 04_expert_parallel: N=2 round-robin inplace \\(64 chunks\\)"
                ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 3 --placement round-robin --layout inplace --chunks 64)
-_ep_chunks_gpu(ep_gpu_np2_inplace_chunks3_softmax_top4 2 "CHECK PASS 04_expert_parallel: N=2 linear inplace \\(3 chunks\\)"
+_ep_gpu(ep_gpu_np2_inplace_chunks3_softmax_top4 2 "CHECK PASS 04_expert_parallel: N=2 linear inplace \\(3 chunks\\)"
                ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 100 --router softmax --top-k 4 --layer 2
                --layout inplace --chunks 3)
-_ep_chunks_gpu(ep_gpu_np2_inplace_chunks4_zero_tokens 2 "CHECK PASS 04_expert_parallel: N=2 linear inplace \\(4 chunks\\)"
+_ep_gpu(ep_gpu_np2_inplace_chunks4_zero_tokens 2 "CHECK PASS 04_expert_parallel: N=2 linear inplace \\(4 chunks\\)"
                ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 0 --layout inplace --chunks 4)
-_ep_chunks_gpu(ep_gpu_np1_inplace_chunks4 1 "CHECK PASS 04_expert_parallel: N=1 linear inplace \\(4 chunks\\)"
+_ep_gpu(ep_gpu_np1_inplace_chunks4 1 "CHECK PASS 04_expert_parallel: N=1 linear inplace \\(4 chunks\\)"
                ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --tokens 64 --layout inplace --chunks 4)
+_ep_gpu(ep_gpu_np1_inplace_chunks3_softmax_top4 1 "CHECK PASS 04_expert_parallel: N=1 linear inplace \\(3 chunks\\)"
+               ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --tokens 100 --router softmax --top-k 4 --layer 2
+               --layout inplace --chunks 3)
 # the engine with T changing every call and per rank (0 on one rank and on all), two layers sharing one
 # workspace (and its piece events); then the most pieces allowed, so that most calls have empty pieces
-_ep_chunks_gpu(ep_gpu_np2_vary_inplace_chunks4 2 "CHECK PASS 04_expert_parallel --vary: N=2 round-robin inplace, chunks 4,"
+_ep_gpu(ep_gpu_np2_vary_inplace_chunks4 2 "CHECK PASS 04_expert_parallel --vary: N=2 round-robin inplace, chunks 4,"
                ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement round-robin --layout inplace --chunks 4)
-_ep_chunks_gpu(ep_gpu_np2_vary_inplace_chunks_max 2 "CHECK PASS 04_expert_parallel --vary: N=2 linear inplace, chunks 1024,"
+_ep_gpu(ep_gpu_np2_vary_inplace_chunks_max 2 "CHECK PASS 04_expert_parallel --vary: N=2 linear inplace, chunks 1024,"
                ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement linear --layout inplace --chunks 1024)
 # the same output bits as --chunks 1 (checksums of the gathered output; two --chunks 1 runs first prove
 # that the GPU output is reproducible at all)
-_ep_chunks_gpu(ep_gpu_np2_chunks_same_bits 2 ""
+_ep_gpu(ep_gpu_np2_chunks_same_bits 2 ""
                ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_ep} -DMODEL=${EPLAB_TEST_MODEL}
                -P ${EPLAB_SOURCE_DIR}/tests/cli/ep_chunks_same_output.cmake)
 # a short benchmark with chunks 1 and 4: checks its output, prints the timeline (the chunked one has a mark more)
-_ep_chunks_gpu(ep_gpu_np2_bench_chunks 2 "local tokens combined \\(side\\).*CHECK PASS 04_expert_parallel --bench"
+_ep_gpu(ep_gpu_np2_bench_chunks 2 "local tokens combined \\(side\\).*CHECK PASS 04_expert_parallel --bench"
                ${_mpirun} -np 2 ${_ep} --bench --bench-tokens 128 1024 --bench-iters 3 --chunks 1 4)

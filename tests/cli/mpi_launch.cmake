@@ -5,8 +5,20 @@
 #  _ep_env              Containers often forbid the cross-process memory attach (CMA) Open MPI's shared-memory
 #                       transport uses; EPLAB_COMM_TIMEOUT_S bounds a hung exchange
 #  _ep_props(name ...)  the mini-model fixture and that environment, plus any further test properties
+#  _ep_gpu(name min_gpus regex cmd...)   a GPU test (label gpu) run through ep_gpu_or_skip.sh, which skips
+#                       it (exit 77) on a machine with fewer than min_gpus GPUs; regex "" = exit code only
 set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
 set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
 function(_ep_props name)
   set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" ${ARGN})
+endfunction()
+set(_ep_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
+function(_ep_gpu name min_gpus regex)
+  add_test(NAME ${name} COMMAND ${_ep_skip} ${min_gpus} ${ARGN})
+  # RUN_SERIAL: each test holds the GPUs; under `ctest -j` they would share them with other tests.
+  set_tests_properties(${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 600 RUN_SERIAL ON)
+  if(regex)
+    set_tests_properties(${name} PROPERTIES PASS_REGULAR_EXPRESSION "${regex}")
+  endif()
+  _ep_props(${name})
 endfunction()

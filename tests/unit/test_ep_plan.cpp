@@ -302,3 +302,34 @@ TEST_CASE("ep plan: exchanged counts that disagree are an error") {
   bad.ids = {0, 5};
   CHECK_THROWS_AS(make_ep_send_plan(bad, p, 0), Error);
 }
+
+TEST_CASE("ep plan: EpRowMaps::Skip leaves out the per-row maps and nothing else") {
+  for (PlacementKind kind : {PlacementKind::Linear, PlacementKind::RoundRobin})
+    for (int N : {1, 2, 3, 4}) {
+      CAPTURE(N);
+      World w = make_world(kind, 16, N, 2, std::vector<int>(size_t(N), 37), 11);
+      std::vector<int> all;
+      for (const EpPlan& pl : w.plan) all.insert(all.end(), pl.slot_counts.begin(), pl.slot_counts.end());
+      for (int r = 0; r < N; ++r) {
+        const EpPlan& full = w.plan[r];
+        EpPlan lean = make_ep_send_plan(w.routing[r], w.placement, r);
+        finish_ep_plan(lean, w.placement, all, EpRowMaps::Skip);
+        CHECK(lean.finished);
+        CHECK(lean.recv_counts == full.recv_counts);
+        CHECK(lean.recv_offsets == full.recv_offsets);
+        CHECK(lean.local_offsets == full.local_offsets);
+        CHECK(lean.traffic == full.traffic);
+        REQUIRE(lean.recv_segments.size() == full.recv_segments.size());
+        for (size_t i = 0; i < full.recv_segments.size(); ++i) {
+          CHECK(lean.recv_segments[i].peer == full.recv_segments[i].peer);
+          CHECK(lean.recv_segments[i].offset == full.recv_segments[i].offset);
+          CHECK(lean.recv_segments[i].rows == full.recv_segments[i].rows);
+        }
+        CHECK(full.recv_rows() > 0);
+        CHECK(full.recv_to_grouped.size() == size_t(full.recv_rows()));
+        CHECK(lean.recv_local_expert.empty());
+        CHECK(lean.recv_to_grouped.empty());
+        CHECK(lean.grouped_to_recv.empty());
+      }
+    }
+}
