@@ -263,14 +263,14 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
     if (!timelines.empty())
       std::printf(
           "marks: CUDA events on the stream where the work runs ((side) = the side stream of the permutes and of "
-          "the chunked combine's local tokens; the rest: comm.stream()). Read the gaps:\n"
+          "the chunked combines; the rest: comm.stream()). Read the gaps:\n"
           "  plan built -> counts on GPU           the NCCL count exchange (E ints per peer)\n"
           "  counts on GPU -> host has counts      the count table's copy to the host and the host's one wait\n"
           "  host has counts -> dispatch exchange  NCCL moving the rows that travel; it waits for the remote "
           "permute (chunked: only for each piece's own permute)\n"
           "  experts done -> return exchange done  NCCL bringing the rows back\n"
           "  return exchange done -> combine done  combine work left after the last row came back (chunked: "
-          "only the tokens with a remote row)\n"
+          "only the tokens of the last return piece)\n"
           "  combine done                          the whole forward with no drains (compare: total ms above, "
           "measured with a drain after each stage)\n");
   }

@@ -13,37 +13,39 @@
 //
 // Chunked pipeline (InPlace, chunks C > 1; C = 1 runs the flow above exactly as before):
 //
-//   time ─────────────────────────────────────────────────────────────────────────────────────────────►
-//   side  [piece 0][piece 1][piece 2][piece 3][own rows]                   [local tokens]
-//   main  [counts][host wait] [NCCL 0][NCCL 1][NCCL 2][NCCL 3][experts][return exchange][other tokens]
+//   time ─────────────────────────────────────────────────────────────────────────────────────────────────►
+//   side  [piece 0][piece 1][piece 2][piece 3][own rows]               [local tokens][tokens of 0][.. of 1] ..
+//   main  [counts][host wait] [NCCL 0][NCCL 1][NCCL 2][NCCL 3][experts][back 0][back 1][back 2][back 3]
 //                             └ waits for piece 0's event only (one event per piece)
 //
-//   Piece c of the rows for peer p is rows [cnt*c/C, cnt*(c+1)/C) of p's block (cnt = rows for p); the
-//   receiver cuts what it gets from p by the same rule, so both sides post the same sizes, and every
-//   rank posts its C groups in the same order c = 0..C-1 (each group pairs with the same group on every
-//   peer: no deadlock). Empty pieces are left out on both sides. The count exchange is queued before the
-//   pieces here, so the C extra launches do not delay the host's one wait.
-//   Combine: a token whose k rows all stayed on this rank (read from the expert output) does not need the
-//   return exchange: those tokens are combined on the side stream while NCCL brings the others' rows
-//   back, and the remaining tokens after it. Every token is still computed whole, by the same per-element
-//   code (accumulate/store below: fp32, j = 0..k-1, one rounding), so the bits equal C = 1's. (Keeping an
-//   fp32 partial sum of the mixed tokens' own rows and finishing it in order later would also be exact,
-//   but it writes and re-reads 4 bytes per element to save reading a 2-byte row: more memory traffic
-//   than it hides.)
+//   Piece c of the rows for peer p is rows [cnt*c/C, cnt*(c+1)/C) of p's block (cnt = rows for p;
+//   common/moe/ep_pieces.hpp); the receiver cuts what it gets from p by the same rule, so both sides post
+//   the same sizes, and every rank posts its C groups in the same order c = 0..C-1 (each group pairs with
+//   the same group on every peer: no deadlock). Empty pieces are left out on both sides. The count exchange
+//   is queued before the pieces here, so the C extra launches do not delay the host's one wait.
+//   Combine: the return exchange travels in the same pieces. A token whose k rows all stayed on this rank
+//   (read from the expert output) needs none of them: those tokens are combined on the side stream while
+//   the first piece travels; a token with remote rows is combined on the side stream as soon as the piece
+//   holding its last remote row is back (combine_class), while the next piece travels. Only the tokens of
+//   the last piece are combined after the exchange. Every token is still computed whole, by the same
+//   per-element code (combine_load/combine_sum below: fp32, j = 0..k-1, one rounding), so the bits equal
+//   C = 1's. (Keeping an fp32 partial sum of the tokens whose rows arrive in different pieces would also be
+//   exact, but it writes and re-reads 4 bytes per element to save waiting for one piece.)
 //
 // Timeline (set_timeline): CUDA events with timing, recorded on the stream where each step happens, so
 // they measure the GPU's own clock without adding host waits; read once the stream has drained.
 //
 // Kernel versions in this file (all bandwidth-bound copies / gathers, one thread per 16 bytes when rows
-// are 16-byte aligned, else per element; grid-stride with a capped grid so NCCL's blocks still find room):
+// are 16-byte aligned, else per element; grid-stride with a capped grid so NCCL's blocks still find room,
+// and several vectors in flight per thread: kernels/grid_stride.cuh):
 //   ids_to_slots_kernel    ids -> slots (rank-major expert order), for non-linear placements
 //   permute_part_kernel    send-side permute of the remote rows (-> send buffer) or the own rows (-> arrival)
 //   segment_table_kernel   the (source, local expert) segment offsets of the arrival buffer, from the count table
 //   combine_part_kernel    y[t] = Σ_j w[t,j] · row(t,j), own rows read from the expert output, others from
 //                          the returned rows (unpermute_combine with two sources)
 //   permute_piece_kernel   (chunked) piece c of the remote rows of every peer -> send buffer
-//   combine_split_kernel   (chunked) combine_part_kernel for one class of tokens: those whose rows all stayed
-//                          here (during the return exchange), or the others (after it); a block per token
+//   combine_class_kernel   (chunked) combine_part_kernel for one class of tokens: those whose rows all stayed
+//                          here, or those whose last remote row came back in return piece c; a block per token
 #include "ep_moe_gpu.hpp"
 
 #include <cuda_runtime.h>
@@ -59,6 +61,7 @@
 #include "cuda_check.hpp"
 #include "grid_stride.cuh"
 #include "grouped_experts.cuh"
+#include "moe/ep_pieces.hpp"
 #include "permute.cuh"
 #include "random_init.cuh"
 #include "router.cuh"
@@ -107,10 +110,6 @@ __global__ void permute_part_kernel(const V* __restrict__ x, const int* __restri
     dst = own ? arrival + std::size_t(r - lo) * per_row + v : send + std::size_t(r) * per_row + v;
   });
 }
-
-// The chunked pipeline's rule for cutting a block of `rows` rows into C pieces: piece c starts at row
-// piece_begin(rows, c, C) of the block. Sender and receiver both use it (host and device).
-__host__ __device__ inline int piece_begin(int rows, int c, int C) { return int((long long)rows * c / C); }
 
 // Piece c of C of the rows that travel: for every peer p != me, rows [a + piece_begin(cnt, c, C),
 // a + piece_begin(cnt, c + 1, C)) of its block [a, a + cnt) = [offsets[rank_slot[p]], offsets[rank_slot[p+1]])
@@ -240,24 +239,41 @@ __global__ void combine_part_kernel(const V* __restrict__ own, const V* __restri
       [&](std::size_t i, const CombineLoads<V, K>& c) { y[i] = combine_sum<K, V, kElems>(own, returned, a, c); });
 }
 
-// combine_part_kernel for one class of tokens (the chunked pipeline's split combine): local_only == true:
-// the tokens whose k rows are all own (or invalid, which add nothing), which need nothing from the return
-// exchange; false: every other token. A block per token (grid-stride over tokens), its threads over the
-// row's vectors, so the class test is one read of k ints per token. The per-element arithmetic is
-// combine_part_kernel's (combine_load / combine_sum): the same bits.
+// The chunked pipeline's class of token t: -1 when none of its rows left this rank (own or invalid rows
+// only: it needs nothing from the return exchange), else the last return piece it waits for: the largest
+// piece_containing() over its rows that went to peers (a row r in peer p's block [a, a + cnt) of the send
+// buffer, a = offsets[rank_slot[p]], comes back in piece piece_containing(cnt, r - a, C)).
+__device__ __forceinline__ int combine_class(const CombineArgs& a, int t, const int* __restrict__ offsets,
+                                             const int* __restrict__ rank_slot, int N, int me, int C) {
+  int last = -1;
+  for (int j = 0; j < a.k; ++j) {
+    const int r = a.row_of[std::size_t(t) * a.k + j];
+    if (r < 0 || r >= a.rows || (r >= a.lo && r < a.hi)) continue;
+    for (int p = 0; p < N; ++p) {
+      const int b0 = offsets[rank_slot[p]], b1 = offsets[rank_slot[p + 1]];
+      if (p == me || r < b0 || r >= b1) continue;
+      last = max(last, piece_containing(b1 - b0, r - b0, C));
+      break;
+    }
+  }
+  return last;
+}
+
+// combine_part_kernel for one class of tokens (the chunked pipeline's combine, combine_class above):
+// cls = -1, the tokens that need nothing from the return exchange (combined while it runs); cls = c, the
+// tokens whose last remote row comes back in return piece c (combined while piece c + 1 travels). A block
+// per token (grid-stride over tokens), its threads over the row's vectors, so the class test is a few
+// reads per token. The per-element arithmetic is combine_part_kernel's (combine_load / combine_sum): the
+// same bits.
 template <int K, typename V, int kElems>
-__global__ void combine_split_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
+__global__ void combine_class_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
                                      const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
-                                     bool local_only, V* __restrict__ y) {
+                                     const int* __restrict__ rank_slot, int N, int me, int C, int cls,
+                                     V* __restrict__ y) {
   a.lo = offsets[lo_slot];
   a.hi = offsets[hi_slot];
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    bool local = true;
-    for (int j = 0; j < a.k; ++j) {
-      const int r = a.row_of[std::size_t(t) * a.k + j];
-      if (r >= 0 && r < a.rows && (r < a.lo || r >= a.hi)) local = false;
-    }
-    if (local != local_only) continue;
+    if (combine_class(a, t, offsets, rank_slot, N, me, C) != cls) continue;
     gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
         std::size_t(a.per_row), threadIdx.x, blockDim.x,
         [&](std::size_t v, CombineLoads<V, K>& c) { combine_load<K>(own, returned, a, t, int(v), c); },
@@ -339,7 +355,8 @@ struct EpWorkspace {
   cublasHandle_t blas = nullptr;
   gpu::GroupedWorkspace gws;
   cudaEvent_t ev_plan = nullptr, ev_remote = nullptr, ev_side = nullptr, ev_experts = nullptr;
-  std::vector<cudaEvent_t> ev_piece;  // chunked pipeline: piece c of the remote rows is in the send buffer
+  std::vector<cudaEvent_t> ev_piece;     // chunked pipeline: piece c of the remote rows is in the send buffer
+  std::vector<cudaEvent_t> ev_returned;  // chunked pipeline: return piece c has arrived
   int sms = 1;
 
   float* logits = nullptr;
@@ -371,6 +388,7 @@ struct EpWorkspace {
     for (cudaEvent_t e : {ev_plan, ev_remote, ev_side, ev_experts})
       if (e) cudaEventDestroy(e);
     for (cudaEvent_t e : ev_piece) cudaEventDestroy(e);
+    for (cudaEvent_t e : ev_returned) cudaEventDestroy(e);
     if (blas) cublasDestroy(blas);
     if (s2) cudaStreamDestroy(s2);
   }
@@ -384,11 +402,12 @@ struct EpWorkspace {
   }
   // At least n piece events (created once, kept for later forwards).
   void grow_piece_events(int n) {
-    while (int(ev_piece.size()) < n) {
-      cudaEvent_t e = nullptr;
-      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      ev_piece.push_back(e);
-    }
+    for (std::vector<cudaEvent_t>* v : {&ev_piece, &ev_returned})
+      while (int(v->size()) < n) {
+        cudaEvent_t e = nullptr;
+        CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        v->push_back(e);
+      }
   }
   // s waits for everything queued on s2 so far.
   void join_side() {
@@ -603,34 +622,34 @@ struct EpMoeGpu::Impl {
     CUDA_CHECK_LAUNCH();
   }
 
-  // The combine on stream st: every token (combine_part_kernel), or one class of tokens for the chunked
-  // pipeline's split combine (combine_split_kernel). K = 2 (Phi-tiny's top-k) is compiled with its loads
-  // independent; any other k takes the general path (the same bits, kernels above).
-  enum class CombineTokens { All, LocalOnly, Others };
-  void combine(bf16* d_y, int T, CombineTokens which, cudaStream_t st) {
+  // The combine on stream st: every token (cls = kAllTokens: combine_part_kernel), or one class of tokens
+  // of the chunked pipeline (cls = -1 or a return piece: combine_class_kernel). K = 2 (Phi-tiny's top-k) is
+  // compiled with its loads independent; any other k takes the general path (the same bits, kernels above).
+  static constexpr int kAllTokens = -2;
+  void combine(bf16* d_y, int T, int cls, cudaStream_t st) {
     EpWorkspace& w = *ws;
     if (T == 0) return;
     const bool vec = H % 8 == 0 && aligned16(d_y);  // int4 = 8 bf16 per load, when the rows allow it
     const CombineArgs a{w.row_of, weights, k, vec ? H / 8 : H, 0, 0, T * k};
-    if (vec && k == 2) launch_combine<2, int4, 8>(a, T, which, d_y, st);
-    else if (vec) launch_combine<0, int4, 8>(a, T, which, d_y, st);
-    else if (k == 2) launch_combine<2, bf16, 1>(a, T, which, d_y, st);
-    else launch_combine<0, bf16, 1>(a, T, which, d_y, st);
+    if (vec && k == 2) launch_combine<2, int4, 8>(a, T, cls, d_y, st);
+    else if (vec) launch_combine<0, int4, 8>(a, T, cls, d_y, st);
+    else if (k == 2) launch_combine<2, bf16, 1>(a, T, cls, d_y, st);
+    else launch_combine<0, bf16, 1>(a, T, cls, d_y, st);
     CUDA_CHECK_LAUNCH();
   }
   template <int K, typename V, int kElems>
-  void launch_combine(const CombineArgs& a, int T, CombineTokens which, bf16* d_y, cudaStream_t st) {
+  void launch_combine(const CombineArgs& a, int T, int cls, bf16* d_y, cudaStream_t st) {
     EpWorkspace& w = *ws;
     const V* own = reinterpret_cast<const V*>(w.xg);
     const V* returned = reinterpret_cast<const V*>(w.send);
     V* y = reinterpret_cast<V*>(d_y);
-    if (which == CombineTokens::All) {
+    if (cls == kAllTokens) {
       combine_part_kernel<K, V, kElems><<<w.grid(std::size_t(T) * a.per_row / kCombineUnroll), 256, 0, st>>>(
           own, returned, a, w.offsets, lo_slot, hi_slot, T, y);
     } else {
       const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
-      combine_split_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets, lo_slot, hi_slot, T,
-                                                                  which == CombineTokens::LocalOnly, y);
+      combine_class_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets, lo_slot, hi_slot, T,
+                                                                  rank_slot, N, me, chunks, cls, y);
     }
   }
 
@@ -809,20 +828,36 @@ struct EpMoeGpu::Impl {
       for (int p = 0; p < N; ++p)
         if (p != me && plan.send_counts[p])
           recvs.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
-      if (piped) {
-        // the tokens that need nothing from the return exchange, on the side stream, while it runs
+      if (!piped) {
+        if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
+        mark(kReturned, s);
+        combine(d_y, T, kAllTokens, s);
+      } else {
+        // The tokens that need nothing from the return exchange, on the side stream, while it runs.
         CUDA_CHECK(cudaEventRecord(w.ev_experts, s));
         CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_experts, 0));
-        combine(d_y, T, CombineTokens::LocalOnly, w.s2);
+        combine(d_y, T, -1, w.s2);
         mark(kLocalCombined, w.s2);
-      }
-      if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
-      mark(kReturned, s);
-      if (piped) {
-        combine(d_y, T, CombineTokens::Others, s);  // every other token
+        // The return exchange in the dispatch's pieces (the same rule, the same C groups in the same order on
+        // every rank). The tokens whose last remote row came back in piece c are combined on the side stream
+        // while piece c + 1 travels; a piece that brings nothing back here has no tokens to combine.
+        std::vector<dist::Transfer> ps, pr;
+        for (int c = 0; c < chunks; ++c) {
+          ps.clear();
+          pr.clear();
+          for (const dist::Transfer& b : sends)
+            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) ps.push_back(q);
+          for (const dist::Transfer& b : recvs)
+            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) pr.push_back(q);
+          if (ps.empty() && pr.empty()) continue;
+          comm.exchange(w.xg, ps, w.send, pr, row);
+          if (pr.empty()) continue;
+          CUDA_CHECK(cudaEventRecord(w.ev_returned[c], s));
+          CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_returned[c], 0));
+          combine(d_y, T, c, w.s2);
+        }
+        mark(kReturned, s);
         w.join_side();
-      } else {
-        combine(d_y, T, CombineTokens::All, s);
       }
     } else {
       if (layout == EpLayout::Permute) {

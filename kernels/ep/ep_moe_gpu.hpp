@@ -27,8 +27,9 @@
 // peer's block, the same rule on both sides, so the receiver sizes its pieces from the counts it already
 // has). The side stream permutes piece c and records an event; NCCL sends piece c (one group per piece,
 // c = 0..C-1 on every rank) as soon as that event has fired, so the exchange no longer waits for the
-// whole permute. On the way back the combine is split: tokens whose k rows all stayed on this rank are
-// combined on the side stream while the return exchange runs; the others after it. Same bits as C = 1.
+// whole permute. The rows come back in the same pieces, and the combine follows them: tokens whose k rows
+// all stayed on this rank are combined on the side stream while the first piece travels, every other
+// token as soon as the piece with its last remote row is back. Same bits as C = 1.
 //
 // Timeline (set_timeline(true)): every forward records CUDA events at its sub-stages (route, plan,
 // counts, permutes, exchanges, experts, combine) on the stream where each happens, with no host wait
