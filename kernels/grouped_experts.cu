@@ -461,7 +461,7 @@ __global__ void __launch_bounds__(kD2Warps * 32)
 __global__ void fill_group_pointers(const int* __restrict__ off, int n, const int* __restrict__ gexp, const bf16* w13,
                                     const bf16* w2, const bf16* xp, bf16* gate_up, bf16* h, bf16* yp, int H, int I,
                                     void** ptrs) {
-  extern __shared__ int s_off[];  // [n + 1]
+  extern __shared__ int s_off[];  // [n + 1], allocated up to a multiple of 4 ints (see the launch)
   for (int j = int(threadIdx.x); j <= n; j += int(blockDim.x)) s_off[j] = off[j];
   __syncthreads();
   for (int g = int(threadIdx.x); g < n; g += int(blockDim.x)) {
@@ -752,8 +752,11 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
       ws.group_size[Gn] = 1;
       ++Gn;
     }
-    fill_group_pointers<<<1, 256, std::size_t(n + 1) * sizeof(int), s>>>(d_offsets, n, d_expert_of, w.w13, w.w2, d_xp,
-                                                                          ws.gate_up, ws.h, d_yp, H, I, ws.ptrs);
+    // Shared memory for n + 1 offsets, rounded up to whole 16-byte vectors: the compiler reads s_off in
+    // int4 loads, so the last vector may reach past n + 1 ints (memcheck caught it at n = 18 groups).
+    const std::size_t smem = (std::size_t(n + 1) + 3) / 4 * 4 * sizeof(int);
+    fill_group_pointers<<<1, 256, smem, s>>>(d_offsets, n, d_expert_of, w.w13, w.w2, d_xp, ws.gate_up, ws.h, d_yp, H,
+                                             I, ws.ptrs);
     CUDA_CHECK_LAUNCH();
     void** P = ws.ptrs;
     auto cptr = [&](int j) { return const_cast<const void* const*>(P + std::size_t(j) * n); };

@@ -3,7 +3,10 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <condition_variable>
+#include <deque>
+#include <memory>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,7 +28,7 @@ struct Stopped : Error {
 // What the ranks share: a barrier that fails everyone once one rank has failed, and the slots each rank
 // publishes in a collective step.
 struct Hub {
-  explicit Hub(int n) : N(n), posts(n), values(n), bytes(n) {}
+  explicit Hub(int n) : N(n), box(std::size_t(n) * n), values(n), bytes(n) {}
   const int N;
 
   std::mutex mu;
@@ -53,12 +56,34 @@ struct Hub {
     cv.notify_all();
   }
 
-  struct Post {
-    const char* send = nullptr;
-    std::vector<dist::Transfer> sends;
-    cudaEvent_t ready = nullptr, done = nullptr;  // the rank's own events, created once
+  // One message from rank s to rank d: box[s * N + d] holds them in the order s posted them.
+  struct Event {  // a CUDA event shared by the messages of one exchange call
+    cudaEvent_t e = nullptr;
+    Event() { CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+    ~Event() { cudaEventDestroy(e); }
   };
-  std::vector<Post> posts;
+  struct Message {
+    const char* src = nullptr;
+    std::size_t rows = 0;
+    std::shared_ptr<Event> ready;  // recorded by the sender after the work that filled src
+    std::shared_ptr<Event> done;   // recorded by the receiver after its copy (set when taken)
+    bool taken = false;
+  };
+  std::vector<std::deque<std::shared_ptr<Message>>> box;
+
+  // Waits (host) until pred() holds; throws Stopped when another rank failed or after the timeout (a
+  // message that is never matched: the two sides disagree, which NCCL would turn into a hang).
+  template <typename Pred>
+  void wait_for(std::unique_lock<std::mutex>& lock, Pred pred, const std::string& what) {
+    if (!cv.wait_for(lock, std::chrono::seconds(60), [&] { return pred() || failed; }))
+      fail_locked("simulated ranks: waited 60 s for " + what);
+    if (failed && !pred()) throw Stopped("stopped: another simulated rank failed");
+  }
+  [[noreturn]] void fail_locked(const std::string& why) {
+    failed = true;
+    cv.notify_all();
+    throw Error(why);
+  }
   std::vector<std::vector<std::int64_t>> values;
   std::vector<std::vector<char>> bytes;
 };
@@ -140,43 +165,48 @@ class LoopbackComm final : public dist::Communicator {
     exchange(send, sends, recv, recvs, row_bytes);
   }
 
+  // Messages between two ranks are matched in the order they were posted, whatever exchange call posted
+  // them (as NCCL matches sends and receives per pair), so a rank may skip a call in which it has nothing
+  // to send or receive. A call posts its sends, takes its receives (waiting on the host until each
+  // sender has posted), then waits until its own sends were taken: as with NCCL, the work queued after
+  // the call on this stream runs after every message of the call has been delivered.
   void exchange(const void* send, std::span<const dist::Transfer> sends, void* recv,
                 std::span<const dist::Transfer> recvs, std::size_t row_bytes) override {
     for (const auto& t : sends) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
     for (const auto& t : recvs) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
-    // step 1: publish the send side, after the work that filled it
-    CUDA_CHECK(cudaEventRecord(ready_, stream_));
-    Hub::Post& mine = hub_.posts[rank_];
-    mine.send = static_cast<const char*>(send);
-    mine.sends.assign(sends.begin(), sends.end());
-    mine.ready = ready_;
-    mine.done = done_;
-    hub_.wait();
-    // step 2: pull my messages, matched per peer in the order both sides listed them
-    std::vector<std::size_t> next(size_, 0);  // per sender: where to look for its next message to me
-    std::vector<bool> waited(size_, false);
-    auto next_to_me = [&](int p) -> const dist::Transfer* {
-      const std::vector<dist::Transfer>& ss = hub_.posts[p].sends;
-      while (next[p] < ss.size() && ss[next[p]].peer != rank_) ++next[p];
-      return next[p] < ss.size() ? &ss[next[p]++] : nullptr;
-    };
-    for (const dist::Transfer& t : recvs) {
-      const dist::Transfer* s = next_to_me(t.peer);
-      require(s != nullptr, who(), ": expects a message of ", t.rows, " rows from rank ", t.peer, " that it never posted");
-      require(s->rows == t.rows, who(), ": expects ", t.rows, " rows from rank ", t.peer, " but it sends ", s->rows);
-      if (!waited[t.peer]) CUDA_CHECK(cudaStreamWaitEvent(stream_, hub_.posts[t.peer].ready, 0));
-      waited[t.peer] = true;
-      CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + t.offset * row_bytes,
-                                 hub_.posts[t.peer].send + s->offset * row_bytes, t.rows * row_bytes,
-                                 cudaMemcpyDeviceToDevice, stream_));
+    auto ready = std::make_shared<Hub::Event>();
+    CUDA_CHECK(cudaEventRecord(ready->e, stream_));
+    std::vector<std::shared_ptr<Hub::Message>> posted;
+    std::unique_lock<std::mutex> lock(hub_.mu);
+    for (const dist::Transfer& t : sends) {
+      auto m = std::make_shared<Hub::Message>();
+      m->src = static_cast<const char*>(send) + t.offset * row_bytes;
+      m->rows = t.rows;
+      m->ready = ready;
+      hub_.box[std::size_t(rank_) * size_ + t.peer].push_back(m);
+      posted.push_back(m);
     }
-    for (int p = 0; p < size_; ++p)
-      require(next_to_me(p) == nullptr, who(), ": rank ", p, " sends a message this rank does not receive");
-    CUDA_CHECK(cudaEventRecord(done_, stream_));
-    hub_.wait();
-    // step 3: later work on my stream may overwrite my send buffer only after every reader has copied it
-    for (int p = 0; p < size_; ++p)
-      if (p != rank_) CUDA_CHECK(cudaStreamWaitEvent(stream_, hub_.posts[p].done, 0));
+    hub_.cv.notify_all();
+    for (const dist::Transfer& t : recvs) {
+      auto& q = hub_.box[std::size_t(t.peer) * size_ + rank_];
+      hub_.wait_for(lock, [&] { return !q.empty(); }, who() + "'s message from rank " + std::to_string(t.peer));
+      std::shared_ptr<Hub::Message> m = q.front();
+      q.pop_front();
+      if (m->rows != t.rows)
+        hub_.fail_locked(who() + ": expects " + std::to_string(t.rows) + " rows from rank " + std::to_string(t.peer) +
+                         " but it sends " + std::to_string(m->rows));
+      CUDA_CHECK(cudaStreamWaitEvent(stream_, m->ready->e, 0));
+      CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + t.offset * row_bytes, m->src, t.rows * row_bytes,
+                                 cudaMemcpyDeviceToDevice, stream_));
+      m->done = std::make_shared<Hub::Event>();
+      CUDA_CHECK(cudaEventRecord(m->done->e, stream_));
+      m->taken = true;
+      hub_.cv.notify_all();
+    }
+    for (const std::shared_ptr<Hub::Message>& m : posted) {
+      hub_.wait_for(lock, [&] { return m->taken; }, who() + "'s message of " + std::to_string(m->rows) + " rows to be taken");
+      CUDA_CHECK(cudaStreamWaitEvent(stream_, m->done->e, 0));
+    }
   }
 
   [[noreturn]] void abort(const std::string& message, int code) override {

@@ -3,12 +3,13 @@
 // machine run the EP engine's multi-rank paths (pieces, segments, blocks from several peers) that NCCL
 // would need one GPU per rank for (NCCL refuses two ranks on one GPU: "Duplicate GPU detected").
 //
-// Semantics follow the NCCL backend: buffers in device memory, exchanges queued on stream(), messages
-// between two ranks matched in the order they are listed, sync() waits for the stream. Every exchange is
-// a collective step of all ranks (as an NCCL group is): each rank publishes its send buffer, its lists
-// and an event recorded after the work that filled the buffer; each receiver's stream waits for its
-// senders' events and copies its messages in; then every sender's stream waits for the copies that read
-// its buffer, so work queued after the exchange may overwrite it.
+// Semantics follow the NCCL backend: buffers in device memory, exchanges queued on stream(), sync() waits
+// for the stream, and the messages between two ranks are matched in the order they were posted, whatever
+// exchange call posted them (a rank with nothing to send or receive may skip a call). A receiver's stream
+// waits for its sender's work before copying; a sender's exchange call returns once every one of its
+// messages has been taken, and its stream then waits for those copies, so work queued after the call may
+// overwrite the send buffer (as after an NCCL group). The host-side collectives (barrier, allgather, ...)
+// are barriers of all ranks.
 //
 // run_loopback_ranks(N, body) starts the N threads on GPU 0 and returns when all are done; the first
 // exception thrown by a rank is rethrown (the other ranks are stopped at their next collective).

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <doctest/doctest.h>
 
+#include <string>
 #include <vector>
 
 #include "cuda_check.hpp"
@@ -94,10 +95,11 @@ void check_all_variants(PlacementKind kind, const std::vector<int>& T, const Rou
                               {EpLayout::Permute, 1, "permute"},     {EpLayout::Direct, 1, "direct"}};
   std::vector<float> y_inplace;
   for (const Variant& v : variants) {
-    CAPTURE(v.name);
+    const std::string name = v.name;
+    CAPTURE(name);
     const EngineRun run = run_engine(kind, T, spec, rc, v, 2);
     const LayerCheck c = check_layer(ref, run.routing, run.y, spec.hidden, rc.kind, rc.jitter_eps, 1e-2);
-    MESSAGE(T.size(), " ranks, ", v.name, ": ", c.summary());
+    MESSAGE(T.size(), " ranks, ", name, ": ", c.summary());
     CHECK(c.pass);
     if (v.layout != EpLayout::InPlace) continue;
     if (v.chunks == 1) {
