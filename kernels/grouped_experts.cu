@@ -620,9 +620,9 @@ void reserve_groups(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows
   require(groups >= 1 && groups <= kMaxExperts, "grouped_experts: group count ", groups, " outside [1, ", kMaxExperts,
           "]");
   // CublasPadded runs its SwiGLU over n * M_pad rows (M_pad <= the cap; above it, streams on `rows` rows).
+  // The row buffers' alignment (nullptr here) never changes whether the padded strategy is chosen.
   std::size_t act_rows = std::size_t(rows);
-  const bool padded = ws.strategy == GroupedStrategy::CublasPadded ||
-                      (ws.strategy == GroupedStrategy::Auto && ws.auto_padded && rows > ws.small_rows_max);
+  const bool padded = choose_grouped_strategy(ws, w, rows, nullptr, nullptr) == GroupedStrategy::CublasPadded;
   if (padded && rows > 0)
     act_rows = std::max(act_rows, std::size_t(w.n) * padded_capacity_per_expert(ws.padded_max_ratio, w.n, rows));
   device_grow(ws.gate_up, ws.gate_up_cap, act_rows * 2 * w.I, ws.generation);

@@ -434,6 +434,23 @@ TEST_CASE("grouped_experts at the Phi-tiny expert shape (H=4096, I=448), every s
   }
 }
 
+// Median of 5 timed calls of run() on stream s (CUDA events; for the record, not a pass/fail criterion).
+template <typename Run>
+float median_of_5_ms(const Run& run, cudaStream_t s, cudaEvent_t ev0, cudaEvent_t ev1) {
+  std::vector<float> ms;
+  for (int rep = 0; rep < 5; ++rep) {
+    CUDA_CHECK(cudaEventRecord(ev0, s));
+    run();
+    CUDA_CHECK(cudaEventRecord(ev1, s));
+    CUDA_CHECK(cudaEventSynchronize(ev1));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, ev0, ev1));
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[2];
+}
+
 TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 16384): agreement, and timings") {
   // Every strategy on the same rows: sampled rows against expert_forward_cpu, all rows against
   // weight-stream. The median times are printed for the record (choosing the large-rows default).
@@ -480,21 +497,11 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
       run();  // warm-up: workspace growth, cuBLAS heuristics
       s.sync();
       CHECK(ws.last_used == st);
-      std::vector<float> ms;
-      for (int rep = 0; rep < 5; ++rep) {
-        CUDA_CHECK(cudaEventRecord(ev0, s));
-        run();
-        CUDA_CHECK(cudaEventRecord(ev1, s));
-        CUDA_CHECK(cudaEventSynchronize(ev1));
-        float t = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&t, ev0, ev1));
-        ms.push_back(t);
-      }
+      const float med = median_of_5_ms(run, s, ev0, ev1);
       s.sync();
-      std::sort(ms.begin(), ms.end());
       const double flops = 6.0 * rows * H * I;
-      MESSAGE("grouped_experts rows=", rows, " ", std::string(gpu::grouped_strategy_name(st)), ": median ", ms[2], " ms, ",
-              flops / (ms[2] * 1e-3) / 1e12, " TFLOP/s",
+      MESSAGE("grouped_experts rows=", rows, " ", std::string(gpu::grouped_strategy_name(st)), ": median ", med, " ms, ",
+              flops / (med * 1e-3) / 1e12, " TFLOP/s",
               st == gpu::GroupedStrategy::CublasPadded ? " (incl. pad + unpad copies, which the layer does not pay)"
                                                       : "");
       const std::vector<float> y = bf16_to_float(std::span<const bf16_bits>(d_yp.download()));
@@ -520,20 +527,10 @@ TEST_CASE("grouped_experts at Phi-tiny scale, rows = 8192 and 32768 (T = 4096, 1
       auto run = [&] { gpu::grouped_experts_padded(blas.h, dev.view, as_bf16(d_xpad), off.data(), m_pad, as_bf16(d_ypad), ws, s); };
       run();
       s.sync();
-      std::vector<float> ms;
-      for (int rep = 0; rep < 5; ++rep) {
-        CUDA_CHECK(cudaEventRecord(ev0, s));
-        run();
-        CUDA_CHECK(cudaEventRecord(ev1, s));
-        CUDA_CHECK(cudaEventSynchronize(ev1));
-        float t = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&t, ev0, ev1));
-        ms.push_back(t);
-      }
-      std::sort(ms.begin(), ms.end());
+      const float med = median_of_5_ms(run, s, ev0, ev1);
       const double flops = 6.0 * rows * H * I;
       MESSAGE("grouped_experts_padded rows=", rows, " (M_pad ", m_pad, ", ", 100.0 * (double(E) * m_pad / rows - 1),
-              " % padding), GEMMs + SwiGLU only: median ", ms[2], " ms, ", flops / (ms[2] * 1e-3) / 1e12,
+              " % padding), GEMMs + SwiGLU only: median ", med, " ms, ", flops / (med * 1e-3) / 1e12,
               " useful TFLOP/s");
       d_yp.poison();
       gpu::unpad_rows(as_bf16(d_ypad), d_off.get(), E, m_pad, rows, H, as_bf16(d_yp), s);
