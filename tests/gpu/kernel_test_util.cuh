@@ -49,8 +49,13 @@ class DevBuf {
     if (n_) CUDA_CHECK(cudaMemcpy(p_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
   }
   // Every byte 0xFF: NaN for float and bf16, -1 for int. An element a kernel forgets to write fails.
+  // The memset runs on the legacy default stream, which the tests' non-blocking streams do not wait for,
+  // and it may return before it is done: wait for it here, or a kernel queued next on such a stream can
+  // run first and be overwritten (seen as a whole-row mismatch under `ctest -j`, when the GPU is shared).
   void poison() {
-    if (n_) CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T)));
+    if (!n_) return;
+    CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T)));
+    CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<T> download() const {
     std::vector<T> h(n_);
