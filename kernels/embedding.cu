@@ -45,7 +45,9 @@ void embedding_check_error(int* d_error, int V, cudaStream_t s) {
   CUDA_CHECK(cudaMemcpyAsync(&h, d_error, sizeof(int), cudaMemcpyDeviceToHost, s));
   CUDA_CHECK(cudaStreamSynchronize(s));
   if (h != 0) {
+    // Reset the flag and wait for it: a reader on another stream (or a blocking copy) must see 0 next.
     CUDA_CHECK(cudaMemsetAsync(d_error, 0, sizeof(int), s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
     fail("embedding: token row ", h - 1, " has an id outside the vocabulary [0, ", V,
          "): check the tokenizer and the model's vocab_size");
   }

@@ -4,13 +4,19 @@
 #                       --allow-run-as-root (CI containers run as root)
 #  _ep_env              Containers often forbid the cross-process memory attach (CMA) Open MPI's shared-memory
 #                       transport uses; EPLAB_COMM_TIMEOUT_S bounds a hung exchange
-#  _ep_props(name ...)  the mini-model fixture and that environment, plus any further test properties
+#  _ep_props(name ...)  the mini-model fixture and that environment, plus any further test properties, and
+#                       a session directory of the test's own: Open MPI 4.1 creates and removes
+#                       /tmp/ompi.<host>.<uid> around every mpiexec, and two starting together under
+#                       `ctest -j` can fail ("mkdir ... File exists", orte_init failed) before our code runs
 #  _ep_gpu(name min_gpus regex cmd...)   a GPU test (label gpu) run through ep_gpu_or_skip.sh, which skips
 #                       it (exit 77) on a machine with fewer than min_gpus GPUs; regex "" = exit code only
 set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
 set(_ep_env "OMPI_MCA_btl_vader_single_copy_mechanism=none;EPLAB_COMM_TIMEOUT_S=30")
 function(_ep_props name)
-  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model ENVIRONMENT "${_ep_env}" ${ARGN})
+  set(tmp ${CMAKE_BINARY_DIR}/ompi-sessions/${name})
+  file(MAKE_DIRECTORY ${tmp})
+  set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model
+                       ENVIRONMENT "${_ep_env};OMPI_MCA_orte_tmpdir_base=${tmp}" ${ARGN})
 endfunction()
 set(_ep_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
 function(_ep_gpu name min_gpus regex)

@@ -71,7 +71,10 @@ _p5_error(bad_moe_path "--moe-path" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --moe
 # rank 1 loads fine and must still exit non-zero with a line, not wait for rank 0.
 foreach(_kind missing-shard wrong-shape)
   set(_re_missing-shard "shard named by .*model.safetensors.index.json is missing")
-  set(_re_wrong-shape "experts.3.w2.weight' has shape .128, 256., expected .256, 128..*rank 1/2.*stopping because rank 0 failed")
+  # both ranks' lines, in either order (the two processes write stderr independently)
+  set(_w "experts.3.w2.weight' has shape .128, 256., expected .256, 128.")
+  set(_s "rank 1/2.*stopping because rank 0 failed")
+  set(_re_wrong-shape "(${_w}.*${_s}|${_s}.*${_w})")
   _p5_error(bad_checkpoint_${_kind} "${_re_${_kind}}" -np 2 ${_p5} --model ${EPLAB_TEST_MODELS}/bad-${_kind}
             --prompt-ids 1,2 --max-new-tokens 2)
   set_tests_properties(phi_tiny_ep_bad_checkpoint_${_kind} PROPERTIES FIXTURES_REQUIRED model_bad_${_kind})
