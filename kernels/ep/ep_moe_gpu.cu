@@ -658,6 +658,12 @@ struct EpMoeGpu::Impl {
     const int rows = int(b.rows), p0 = piece_begin(rows, c, C), p1 = piece_begin(rows, c + 1, C);
     return {b.peer, b.offset + std::size_t(p0), std::size_t(p1 - p0)};
   }
+  // The non-empty pieces c of C of every message in `blocks` -> out (what one group of the pipeline posts).
+  static void pieces_of(const std::vector<dist::Transfer>& blocks, int c, int C, std::vector<dist::Transfer>& out) {
+    out.clear();
+    for (const dist::Transfer& b : blocks)
+      if (const dist::Transfer q = piece_of(b, c, C); q.rows) out.push_back(q);
+  }
 
   EpTimes forward(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
     require(T >= 0, "EpMoeGpu::forward_device: T must be >= 0, got ", T);
@@ -761,12 +767,8 @@ struct EpMoeGpu::Impl {
         // left out on both sides.
         std::vector<dist::Transfer> ps, pr;
         for (int c = 0; c < chunks; ++c) {
-          ps.clear();
-          pr.clear();
-          for (const dist::Transfer& b : sends)
-            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) ps.push_back(q);
-          for (const dist::Transfer& b : recvs)
-            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) pr.push_back(q);
+          pieces_of(sends, c, chunks, ps);
+          pieces_of(recvs, c, chunks, pr);
           CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_piece[c], 0));
           if (!ps.empty() || !pr.empty()) comm.exchange(w.send, ps, w.xg, pr, row);
         }
@@ -843,12 +845,8 @@ struct EpMoeGpu::Impl {
         // while piece c + 1 travels; a piece that brings nothing back here has no tokens to combine.
         std::vector<dist::Transfer> ps, pr;
         for (int c = 0; c < chunks; ++c) {
-          ps.clear();
-          pr.clear();
-          for (const dist::Transfer& b : sends)
-            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) ps.push_back(q);
-          for (const dist::Transfer& b : recvs)
-            if (const dist::Transfer q = piece_of(b, c, chunks); q.rows) pr.push_back(q);
+          pieces_of(sends, c, chunks, ps);
+          pieces_of(recvs, c, chunks, pr);
           if (ps.empty() && pr.empty()) continue;
           comm.exchange(w.xg, ps, w.send, pr, row);
           if (pr.empty()) continue;
