@@ -270,7 +270,7 @@ nlohmann::json run_ep_bench(dist::Communicator& comm, PlacementKind pkind, const
           "permute (chunked: only for each piece's own permute)\n"
           "  experts done -> return exchange done  NCCL bringing the rows back\n"
           "  return exchange done -> combine done  combine work left after the last row came back (chunked: "
-          "only the tokens of the last return piece)\n"
+          "the last piece's tokens, and class combines still queued)\n"
           "  combine done                          the whole forward with no drains (compare: total ms above, "
           "measured with a drain after each stage)\n");
   }

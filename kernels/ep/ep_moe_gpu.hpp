@@ -124,7 +124,9 @@ class EpMoeGpu {
   void set_timeline(bool on);
   EpTimeline last_timeline();
 
-  const EpPlan& plan() const;  // the last forward's plan (counts, traffic, segments)
+  // The last forward's plan (counts, traffic, segments); its per-row maps are filled for the Permute layout
+  // only (finish_ep_plan with EpRowMaps::Skip otherwise).
+  const EpPlan& plan() const;
   Routing routing();           // the last forward's routing, on the host (synchronises the stream)
   int hidden() const;
   int inter() const;

@@ -8,6 +8,7 @@
 #                       a session directory of the test's own: Open MPI 4.1 creates and removes
 #                       /tmp/ompi.<host>.<uid> around every mpiexec, and two starting together under
 #                       `ctest -j` can fail ("mkdir ... File exists", orte_init failed) before our code runs
+#                       (Open MPI 5 reads the PRTE_MCA_ name of the same setting)
 #  _ep_gpu(name min_gpus regex cmd...)   a GPU test (label gpu) run through ep_gpu_or_skip.sh, which skips
 #                       it (exit 77) on a machine with fewer than min_gpus GPUs; regex "" = exit code only
 set(_mpirun ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root)
@@ -16,7 +17,7 @@ function(_ep_props name)
   set(tmp ${CMAKE_BINARY_DIR}/ompi-sessions/${name})
   file(MAKE_DIRECTORY ${tmp})
   set_tests_properties(${name} PROPERTIES FIXTURES_REQUIRED eplab_mini_model
-                       ENVIRONMENT "${_ep_env};OMPI_MCA_orte_tmpdir_base=${tmp}" ${ARGN})
+                       ENVIRONMENT "${_ep_env};OMPI_MCA_orte_tmpdir_base=${tmp};PRTE_MCA_prte_tmpdir_base=${tmp}" ${ARGN})
 endfunction()
 set(_ep_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
 function(_ep_gpu name min_gpus regex)

@@ -25,8 +25,8 @@ struct Stopped : Error {
   using Error::Error;
 };
 
-// What the ranks share: a barrier that fails everyone once one rank has failed, and the slots each rank
-// publishes in a collective step.
+// What the ranks share: a barrier that fails everyone once one rank has failed, the slots of the host-side
+// collectives, and a mailbox per ordered pair of ranks for the exchanges.
 struct Hub {
   explicit Hub(int n) : N(n), box(std::size_t(n) * n), values(n), bytes(n) {}
   const int N;
@@ -47,7 +47,9 @@ struct Hub {
       cv.notify_all();
       return;
     }
-    cv.wait(lock, [&] { return generation != gen || failed; });
+    // A rank that never joins (it returned, or it waits in another collective) ends the run, not hangs it.
+    if (!cv.wait_for(lock, std::chrono::seconds(60), [&] { return generation != gen || failed; }))
+      fail_locked("simulated ranks: waited 60 s in a host-side collective that not every rank joined");
     if (generation == gen) throw Stopped("stopped: another simulated rank failed");
   }
   void fail() {
@@ -64,7 +66,7 @@ struct Hub {
   };
   struct Message {
     const char* src = nullptr;
-    std::size_t rows = 0;
+    std::size_t rows = 0, row_bytes = 0;
     std::shared_ptr<Event> ready;  // recorded by the sender after the work that filled src
     std::shared_ptr<Event> done;   // recorded by the receiver after its copy (set when taken)
     bool taken = false;
@@ -97,13 +99,9 @@ class LoopbackComm final : public dist::Communicator {
     local_size_ = hub.N;
     host_ = "loopback";
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
   }
   ~LoopbackComm() override {
     cudaStreamSynchronize(stream_);
-    cudaEventDestroy(ready_);
-    cudaEventDestroy(done_);
     cudaStreamDestroy(stream_);
   }
 
@@ -182,6 +180,7 @@ class LoopbackComm final : public dist::Communicator {
       auto m = std::make_shared<Hub::Message>();
       m->src = static_cast<const char*>(send) + t.offset * row_bytes;
       m->rows = t.rows;
+      m->row_bytes = row_bytes;
       m->ready = ready;
       hub_.box[std::size_t(rank_) * size_ + t.peer].push_back(m);
       posted.push_back(m);
@@ -192,9 +191,10 @@ class LoopbackComm final : public dist::Communicator {
       hub_.wait_for(lock, [&] { return !q.empty(); }, who() + "'s message from rank " + std::to_string(t.peer));
       std::shared_ptr<Hub::Message> m = q.front();
       q.pop_front();
-      if (m->rows != t.rows)
-        hub_.fail_locked(who() + ": expects " + std::to_string(t.rows) + " rows from rank " + std::to_string(t.peer) +
-                         " but it sends " + std::to_string(m->rows));
+      if (m->rows * m->row_bytes != t.rows * row_bytes)
+        hub_.fail_locked(who() + ": expects " + std::to_string(t.rows) + " rows of " + std::to_string(row_bytes) +
+                         " bytes from rank " + std::to_string(t.peer) + " but it sends " + std::to_string(m->rows) +
+                         " of " + std::to_string(m->row_bytes));
       CUDA_CHECK(cudaStreamWaitEvent(stream_, m->ready->e, 0));
       CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + t.offset * row_bytes, m->src, t.rows * row_bytes,
                                  cudaMemcpyDeviceToDevice, stream_));
@@ -226,7 +226,6 @@ class LoopbackComm final : public dist::Communicator {
 
   Hub& hub_;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t ready_ = nullptr, done_ = nullptr;
 };
 
 }  // namespace

@@ -33,13 +33,14 @@ struct Variant {
   const char* name;
 };
 
-// One engine per simulated rank, `forwards` forwards of T[r] tokens each (random_tokens of the spec);
-// returns the last forward's outputs and routing of all ranks.
+// One engine per simulated rank, `forwards` forwards of T[r] tokens each (random_tokens of the spec; every
+// forward must give the same bits); returns the last forward's outputs and routing of all ranks.
 EngineRun run_engine(PlacementKind kind, const std::vector<int>& T, const EpMoeGpu::RandomSpec& spec,
                      const RouterCfg& rc, const Variant& v, int forwards) {
   const int N = int(T.size()), H = spec.hidden;
   std::vector<std::vector<bf16_bits>> y(N);
   std::vector<Routing> routing(N);
+  std::vector<int> same_every_forward(N, 1);
   testing::run_loopback_ranks(N, [&](dist::Communicator& comm) {
     const int r = comm.rank();
     const Placement placement(kind, spec.experts, N);
@@ -50,15 +51,25 @@ EngineRun run_engine(PlacementKind kind, const std::vector<int>& T, const EpMoeG
     CUDA_CHECK(cudaMalloc(&dx, std::max<std::size_t>(n, 1) * 2));
     CUDA_CHECK(cudaMalloc(&dy, std::max<std::size_t>(n, 1) * 2));
     random_tokens_device(spec, r, T[r], dx);
-    CUDA_CHECK(cudaDeviceSynchronize());  // the tokens are written before the engine's stream reads them
-    for (int f = 0; f < forwards; ++f) layer.forward_device(dx, T[r], dy);
-    comm.sync();
-    y[r].resize(n);
-    CUDA_CHECK(cudaMemcpy(y[r].data(), dy, n * 2, cudaMemcpyDeviceToHost));
+    std::vector<bf16_bits> first;
+    for (int f = 0; f < forwards; ++f) {
+      // y poisoned (NaN) before every forward: a token that no combine writes cannot pass on an earlier
+      // forward's (or an earlier variant's) leftover output; the memsets are waited for, since the engine's
+      // stream does not order itself after the legacy stream
+      CUDA_CHECK(cudaMemset(dy, 0xFF, std::max<std::size_t>(n, 1) * 2));
+      CUDA_CHECK(cudaDeviceSynchronize());
+      layer.forward_device(dx, T[r], dy);
+      comm.sync();
+      y[r].resize(n);
+      CUDA_CHECK(cudaMemcpy(y[r].data(), dy, n * 2, cudaMemcpyDeviceToHost));
+      if (f == 0) first = y[r];
+      else if (y[r] != first) same_every_forward[r] = 0;  // the same input: the engine must repeat itself
+    }
     routing[r] = layer.routing();
     CUDA_CHECK(cudaFree(dx));
     CUDA_CHECK(cudaFree(dy));
   });
+  for (int r = 0; r < N; ++r) CHECK_MESSAGE(same_every_forward[r], "rank ", r, ": a later forward changed the output");
   EngineRun out;
   out.routing.k = rc.top_k;
   for (int r = 0; r < N; ++r) {
