@@ -244,14 +244,14 @@ __global__ void combine_part_kernel(const V* __restrict__ own, const V* __restri
 // piece_containing() over its rows that went to peers (a row r in peer p's block [a, a + cnt) of the send
 // buffer, a = offsets[rank_slot[p]], comes back in piece piece_containing(cnt, r - a, C)).
 __device__ __forceinline__ int combine_class(const CombineArgs& a, int t, const int* __restrict__ offsets,
-                                             const int* __restrict__ rank_slot, int N, int me, int C) {
+                                             const int* __restrict__ rank_slot, int N, int C) {
   int last = -1;
   for (int j = 0; j < a.k; ++j) {
     const int r = a.row_of[std::size_t(t) * a.k + j];
     if (r < 0 || r >= a.rows || (r >= a.lo && r < a.hi)) continue;
     for (int p = 0; p < N; ++p) {
       const int b0 = offsets[rank_slot[p]], b1 = offsets[rank_slot[p + 1]];
-      if (p == me || r < b0 || r >= b1) continue;
+      if (r < b0 || r >= b1) continue;  // (this rank's own block [lo, hi) was skipped above)
       last = max(last, piece_containing(b1 - b0, r - b0, C));
       break;
     }
@@ -268,12 +268,12 @@ __device__ __forceinline__ int combine_class(const CombineArgs& a, int t, const 
 template <int K, typename V, int kElems>
 __global__ void combine_class_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
                                      const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
-                                     const int* __restrict__ rank_slot, int N, int me, int C, int cls,
+                                     const int* __restrict__ rank_slot, int N, int C, int cls,
                                      V* __restrict__ y) {
   a.lo = offsets[lo_slot];
   a.hi = offsets[hi_slot];
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    if (combine_class(a, t, offsets, rank_slot, N, me, C) != cls) continue;
+    if (combine_class(a, t, offsets, rank_slot, N, C) != cls) continue;
     gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
         std::size_t(a.per_row), threadIdx.x, blockDim.x,
         [&](std::size_t v, CombineLoads<V, K>& c) { combine_load<K>(own, returned, a, t, int(v), c); },
@@ -649,7 +649,7 @@ struct EpMoeGpu::Impl {
     } else {
       const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
       combine_class_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets, lo_slot, hi_slot, T,
-                                                                  rank_slot, N, me, chunks, cls, y);
+                                                                  rank_slot, N, chunks, cls, y);
     }
   }
 
