@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One batched call on a GPU machine (see notes/NEXT.md): builds, runs the named steps, writes their logs under
-# $OUT (tarred into logs.tgz at the end: the device tool brings back few files) and a summary to stdout.
+# On a GPU machine: build, tests, benchmarks in one call. Builds, runs the named steps, writes their logs under
+# $OUT (tarred into logs.tgz at the end) and a summary to stdout.
 # Usage: bash scripts/device_run.sh STEP...   Steps, in the order they run:
 #   build      configure + build everything in build-device, make the mini model
 #   fixture    regenerate the HF fixture (scripts/hf_moe_fixture.py) and run unit_tests on it
@@ -68,7 +68,7 @@ if has sanitizer; then
     i=$((i + 1)); compute-sanitizer --tool memcheck --error-exitcode 1 $B/chapters/$ch > "$OUT/memcheck$i.log" 2>&1
     echo "memcheck $ch: rc $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck$i.log"
   done
-  for T in 5 300 1000; do  # the padded experts strategy (unrun before session 9)
+  for T in 5 300 1000; do  # the padded experts strategy
     EPLAB_EXPERTS=cublas-padded compute-sanitizer --tool memcheck --error-exitcode 1 \
       $B/chapters/02_moe_grouped/02_moe_grouped $M --device gpu --tokens $T > "$OUT/memcheck_padded_$T.log" 2>&1
     echo "memcheck cublas-padded T=$T: rc $?"
@@ -85,7 +85,7 @@ if has ncu02; then
     grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size" "$OUT/ncu02_T$T.log" | head -120
   done
 fi
-if has bench02s; then  # expert strategies interleaved in one run, with both L2 flush kinds (notes/perf-02.md v6)
+if has bench02s; then  # expert strategies interleaved in one run, with both L2 flush kinds (chapter 02 README)
   log bench02s; X=$B/chapters/02_moe_grouped/02_moe_grouped
   $X --bench --bench-tokens 1 8 64 512 4096 16384 --bench-experts cublas-streams,cublas-padded,cublas-grouped \
     --json "$OUT/bench02_write.json" > "$OUT/bench02_write.log" 2>&1; tail -70 "$OUT/bench02_write.log"

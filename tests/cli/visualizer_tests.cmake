@@ -1,4 +1,4 @@
-# The visualizer (issue 5). Headless part (always, no GL): follow mode on a growing trace, the trace writer,
+# The visualizer. Headless part (always, no GL): follow mode on a growing trace, the trace writer,
 # `viz_routing` (the live routing as text) and CPU vs GPU live routing (label gpu). GL app (when Dear ImGui /
 # GLFW / OpenGL / stb are there, find_deps.cmake): its --help, --print-routing (and that it prints exactly
 # what viz_routing prints) and, under Xvfb, real windows, real OpenGL (Mesa), screenshots checked by
