@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "cuda_check.hpp"
+#include "ep/ep_moe_gpu.hpp"
 #include "ep_layer.hpp"
 #include "ep_stats.hpp"
 #include "moe/layer_check.hpp"

@@ -14,21 +14,6 @@
 
 namespace eplab {
 
-const char* layout_name(EpLayout l) {
-  switch (l) {
-    case EpLayout::Permute: return "permute";
-    case EpLayout::Direct: return "direct";
-    case EpLayout::InPlace: return "inplace";
-  }
-  return "?";
-}
-EpLayout parse_layout(const std::string& s) {
-  if (s == "permute") return EpLayout::Permute;
-  if (s == "direct") return EpLayout::Direct;
-  if (s == "inplace") return EpLayout::InPlace;
-  fail("unknown --layout '", s, "' (use permute, direct or inplace)");
-}
-
 namespace {
 
 std::vector<std::size_t> to_sizes(const std::vector<int>& v) { return {v.begin(), v.end()}; }

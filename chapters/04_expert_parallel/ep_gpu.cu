@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "cuda_check.hpp"
+#include "ep/ep_moe_gpu.hpp"
 #include "ep_layer.hpp"
 #include "util/check.hpp"
 

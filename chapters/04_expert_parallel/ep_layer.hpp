@@ -26,20 +26,17 @@
 #include <vector>
 
 #include "dist/communicator.hpp"
-#include "ep_moe_gpu.hpp"
 #include "model/checkpoint.hpp"
 #include "moe/ep_plan.hpp"
+#include "moe/ep_types.hpp"
 #include "moe/placement.hpp"
 #include "moe/routing.hpp"
 
 namespace eplab {
 
-// EpLayout (permute | direct | inplace) is in moe/ep_plan.hpp: the CPU block of common/ implements permute
-// and direct, and runs inplace as permute (the layouts differ in data movement, never in the answer).
-const char* layout_name(EpLayout l);
-EpLayout parse_layout(const std::string& s);
-
-// RouterCfg and EpTimes come from the GPU engine's header (ep_moe_gpu.hpp): one definition for both paths.
+// EpLayout (permute | direct | inplace), RouterCfg and EpTimes are in common/moe (ep_plan.hpp, ep_types.hpp):
+// one definition for both paths. The CPU block implements permute and direct, and runs inplace as permute
+// (the layouts differ in data movement, never in the answer).
 
 class EpLayer {
  public:
@@ -73,7 +70,6 @@ std::unique_ptr<EpLayer> make_gpu_ep_layer(dist::Communicator& comm, const Place
 // GPU with random weights and tokens made on the device (the benchmark: no checkpoint needed). Every
 // value is a function of (seed, tensor, expert) or (seed, rank), so the benchmark can rebuild any
 // expert or token on any rank to check the answer (random_layer_weights, random_tokens in ep_moe_gpu.hpp).
-using RandomLayerSpec = EpMoeGpu::RandomSpec;
 std::unique_ptr<EpLayer> make_gpu_ep_layer_random(dist::Communicator& comm, const Placement& placement,
                                                   const RandomLayerSpec& spec, int T, const RouterCfg& router,
                                                   EpLayout layout, int chunks = 1);

@@ -89,4 +89,18 @@ double mean_bytes_per_rank(const EpPlan& plan, std::size_t row_bytes) {
   return plan.ranks ? rows * double(row_bytes) / plan.ranks : 0.0;
 }
 
+Routing gather_routing(dist::Communicator& comm, const Routing& mine) {
+  const int N = comm.size();
+  Routing all;
+  all.tokens = N * mine.tokens;
+  all.k = mine.k;
+  if (comm.rank() == 0) {
+    all.ids.resize(std::size_t(N) * mine.ids.size());
+    all.weights.resize(all.ids.size());
+  }
+  comm.gather(mine.ids.data(), mine.ids.size() * sizeof(int), all.ids.data(), 0);
+  comm.gather(mine.weights.data(), mine.weights.size() * sizeof(float), all.weights.data(), 0);
+  return all;
+}
+
 }  // namespace eplab

@@ -43,6 +43,9 @@ struct Bandwidth {
 };
 Bandwidth bandwidth(double bytes_per_rank, double ms, int ranks);
 
+// Every rank's routing (the same T on every rank) in rank order, on rank 0 (empty elsewhere).
+Routing gather_routing(dist::Communicator& comm, const Routing& mine);
+
 // Mean bytes sent per rank in the last forward, for rows of the given size (traffic matrix / N).
 double mean_bytes_per_rank(const EpPlan& plan, std::size_t row_bytes);
 

@@ -133,4 +133,32 @@ std::pair<nlohmann::json, nlohmann::json> print_routing_counts(const EpMoeCounts
   return {jexp, jrank};
 }
 
+nlohmann::json expert_map_json(const Placement& placement) {
+  nlohmann::json m = nlohmann::json::array();
+  for (int r = 0; r < placement.num_ranks(); ++r) m.push_back(placement.experts_of(r));
+  return m;
+}
+
+void print_cpu_memory_per_rank(dist::Communicator& comm, const Placement& placement, const ModelConfig& c,
+                               double load_s) {
+  const int rank = comm.rank(), N = comm.size();
+  const int L = c.num_hidden_layers, E = c.num_local_experts, H = c.hidden_size;
+  const double expert_bytes_each = 3.0 * c.intermediate_size * H * 2;  // w1, w3, w2 in bf16
+  const double mem[2] = {expert_bytes_each * L * placement.num_local(rank), rss_bytes()};
+  std::vector<double> all_mem(rank == 0 ? 2 * N : 0);
+  comm.gather(mem, sizeof mem, all_mem.data(), 0);
+  if (rank == 0) {
+    std::printf("loaded in %.2f s (slowest rank)\n", load_s);
+    Table t({"rank", "experts per layer", "expert weights (bf16)", "resident memory (RSS)"});
+    for (int r = 0; r < N; ++r)
+      t.add_row({strf("%d", r), strf("%d of %d", placement.num_local(r), E), human_bytes(all_mem[2 * r]),
+                 human_bytes(all_mem[2 * r + 1])});
+    std::printf("memory per rank (all %d experts on one process: %s of expert weights; the rest is replicated, "
+                "widened to fp32 on the CPU)\n%s",
+                E, human_bytes(expert_bytes_each * L * E).c_str(), t.str().c_str());
+    std::fflush(stdout);
+  }
+
+}
+
 }  // namespace eplab

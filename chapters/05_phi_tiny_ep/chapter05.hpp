@@ -51,6 +51,13 @@ nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>&
 // imbalance and the share of rows that crossed ranks; returns them as JSON (per expert, per rank).
 std::pair<nlohmann::json, nlohmann::json> print_routing_counts(const EpMoeCounts& cnt, int L, int E, int N);
 
+nlohmann::json expert_map_json(const Placement& placement);  // [rank] -> its experts
+
+// Rank 0 prints what each rank holds: its experts' bf16 bytes (as the CPU model keeps them) and its measured
+// resident memory, after a load that took load_s seconds on the slowest rank.
+void print_cpu_memory_per_rank(dist::Communicator& comm, const Placement& placement, const ModelConfig& c,
+                               double load_s);
+
 // The GPU path (run_gpu.cpp): -np 1 (one GPU, every expert) or -np N (NCCL expert parallelism, one GPU per
 // rank). Every rank calls it; returns the exit code.
 int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, const Placement& placement,

@@ -4,7 +4,7 @@
 //           graphs
 //   -np N   expert parallelism over NCCL: every rank holds the replicated tensors and only its experts, runs
 //           attention for the whole batch, and each layer's MoE goes through chapter 04's EP layer on its
-//           share of the rows, then an all-gather (gpu_ep_moe_step.hpp). Every rank computes the same logits,
+//           share of the rows, then an all-gather (kernels/ep/ep_moe_step.hpp). Every rank computes the same logits,
 //           hence the same tokens.
 //
 // Check: the fp32 CPU reference runs the GPU's own tokens (teacher forcing), and at every step the GPU's token
@@ -14,7 +14,7 @@
 // comparing two free greedy runs would have to stop at the first near-tie. Every rank must also have generated
 // the same tokens.
 //
-// --bench: the speed table of the issue on random token ids: prefill of one 2048-token prompt, then decode
+// --bench: the chapter's speed table on random token ids: prefill of one 2048-token prompt, then decode
 // tokens/s at batch 1 and batch 16 (each sequence first prefilled with 128 tokens).
 #include <algorithm>
 #include <cmath>
@@ -24,7 +24,7 @@
 
 #include "chapter05.hpp"
 #include "device.hpp"
-#include "gpu_ep_moe_step.hpp"
+#include "ep_moe_step.hpp"
 #include "model/phimoe_cpu.hpp"
 #include "moe/cost_model.hpp"
 #include "moe/routing.hpp"
@@ -39,7 +39,7 @@ namespace {
 
 constexpr double kTieMargin = 4 * 3e-2;
 
-// Bench shapes (the issue's): a 2048-token prefill; decode at batch 1 and 16 after a 128-token prompt each.
+// Bench shapes: a 2048-token prefill; decode at batch 1 and 16 after a 128-token prompt each.
 constexpr int kBenchPrefill = 2048, kBenchContext = 128, kBenchSteps = 64, kBenchWarmup = 4;
 
 // One row's routing in every layer: expert ids and multipliers, layer after layer.
@@ -349,8 +349,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     const double d1 = bench_decode(*model, rng, 1), d16 = bench_decode(*model, rng, 16);
     const double dec1 = -mpi.max(-d1), dec16 = -mpi.max(-d16);  // the slowest rank's rate
     if (rank == 0) {
-      const double hf1 = 12.9, hf16 = 180.0;  // the issue's peer: HF generate() on one H200, same shape
-      Table t({"measurement", "tokens/s", "HF peer (issue)", "vs HF"});
+      const double hf1 = 12.9, hf16 = 180.0;  // the peer: HF generate() on one H200, same shape
+      Table t({"measurement", "tokens/s", "HF peer", "vs HF"});
       t.add_row({strf("prefill, one %d-token prompt", kBenchPrefill), strf("%.0f", prefill_tps), "-", "-"});
       t.add_row({"decode, batch 1", strf("%.1f", dec1), strf("%.1f", hf1), strf("%.1fx", dec1 / hf1)});
       t.add_row({"decode, batch 16", strf("%.1f", dec16), strf("%.1f", hf16), strf("%.1fx", dec16 / hf16)});

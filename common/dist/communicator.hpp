@@ -26,6 +26,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "util/check.hpp"
@@ -110,6 +111,11 @@ bool nccl_compiled();  // false when the build found no NCCL (make_nccl_communic
 // CollectiveError: the failing ranks with their own message, the others naming the first failed rank.
 // When every rank failed with the same message, only rank 0 prints it.
 void all_or_none(Communicator& comm, const std::function<void()>& step);
+
+// Every rank must run the same problem: each (name, value) is compared with rank 0's, all or none
+// ("this rank's tokens is 5 but rank 0's is 4: every rank must run the same model and flags").
+void require_same_on_all_ranks(Communicator& comm,
+                               const std::vector<std::pair<const char*, std::int64_t>>& fingerprint);
 
 // main() of an MPI program: MPI_Init_thread, body(), MPI_Finalize. Error handling as described above:
 // CollectiveError -> message, exit 2 on every rank; any other exception -> message and MPI_Abort(2).

@@ -8,8 +8,10 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <new>
 
 #include "dist/communicator.hpp"
+#include "util/check.hpp"
 #include "util/report.hpp"
 
 namespace eplab::dist {
@@ -179,6 +181,9 @@ void all_or_none(Communicator& comm, const std::function<void()>& step) {
   bool failed = false;
   try {
     step();
+  } catch (const std::bad_alloc&) {
+    failed = true;
+    err = kOutOfHostMemory;
   } catch (const std::exception& e) {
     failed = true;
     err = e.what();
@@ -202,6 +207,18 @@ void all_or_none(Communicator& comm, const std::function<void()>& step) {
   throw CollectiveError(strf("%s: stopping because rank %d failed (its error is above)", comm.who().c_str(), first));
 }
 
+void require_same_on_all_ranks(Communicator& comm,
+                               const std::vector<std::pair<const char*, std::int64_t>>& fingerprint) {
+  all_or_none(comm, [&] {
+    std::vector<std::int64_t> mine;
+    for (const auto& f : fingerprint) mine.push_back(f.second);
+    const std::vector<std::int64_t> all = comm.allgather(mine);  // rank 0's values come first
+    for (std::size_t f = 0; f < mine.size(); ++f)
+      require(mine[f] == all[f], "this rank's ", fingerprint[f].first, " is ", mine[f], " but rank 0's is ", all[f],
+              ": every rank must run the same model and flags");
+  });
+}
+
 int mpi_main(int argc, char** argv, const std::function<int()>& body) {
   int provided = 0;
   // FUNNELED: only the main thread calls MPI (the NCCL watchdog thread never does).
@@ -220,7 +237,8 @@ int mpi_main(int argc, char** argv, const std::function<int()>& body) {
     int rank = 0, size = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
-    std::fprintf(stderr, "error: rank %d/%d: %s\n", rank, size, e.what());
+    const bool oom = dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
+    std::fprintf(stderr, "error: rank %d/%d: %s\n", rank, size, oom ? kOutOfHostMemory : e.what());
     std::fflush(stderr);
     if (size > 1) MPI_Abort(MPI_COMM_WORLD, 2);  // the others may be waiting for us: take them down
     code = 2;

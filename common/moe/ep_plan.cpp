@@ -1,5 +1,7 @@
 #include "moe/ep_plan.hpp"
 
+#include "moe/ep_types.hpp"
+
 #include "util/check.hpp"
 
 namespace eplab {
@@ -120,6 +122,22 @@ void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all, 
       }
     }
   plan.finished = true;
+}
+
+const char* layout_name(EpLayout l) {
+  switch (l) {
+    case EpLayout::Permute: return "permute";
+    case EpLayout::Direct: return "direct";
+    case EpLayout::InPlace: return "inplace";
+  }
+  return "?";
+}
+
+EpLayout parse_layout(const std::string& s) {
+  if (s == "permute") return EpLayout::Permute;
+  if (s == "direct") return EpLayout::Direct;
+  if (s == "inplace") return EpLayout::InPlace;
+  fail("unknown --layout '", s, "' (use permute, direct or inplace)");
 }
 
 }  // namespace eplab

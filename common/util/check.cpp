@@ -11,7 +11,7 @@ int run_main(const std::function<int()>& body) {
   } catch (const Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "error: out of host memory (try fewer tokens or a smaller model)\n");
+    std::fprintf(stderr, "error: %s\n", kOutOfHostMemory);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
   }

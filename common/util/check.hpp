@@ -31,4 +31,7 @@ void require(bool ok, const Parts&... parts) {
 // Runs body(); turns any exception into one line on stderr and a non-zero exit code.
 int run_main(const std::function<int()>& body);
 
+// What every main says when the host runs out of memory (std::bad_alloc), instead of the exception's name.
+inline constexpr const char* kOutOfHostMemory = "out of host memory (try fewer tokens or a smaller model)";
+
 }  // namespace eplab

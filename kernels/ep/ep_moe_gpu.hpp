@@ -60,30 +60,11 @@
 #include "dist/communicator.hpp"
 #include "model/checkpoint.hpp"
 #include "moe/ep_plan.hpp"
+#include "moe/ep_types.hpp"
 #include "moe/placement.hpp"
 #include "moe/routing.hpp"
 
 namespace eplab {
-
-struct RouterCfg {
-  RouterKind kind = RouterKind::SparseMixer;
-  int top_k = 2;
-  float jitter_eps = 0.01f;
-};
-
-// Wall-clock milliseconds of one forward on this rank; each stage ends when its results are in place (the
-// stream has drained). Waiting for a slower peer shows up in dispatch and combine. All zero when the
-// forward was not timed.
-// Sub-stage marks of one forward: (mark, ms since the forward's start), GPU clock (CUDA events).
-using EpTimeline = std::vector<std::pair<std::string, double>>;
-
-struct EpTimes {
-  double route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
-  double total_ms() const { return route_ms + dispatch_ms + experts_ms + combine_ms; }
-  // Filled only with set_timeline(true) AND time_stages (the stages' drains then shape the marks; for the
-  // marks of a forward as a model runs it, call forward_device without time_stages, then last_timeline()).
-  EpTimeline timeline;
-};
 
 class EpMoeGpu {
  public:
@@ -94,10 +75,7 @@ class EpMoeGpu {
            EpLayout layout = EpLayout::InPlace);
   // Random weights made on the GPU (the benchmark: no checkpoint). Values are a function of (seed, tensor,
   // expert), so random_layer_weights(spec) rebuilds them on the host for a check.
-  struct RandomSpec {
-    int hidden = 4096, inter = 448, experts = 16;  // Phi-tiny-MoE's layer shape
-    std::uint64_t seed = 1;
-  };
+  using RandomSpec = RandomLayerSpec;  // moe/ep_types.hpp
   EpMoeGpu(dist::Communicator& comm, const Placement& placement, const RandomSpec& spec, const RouterCfg& router,
            EpLayout layout = EpLayout::InPlace);
   ~EpMoeGpu();

@@ -1,4 +1,4 @@
-// Chapter 04's `--vary` mode (a GPU test of the engine, kernels/ep/ep_moe_gpu.hpp): one run proves that
+// The engine check `ep_engine_checks --vary` (a GPU test of kernels/ep/ep_moe_gpu.hpp): one run proves that
 // EpMoeGpu is right when T changes from call to call and differs between ranks, including T = 0 on some
 // ranks and on all of them, and that two layers sharing one workspace (as chapter 05's 32 layers do) keep
 // their own weights and routing.
@@ -17,6 +17,7 @@
 #include <cstdio>
 
 #include "cuda_check.hpp"
+#include "ep/ep_moe_gpu.hpp"
 #include "ep_layer.hpp"
 #include "moe/layer_check.hpp"
 #include "moe/layer_problem.hpp"
@@ -146,7 +147,7 @@ bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOp
     all_pass = all_pass && ok;
   }
   if (rank == 0)
-    std::printf("%s 04_expert_parallel --vary: N=%d %s %s, chunks %d, %zu calls x 2 layers\n",
+    std::printf("%s ep_engine_checks --vary: N=%d %s %s, chunks %d, %zu calls x 2 layers\n",
                 all_pass ? "CHECK PASS" : "CHECK FAIL", N, placement_name(pkind), layout_name(layout), chunks, a.size());
   return all_pass;
 }

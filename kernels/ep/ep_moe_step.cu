@@ -1,5 +1,5 @@
-// The EP MoE step of chapter 05 on GPUs (gpu_ep_moe_step.hpp): row shares, EpMoeGpu, all-gather of y.
-#include "gpu_ep_moe_step.hpp"
+// The EP MoE step of the GPU model (ep_moe_step.hpp): row shares, EpMoeGpu, all-gather of y.
+#include "ep_moe_step.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

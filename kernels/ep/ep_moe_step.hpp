@@ -1,4 +1,4 @@
-// Chapter 05's MoE step on several GPUs: expert parallelism inside the whole model.
+// The whole model's MoE step on several GPUs (chapter 05): expert parallelism inside GpuPhimoeModel.
 //
 // Every rank runs attention for the whole batch (replicated, like the CPU path), so every rank holds the
 // same rows h [R, H] when a layer's MoE begins. The EP step then
