@@ -12,7 +12,7 @@
 #include "live_router.hpp"
 #include "memory_view.hpp"
 #include "options.hpp"
-#include "trace.hpp"
+#include "trace_follower.hpp"
 
 namespace eplab::viz {
 

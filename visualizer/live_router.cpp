@@ -1,6 +1,7 @@
 #include "live_router.hpp"
 
 #include <cmath>
+#include <filesystem>
 
 #include "stand_in_tokens.hpp"
 #include "util/check.hpp"
@@ -8,6 +9,15 @@
 namespace eplab::viz {
 
 LiveRouter::LiveRouter(const std::string& model_dir, const DeviceChoice& dev) : ckpt_(Checkpoint::open(model_dir)) {
+  const std::string tpath = ckpt_.dir() + "/tokenizer.json";
+  if (std::filesystem::is_regular_file(tpath)) {
+    tok_ = Tokenizer::load(tpath);
+    require(tok_->vocab_size() <= config().vocab_size, "tokenizer ", tpath, " has ", tok_->vocab_size(),
+            " ids but the model's vocab_size is ", config().vocab_size, ": its ids would not fit the embedding");
+    tokenizer_label_ = "tokenizer.json (" + std::to_string(tok_->vocab_size()) + " ids)";
+  } else {
+    tokenizer_label_ = "stand-in tokenizer (no tokenizer.json)";
+  }
   if (dev.backend == Backend::Gpu) {
     gpu_ = std::make_unique<GpuRouter>(dev.gpu);
     device_label_ = "GPU " + dev.description + ", kernels router_logits + route_topk";
@@ -35,7 +45,13 @@ RoutingFrame LiveRouter::route_prompt(const std::string& prompt, int layer) {
   const int H = c.hidden_size, E = c.num_local_experts;
   if (embed_.empty()) embed_ = ckpt_.read_bf16(names::embed_tokens(), {c.vocab_size, H});
 
-  StandInTokens tok = stand_in_tokenize(prompt, c.vocab_size);
+  PromptTokens tok;  // ids and pieces, from the model's tokenizer or the stand-in
+  if (!tok_) {
+    tok = stand_in_tokenize(prompt, c.vocab_size);
+  } else if (prompt.find_first_not_of(" \t\r\n") != std::string::npos) {  // a blank prompt routes nothing
+    tok.ids = tok_->encode(prompt, /*add_bos=*/true);                      // as chapter 05 encodes --prompt
+    for (int id : tok.ids) tok.pieces.push_back(tok_->piece(id));
+  }
   const int T = int(tok.ids.size());
   // The layer input in bf16, as the model hands it to the MoE block and as the GPU kernel takes it.
   std::vector<bf16_bits> x(std::size_t(T) * H);

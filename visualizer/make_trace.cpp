@@ -1,31 +1,31 @@
-// viz_make_trace: writes a routing trace in the visualizer's format (README.md, "Trace format") from the
-// CPU routing of a model (LiveRouter: the same stand-in tokenizer and common/ routing the app uses).
-// Until chapter 05 writes real traces, this is what follow mode is tested and demonstrated with.
+// viz_make_trace: writes a routing trace (README.md, "Trace format"; common/moe/routing_trace.hpp, the writer
+// chapter 05 uses too) from the CPU routing of a model (LiveRouter: the same tokenizer and common/ routing
+// the app uses). Follow mode is tested and demonstrated with it: it needs no MPI and no full forward.
 //
 // Step s routes the first ceil(T (s+1) / steps) tokens of the prompt (a context that grows, like chunked
-// prefill), every layer, one JSON line per (step, layer). With --delay-ms it flushes each step and sleeps,
-// like a running job; point `visualizer --trace FILE` at the file meanwhile.
+// prefill), every layer, one JSON line per (step, layer), each flushed as it is written. With --delay-ms it
+// sleeps between steps, like a running job; point `visualizer --trace FILE` at the file meanwhile.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <thread>
 
 #include "live_router.hpp"
-#include "trace.hpp"
 #include "moe/placement.hpp"
+#include "moe/routing_trace.hpp"
 #include "util/check.hpp"
 #include "util/cli.hpp"
 
 int main(int argc, char** argv) {
   return eplab::run_main([&] {
     CLI::App app{"Write a routing trace (JSON lines) from the CPU routing of a model, for the visualizer"};
-    std::string model = eplab::default_model_dir(), out, prompt = "The quick brown fox jumps over the lazy dog while experts route every token";
+    std::string model = eplab::default_model_dir(), out;
+    std::string prompt = "The quick brown fox jumps over the lazy dog while experts route every token";
     std::string placement = "linear";
     int steps = 4, ep_size = 4, delay_ms = 0;
     bool append = false;
     app.add_option("--model", model, "checkpoint directory")->capture_default_str();
     app.add_option("--out", out, "trace file to write")->required();
-    app.add_option("--prompt", prompt, "text to route (stand-in tokenizer)");
+    app.add_option("--prompt", prompt, "text to route (the model's tokenizer.json, else the stand-in)");
     app.add_option("--steps", steps, "steps to write")->capture_default_str();
     app.add_option("--ep-size", ep_size, "EP size recorded in the trace")->capture_default_str();
     app.add_option("--placement", placement, "expert map recorded: linear | round-robin")->capture_default_str();
@@ -40,9 +40,8 @@ int main(int argc, char** argv) {
     std::vector<int> rank_of_expert;
     for (int e = 0; e < c.num_local_experts; ++e) rank_of_expert.push_back(p.owner(e));
 
-    std::ofstream f(out, append ? std::ios::app : std::ios::trunc);
-    eplab::require(bool(f), "--out ", out, ": cannot open it for writing");
-    int lines = 0;
+    eplab::TraceWriter trace;
+    trace.open(out, append);
     for (int s = 0; s < steps; ++s) {
       for (int l = 0; l < c.num_hidden_layers; ++l) {
         eplab::viz::RoutingFrame fr = router.route_prompt(prompt, l);
@@ -57,15 +56,12 @@ int main(int argc, char** argv) {
         fr.routing.tokens = keep;
         fr.routing.ids.resize(std::size_t(keep) * fr.routing.k);
         fr.routing.weights.resize(std::size_t(keep) * fr.routing.k);
-        f << eplab::viz::to_trace_line(fr) << '\n';
-        ++lines;
+        trace.write(fr);
       }
-      f.flush();
-      eplab::require(bool(f), "--out ", out, ": write failed");
       if (delay_ms > 0 && s + 1 < steps) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
     }
-    std::printf("viz_make_trace: wrote %d lines (%d steps x %d layers) to %s\n", lines, steps, c.num_hidden_layers,
-                out.c_str());
+    std::printf("viz_make_trace: wrote %lld lines (%d steps x %d layers) to %s\n", (long long)trace.lines(), steps,
+                c.num_hidden_layers, out.c_str());
     return 0;
   });
 }

@@ -38,9 +38,9 @@ void draw_controls(App& app) {
   ImGui::SameLine();
   if (const LiveRouter* r = app.router()) {
     const ModelConfig& c = r->config();
-    ImGui::TextDisabled("%d layers, %d experts, top-%d %s, hidden %d, expert FFN %d", c.num_hidden_layers,
+    ImGui::TextDisabled("%d layers, %d experts, top-%d %s, hidden %d, expert FFN %d, %s", c.num_hidden_layers,
                         c.num_local_experts, c.num_experts_per_tok, router_name(c.router), c.hidden_size,
-                        c.intermediate_size);
+                        c.intermediate_size, r->tokenizer_label().c_str());
   } else {
     ImGui::TextColored(ImVec4(1, 0.45f, 0.4f, 1), "no model loaded");
   }
@@ -62,10 +62,15 @@ void draw_controls(App& app) {
   if (app.use_trace_) ImGui::BeginDisabled();
   if (ImGui::InputText("##prompt", app.prompt_buf, sizeof app.prompt_buf)) app.live_dirty = true;
   if (app.use_trace_) ImGui::EndDisabled();
-  help_marker(
-      "Live routing uses a STAND-IN tokenizer: words cut into pieces of up to 4 bytes, each hashed to a row of "
-      "embed_tokens; the layer input is that row scaled to unit RMS (no attention, no earlier layers). "
-      "Chapter 05's trace (--trace) carries the real tokenizer's pieces and the routing of the real hidden states.");
+  const bool real_tok = app.router() && app.router()->has_tokenizer();
+  help_marker(real_tok
+                  ? "Live routing: the model's tokenizer.json turns the prompt into the ids chapter 05 gives it (BOS "
+                    "first); the layer input is each token's row of embed_tokens scaled to unit RMS (no attention, no "
+                    "earlier layers). Chapter 05's trace (--trace) carries the routing of the real hidden states."
+                  : "Live routing uses a STAND-IN tokenizer (the model has no tokenizer.json): words cut into pieces "
+                    "of up to 4 bytes, each hashed to a row of embed_tokens; the layer input is that row scaled to "
+                    "unit RMS (no attention, no earlier layers). Chapter 05's trace (--trace) carries the real "
+                    "tokenizer's pieces and the routing of the real hidden states.");
 
   // Row 3: layer, EP size, map, GPUs per node, trace step
   int max_layer = app.router() ? app.router()->config().num_hidden_layers - 1 : 0;

@@ -22,7 +22,7 @@ void add_routing_flags(CLI::App& app, RoutingFlags& f);
 
 // Prints the live routing of f.prompt at f.layer on `dev` and returns 0:
 //   routing on <device label>
-//   model <dir>, layer L, T tokens x E experts, top-k, smallest routing margin m
+//   model <dir>, <tokenizer label>, layer L, T tokens x E experts, top-k, smallest routing margin m
 //   token i <piece> → experts [a, b] weights [x, y]      (one line per token, eplab::print_routing)
 // The margin tells a CPU/GPU difference on a near-tie from a routing bug. Throws eplab::Error on a bad
 // model or layer.

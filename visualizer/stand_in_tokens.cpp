@@ -15,9 +15,9 @@ std::uint32_t fnv1a(const std::string& s) {
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 }  // namespace
 
-StandInTokens stand_in_tokenize(const std::string& prompt, int vocab_size) {
+PromptTokens stand_in_tokenize(const std::string& prompt, int vocab_size) {
   require(vocab_size > 0, "stand-in tokenizer: vocab_size must be > 0");
-  StandInTokens out;
+  PromptTokens out;
   std::size_t i = 0;
   while (i < prompt.size()) {
     while (i < prompt.size() && is_space(prompt[i])) ++i;
