@@ -5,11 +5,19 @@
 // implies, and prints the architecture, the parameter table and the weights' memory per GPU for each
 // expert-parallel (EP) size, for the loaded model and for the real Phi-tiny-MoE shape.
 //
-// The check: the parameter count summed over the tensors on disk equals the count derived from
-// config.json by the cost model (common/moe/cost_model.hpp); so do the tensor count and the experts' part.
+// Two kinds of directory:
+//  - a full checkpoint (config.json, index, shards): the parameter count summed over the tensors on disk
+//    equals the count the cost model (common/moe/cost_model.hpp) derives from config.json; so do the
+//    tensor count and the experts' part.
+//  - metadata only (config.json and model.safetensors.index.json, none of the shards: what a download of
+//    the real model starts with, e.g. data/phi-tiny-moe): the index carries no shapes, so the sizes come
+//    from the config; the check is that the index names exactly the tensors PhiMoE needs for this config
+//    and that its metadata.total_size equals the config-derived parameter count x bytes per parameter.
 //
 // Run: 00_model_tour [--model DIR] [--ep-sizes 1,2,4,8,16] [--json FILE]
+//      00_model_tour --model data/phi-tiny-moe
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +38,31 @@ std::string exact(std::int64_t n) {  // 5505024 -> "5,505,024"
     out += s[i];
   }
   return out;
+}
+
+std::string short_count(double n) {  // three significant digits: 5.51 M, 3.76 B, 23.1 M, 98.3 K
+  const char* unit = "";
+  if (n >= 1e9) { n /= 1e9; unit = " B"; }
+  else if (n >= 1e6) { n /= 1e6; unit = " M"; }
+  else if (n >= 1e3) { n /= 1e3; unit = " K"; }
+  else return strf("%.0f", n);
+  return strf(n >= 100 ? "%.0f%s" : n >= 10 ? "%.1f%s" : "%.2f%s", n, unit);
+}
+
+// The EP sizes of the memory tables. Default: 1, 2, 4, ... up to the model's experts (and E itself). A size
+// larger than the experts per layer is refused, as every chapter refuses it: a GPU would hold no expert.
+std::vector<int> ep_sizes_for(const ModelConfig& c, const std::vector<int>& asked, bool given) {
+  const int E = c.num_local_experts;
+  if (!given) {
+    std::vector<int> out;
+    for (int n = 1; n <= E; n *= 2) out.push_back(n);
+    if (out.back() != E) out.push_back(E);
+    return out;
+  }
+  for (int n : asked)
+    require(n <= E, "--ep-sizes: EP size ", n, " is larger than the model's ", E,
+            " experts per layer (a GPU would hold no expert; use sizes up to ", E, ")");
+  return asked;
 }
 
 void print_architecture(const ModelConfig& c) {
@@ -83,7 +116,7 @@ void print_params(const ParamCounts& a, const ParamCounts& b) {
   t.print();
 }
 
-nlohmann::json print_memory(const ModelConfig& c, const std::vector<int>& ep_sizes) {
+nlohmann::json print_memory(const ModelConfig& c, const std::vector<int>& ep_sizes, bool print = true) {
   Table t({"EP size", "experts/layer per GPU", "expert weights per GPU", "replicated per GPU", "total per GPU"});
   nlohmann::json rows = nlohmann::json::array();
   for (int n : ep_sizes) {
@@ -96,7 +129,7 @@ nlohmann::json print_memory(const ModelConfig& c, const std::vector<int>& ep_siz
                     {"expert_bytes_per_gpu", m.expert_bytes_per_gpu}, {"replicated_bytes", m.replicated_bytes},
                     {"total_bytes_per_gpu", m.total_bytes_per_gpu}});
   }
-  t.print();
+  if (print) t.print();
   return rows;
 }
 
@@ -106,33 +139,51 @@ int main(int argc, char** argv) {
   return run_main([&] {
     CLI::App app{"Chapter 00: meet the model (architecture, parameter and memory-per-EP-size tables; no GPU needed)"};
     CommonOptions opt;
-    std::vector<int> ep_sizes = {1, 2, 4, 8, 16};
+    std::vector<int> asked_ep_sizes;
     add_common_options(app, opt);
-    app.add_option("--ep-sizes", ep_sizes, "EP sizes (GPUs sharing the experts) for the memory table")
-        ->delimiter(',')
-        ->check(CLI::Range(1, 4096))
-        ->capture_default_str();
+    CLI::Option* ep_opt =
+        app.add_option("--ep-sizes", asked_ep_sizes,
+                       "EP sizes (GPUs sharing the experts) for the memory table, each at most the number of "
+                       "experts [default: 1,2,4,... up to the experts]")
+            ->delimiter(',')
+            ->check(CLI::Range(1, 4096));
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
 
-    // 1. Open: config.json, the index, every shard's header; then shapes against the config.
-    const Checkpoint ckpt = Checkpoint::open(opt.model);
-    ckpt.validate_against_config();
+    // 1. Open: config.json and the index; with the shards there, every shard's header and each tensor's
+    //    shape against the config; without them (metadata only), the names against the config.
+    const Checkpoint ckpt = Checkpoint::open(opt.model, Checkpoint::Shards::AllOrNone);
     const ModelConfig& c = ckpt.config();
-    const DiskCounts disk = ckpt.disk_counts();
+    const std::vector<int> ep_sizes = ep_sizes_for(c, asked_ep_sizes, ep_opt->count() > 0);
+    const bool weights = ckpt.weights_present();
+    if (weights) ckpt.validate_against_config();
+    else ckpt.validate_names_against_config();
     const std::size_t expected_tensors = phimoe_tensor_specs(c).size();
+    const int shard_count = int(ckpt.shard_files().size());
+    const ParamCounts pc = count_params(c);
 
     std::printf("== Chapter 00: model tour ==\n");
-    std::printf("model %s: %d shard(s), %lld tensors, %s of weights (%s); this chapter reads headers only\n",
-                opt.model.c_str(), disk.shards, (long long)disk.tensors, human_bytes(double(disk.bytes)).c_str(),
-                disk.bytes == std::uint64_t(disk.params) * 2 ? "bf16" : "mixed dtypes");
+    DiskCounts disk;
+    if (weights) {
+      disk = ckpt.disk_counts();
+      std::printf("model %s: %d shard(s), %lld tensors, %s of weights (%s); this chapter reads headers only\n",
+                  opt.model.c_str(), disk.shards, (long long)disk.tensors, human_bytes(double(disk.bytes)).c_str(),
+                  disk.bytes == std::uint64_t(disk.params) * 2 ? "bf16" : "mixed dtypes");
+    } else {
+      std::printf("model %s: config.json + model.safetensors.index.json (%zu tensor names in %d shard file(s));\n"
+                  "  the weights are not present (metadata only): sizes below come from config.json\n",
+                  opt.model.c_str(), ckpt.tensor_names().size(), shard_count);
+    }
     std::printf("\narchitecture (PhimoeForCausalLM):\n");
     print_architecture(c);
 
     // 2. Parameters, from the config (cost model), next to the real Phi-tiny-MoE shape.
     const ModelConfig phi = phi_tiny_moe_config();
-    const ParamCounts pc = count_params(c), pp = count_params(phi);
+    const ParamCounts pp = count_params(phi);
     std::printf("\nparameters (H hidden, I intermediate, E experts, L layers, V vocab, k top-k):\n");
     print_params(pc, pp);
+    std::printf("loaded model: %s parameters per expert, %s in all (%s in experts, %s active per token)\n",
+                short_count(double(pc.per_expert)).c_str(), short_count(double(pc.total)).c_str(),
+                short_count(double(pc.experts_total)).c_str(), short_count(double(pc.active_per_token)).c_str());
     std::printf("note: the course's source documents say ~55 M parameters per expert; it is 3 x 4096 x 448 = %s\n"
                 "      (their own 3.76 B total contradicts 55 M x 16 x 32 = 28 B). They also put SiLU on both\n"
                 "      expert branches; PhiMoE applies it to the w1 branch only.\n",
@@ -144,27 +195,61 @@ int main(int argc, char** argv) {
     // 3. Memory per GPU under expert parallelism: experts are split, everything else is replicated.
     std::printf("\nweights per GPU under EP, loaded model (bf16; activations, KV cache and workspaces not included):\n");
     const nlohmann::json mem_loaded = print_memory(c, ep_sizes);
-    std::printf("\nweights per GPU under EP, Phi-tiny-MoE:\n");
-    const nlohmann::json mem_phi = print_memory(phi, ep_sizes);
+    std::vector<int> phi_sizes;
+    for (int n : ep_sizes)
+      if (n <= phi.num_local_experts) phi_sizes.push_back(n);
+    const bool same_shape = pc.total == pp.total && pc.experts_total == pp.experts_total &&
+                            c.num_local_experts == phi.num_local_experts && phi_sizes == ep_sizes;
+    if (same_shape)
+      std::printf("\nweights per GPU under EP, Phi-tiny-MoE: the table above (the loaded model has its shape)\n");
+    else
+      std::printf("\nweights per GPU under EP, Phi-tiny-MoE%s:\n",
+                  phi_sizes.size() < ep_sizes.size() ? " (EP sizes up to its 16 experts)" : "");
+    const nlohmann::json mem_phi = print_memory(phi, phi_sizes, !same_shape);
     std::printf("when N does not divide E, the busiest GPU holds ceil(E/N) experts per layer and sets the memory.\n");
 
-    // 4. The check: what is on disk is what the config says.
+    // 4. The check: what is on disk (or what the index names) is what the config says.
     std::vector<std::string> bad;
-    if (disk.tensors != std::int64_t(expected_tensors))
-      bad.push_back(strf("%lld tensors on disk, the config implies %zu", (long long)disk.tensors, expected_tensors));
-    if (disk.params != pc.total)
-      bad.push_back(strf("%lld parameters on disk, the config implies %lld", (long long)disk.params,
-                         (long long)pc.total));
-    if (disk.expert_params != pc.experts_total)
-      bad.push_back(strf("%lld expert parameters on disk, the config implies %lld", (long long)disk.expert_params,
-                         (long long)pc.experts_total));
+    const std::int64_t names = std::int64_t(ckpt.tensor_names().size());
+    const std::int64_t tensors = weights ? disk.tensors : names;
+    if (tensors != std::int64_t(expected_tensors))
+      bad.push_back(strf("%lld tensors %s, the config implies %zu", (long long)tensors,
+                         weights ? "on disk" : "named by the index", expected_tensors));
+    if (weights) {
+      if (disk.params != pc.total)
+        bad.push_back(strf("%lld parameters on disk, the config implies %lld", (long long)disk.params,
+                           (long long)pc.total));
+      if (disk.expert_params != pc.experts_total)
+        bad.push_back(strf("%lld expert parameters on disk, the config implies %lld", (long long)disk.expert_params,
+                           (long long)pc.experts_total));
+    }
+    const std::uint64_t config_bytes = std::uint64_t(pc.total) * std::uint64_t(bytes_per_param(c));
+    const std::optional<std::uint64_t> total_size = ckpt.index_total_size();
+    if (weights && total_size && *total_size != disk.bytes)
+      bad.push_back(strf("the index's metadata.total_size is %s bytes, the shards hold %s bytes of tensors",
+                         exact(std::int64_t(*total_size)).c_str(), exact(std::int64_t(disk.bytes)).c_str()));
+    if (!weights) {
+      if (!total_size)
+        bad.push_back("the index has no metadata.total_size, so the weights' size cannot be checked");
+      else if (*total_size != config_bytes)
+        bad.push_back(strf("the index's metadata.total_size is %s bytes, the config implies %s (%s parameters x %d "
+                           "bytes, %s)", exact(std::int64_t(*total_size)).c_str(),
+                           exact(std::int64_t(config_bytes)).c_str(), exact(pc.total).c_str(), bytes_per_param(c),
+                           c.torch_dtype.c_str()));
+    }
 
     if (!opt.json.empty()) {
+      nlohmann::json disk_json = nullptr;
+      if (weights)
+        disk_json = {{"shards", disk.shards}, {"tensors", disk.tensors}, {"params", disk.params},
+                     {"expert_params", disk.expert_params}, {"bytes", disk.bytes}};
       write_json(opt.json, {{"chapter", "00_model_tour"},
                             {"model", opt.model},
+                            {"weights_present", weights},
                             {"config", c.to_json()},
-                            {"disk", {{"shards", disk.shards}, {"tensors", disk.tensors}, {"params", disk.params},
-                                      {"expert_params", disk.expert_params}, {"bytes", disk.bytes}}},
+                            {"disk", disk_json},
+                            {"index", {{"shards", shard_count}, {"tensor_names", names},
+                                       {"total_size", total_size ? nlohmann::json(*total_size) : nullptr}}},
                             {"params", params_json(pc)},
                             {"memory", mem_loaded},
                             {"phi_tiny_moe", {{"config", phi.to_json()}, {"params", params_json(pp)}, {"memory", mem_phi}}},
@@ -175,9 +260,19 @@ int main(int argc, char** argv) {
       std::printf("CHECK FAIL 00_model_tour: %s\n", bad.front().c_str());
       return 1;
     }
-    std::printf("\nCHECK PASS 00_model_tour: %lld tensors with the shapes config.json implies; %s parameters on disk "
-                "(%s in experts) = the config-derived count\n",
-                (long long)disk.tensors, exact(disk.params).c_str(), exact(disk.expert_params).c_str());
+    if (weights) {
+      std::printf("\nCHECK PASS 00_model_tour: %lld tensors with the shapes config.json implies; %s parameters on disk "
+                  "(%s in experts) = the config-derived count\n",
+                  (long long)disk.tensors, exact(disk.params).c_str(), exact(disk.expert_params).c_str());
+    } else {
+      std::printf("\nweights not present: the tables need only config.json. Chapter 05 runs on the real weights once the\n"
+                  "shards are downloaded (see data/README.md: one command, about %s).\n",
+                  human_bytes(double(config_bytes)).c_str());
+      std::printf("CHECK PASS 00_model_tour: metadata only: the index names the %lld tensors config.json implies and its "
+                  "total_size %s bytes = %s parameters x %d bytes (%s)\n",
+                  (long long)names, exact(std::int64_t(*total_size)).c_str(), exact(pc.total).c_str(),
+                  bytes_per_param(c), c.torch_dtype.c_str());
+    }
     return 0;
   });
 }

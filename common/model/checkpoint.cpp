@@ -80,10 +80,14 @@ struct Checkpoint::Impl {
   std::string index_path;                           // empty for a single model.safetensors
   std::map<std::string, std::string> weight_map;    // tensor name -> shard file (relative to dir)
   std::vector<std::string> shards;                  // sorted, unique
+  bool weights_present = true;                      // false: metadata only (no shard on disk)
+  std::optional<std::uint64_t> total_size;          // the index's metadata.total_size
   mutable std::mutex mu;                            // guards `files` (lazy opening from several threads)
   mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> files;
 
   const SafetensorsFile& shard(const std::string& file) const {
+    require(weights_present, "checkpoint ", dir, " holds metadata only (config.json and ", index_path,
+            ", none of the shards): its weights cannot be read; download the shards into ", dir);
     std::lock_guard<std::mutex> lock(mu);
     auto& slot = files[file];
     if (!slot) slot = std::make_unique<SafetensorsFile>(SafetensorsFile::open((fs::path(dir) / file).string()));
@@ -113,10 +117,12 @@ Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
 Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
 Checkpoint::~Checkpoint() = default;
 
-Checkpoint Checkpoint::open(const std::string& dir) {
+Checkpoint Checkpoint::open(const std::string& dir, Shards shards) {
   Checkpoint ck;
   Impl& m = *ck.impl_;
   m.dir = dir;
+  require(!fs::exists(dir) || fs::is_directory(dir), "model directory '", dir,
+          "' is a file, not a directory (pass the directory that holds config.json)");
   m.config = ModelConfig::load(dir);  // also reports a missing directory
 
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
@@ -146,9 +152,23 @@ Checkpoint Checkpoint::open(const std::string& dir) {
       shard_set.insert(file);
     }
     m.shards.assign(shard_set.begin(), shard_set.end());
-    for (const auto& s : m.shards)
-      require(fs::is_regular_file(fs::path(dir) / s), m.where(s), ": shard named by ", m.index_path,
-              " is missing (incomplete download? re-fetch or regenerate the model)");
+    if (auto md = j.find("metadata"); md != j.end() && md->is_object()) {
+      if (auto ts = md->find("total_size"); ts != md->end() && !ts->is_null()) {
+        require(ts->is_number_unsigned() || (ts->is_number_integer() && ts->get<std::int64_t>() >= 0),
+                m.index_path, ": metadata.total_size is not a byte count (", ts->dump(), ")");
+        m.total_size = ts->get<std::uint64_t>();
+      }
+    }
+    std::size_t present = 0;
+    for (const auto& s : m.shards) present += fs::is_regular_file(fs::path(dir) / s) ? 1 : 0;
+    if (present == 0 && shards == Shards::AllOrNone) {
+      m.weights_present = false;
+    } else {
+      for (const auto& s : m.shards)
+        require(fs::is_regular_file(fs::path(dir) / s), m.where(s), ": shard named by ", m.index_path,
+                " is missing (", present, " of ", m.shards.size(),
+                " shards present: incomplete download? re-fetch or regenerate the model)");
+    }
   } else if (fs::exists(single)) {
     m.shards = {"model.safetensors"};
     const SafetensorsFile& f = m.shard("model.safetensors");
@@ -161,6 +181,8 @@ Checkpoint Checkpoint::open(const std::string& dir) {
 
 const std::string& Checkpoint::dir() const { return impl_->dir; }
 const ModelConfig& Checkpoint::config() const { return impl_->config; }
+bool Checkpoint::weights_present() const { return impl_->weights_present; }
+std::optional<std::uint64_t> Checkpoint::index_total_size() const { return impl_->total_size; }
 bool Checkpoint::has(const std::string& name) const { return impl_->weight_map.count(name) != 0; }
 
 const TensorInfo& Checkpoint::info(const std::string& name) const {
@@ -250,10 +272,9 @@ int number_after(const std::string& name, const std::string& prefix) {
 
 }  // namespace
 
-void Checkpoint::validate_against_config() const {
+void Checkpoint::validate_names_against_config() const {
   const ModelConfig& c = impl_->config;
   const std::string cfg = (fs::path(impl_->dir) / "config.json").string();
-  open_all_shards();
 
   // First, tensors for layers or experts the config does not have: the clearest sign of a config that
   // does not belong to these weights (e.g. num_local_experts = 8 over a 16-expert checkpoint).
@@ -270,17 +291,22 @@ void Checkpoint::validate_against_config() const {
           " but the checkpoint holds layer ", max_layer, " (tensor '", layer_example,
           "'): config.json does not match the weights");
 
-  // Then every tensor PhiMoE needs: first that it exists (a missing expert says more than the router's
-  // shape would), then that it has the shape the config implies.
-  const std::vector<TensorSpec> specs = phimoe_tensor_specs(c);
-  for (const TensorSpec& s : specs) {
+  // Then every tensor PhiMoE needs exists (a missing expert says more than the router's shape would).
+  for (const TensorSpec& s : phimoe_tensor_specs(c)) {
     if (impl_->weight_map.count(s.name)) continue;
     TensorInfo want;
     want.shape = s.shape;
     fail("checkpoint ", impl_->dir, " lacks tensor '", s.name, "' ", want.shape_str(), " that ", cfg, " implies (",
          c.num_hidden_layers, " layers, ", c.num_local_experts, " experts): wrong config or incomplete checkpoint");
   }
-  for (const TensorSpec& s : specs) {
+}
+
+void Checkpoint::validate_against_config() const {
+  const ModelConfig& c = impl_->config;
+  open_all_shards();
+  validate_names_against_config();
+  // Then that every tensor has the shape the config implies.
+  for (const TensorSpec& s : phimoe_tensor_specs(c)) {
     auto it = impl_->weight_map.find(s.name);
     const TensorInfo& t = info(s.name);
     if (t.shape != s.shape) {

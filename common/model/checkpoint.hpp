@@ -1,11 +1,15 @@
 // A PhiMoE checkpoint directory in Hugging Face format, and the tensor names PhiMoE uses.
 //
 // <dir>/config.json plus either one model.safetensors or shards listed in model.safetensors.index.json
-// ({"weight_map": {"tensor name": "shard file"}}). Shards are opened (and validated) lazily, on first use,
-// so a rank that loads only its experts never maps the other shards' pages.
+// ({"metadata": {"total_size": bytes}, "weight_map": {"tensor name": "shard file"}}). Shards are opened
+// (and validated) lazily, on first use, so a rank that loads only its experts never maps the other shards'
+// pages. Opened with Shards::AllOrNone, a directory with config.json and the index but none of the shards
+// (what a student downloads first, a few KB) is a metadata-only checkpoint: its names and sizes can be
+// checked against the config, its weights cannot be read.
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -48,15 +52,27 @@ struct DiskCounts {
 
 class Checkpoint {
  public:
+  // What open() requires of the shards an index names.
+  enum class Shards {
+    All,        // every shard must be there (everything that reads weights)
+    AllOrNone,  // every shard, or none of them: a metadata-only checkpoint (chapter 00)
+  };
   // Reads config.json and the index (or the single file). A missing shard named by the index is
-  // reported when the checkpoint is opened, not later.
-  static Checkpoint open(const std::string& dir);
+  // reported when the checkpoint is opened, not later (with AllOrNone: unless every shard is missing).
+  // `dir` must be a directory; a file or a missing path is reported as such.
+  static Checkpoint open(const std::string& dir, Shards shards = Shards::All);
   Checkpoint(Checkpoint&&) noexcept;
   Checkpoint& operator=(Checkpoint&&) noexcept;
   ~Checkpoint();
 
   const std::string& dir() const;
   const ModelConfig& config() const;
+  // False only for a metadata-only checkpoint (Shards::AllOrNone, no shard on disk); then every call that
+  // reads a shard (info, read_*, open_all_shards, validate_against_config, disk_counts) throws saying so.
+  bool weights_present() const;
+  // The index's metadata.total_size (tensor bytes, headers excluded) when the index gives it; none for a
+  // single model.safetensors.
+  std::optional<std::uint64_t> index_total_size() const;
   bool has(const std::string& name) const;
   // Validated info for a tensor; throws naming the tensor when it is absent.
   const TensorInfo& info(const std::string& name) const;
@@ -68,9 +84,12 @@ class Checkpoint {
 
   // Opens and validates every shard's header now (no tensor data is read).
   void open_all_shards() const;
-  // Checks that every tensor in phimoe_tensor_specs(config()) exists with exactly that shape, and that no
-  // tensor belongs to a layer or expert the config does not have (a config with the wrong expert count).
-  // Throws eplab::Error naming the tensor, its file and the expected shape. Opens every shard.
+  // The names alone, no shard opened (works on a metadata-only checkpoint): no tensor belongs to a layer or
+  // expert the config does not have, and every tensor of phimoe_tensor_specs(config()) is listed. Throws
+  // eplab::Error naming the tensor. Names the config does not imply are left to the caller to count.
+  void validate_names_against_config() const;
+  // validate_names_against_config(), then that every tensor in phimoe_tensor_specs(config()) has exactly
+  // that shape. Throws eplab::Error naming the tensor, its file and the expected shape. Opens every shard.
   void validate_against_config() const;
   // Counts over all tensors listed by the index (opens every shard).
   DiskCounts disk_counts() const;

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/checkpoint.hpp"
+#include "model/tokenizer.hpp"
 #include "moe/cost_model.hpp"
 #include "util/bf16.hpp"
 #include "util/check.hpp"
@@ -139,6 +140,12 @@ InitSpec init_spec(const std::string& name, const ModelConfig& c) {
 GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& config, const GeneratorOptions& opt) {
   config.validate("generator config");
   require(opt.shard_bytes > 0, "generator: shard size must be > 0");
+  int tokenizer_ids = 0;
+  if (!opt.tokenizer_json.empty()) {  // before anything is written: a tokenizer that does not fit is an error
+    tokenizer_ids = Tokenizer::load(opt.tokenizer_json).vocab_size();
+    require(tokenizer_ids <= config.vocab_size, "tokenizer ", opt.tokenizer_json, " has ", tokenizer_ids,
+            " ids but the model's vocab_size is ", config.vocab_size, ": its ids would not fit the embedding");
+  }
   const int threads = opt.threads > 0 ? opt.threads : int(std::max(1u, std::thread::hardware_concurrency()));
 
   std::error_code ec;
@@ -147,7 +154,7 @@ GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& con
   // Remove an earlier model's files so a smaller shard count does not leave stale shards behind.
   for (const auto& entry : fs::directory_iterator(out_dir)) {
     const std::string f = entry.path().filename().string();
-    if (f == "config.json" || f == "model.safetensors.index.json" ||
+    if (f == "config.json" || f == "model.safetensors.index.json" || f == "tokenizer.json" ||
         (f.rfind("model", 0) == 0 && ends_with(f, ".safetensors")))
       fs::remove(entry.path());
   }
@@ -177,6 +184,17 @@ GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& con
     const std::size_t first = i;
     while (i < specs.size() && shard_of[i] == s) ++i;
     const std::string name = shard_name(s, nshards);
+    if (opt.metadata_only) {  // the index's view of this shard, nothing written
+      for (std::size_t k = first; k < i; ++k) {
+        std::int64_t numel = 1;
+        for (auto d : specs[k].shape) numel *= d;
+        weight_map[specs[k].name] = name;
+        result.tensors += 1;
+        result.params += numel;
+        result.bytes += std::uint64_t(numel) * 2;
+      }
+      continue;
+    }
     const std::string path = (fs::path(out_dir) / name).string();
     // Stream the shard: the header first (every shape is known up front), then each tensor generated
     // into `buf` and written straight out. The bytes are what SafetensorsWriter would write for the
@@ -222,6 +240,13 @@ GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& con
     std::ofstream f(index_path);
     f << index.dump(2) << '\n';
     require(bool(f), index_path, ": write failed");
+  }
+  if (!opt.tokenizer_json.empty()) {
+    const fs::path to = fs::path(out_dir) / "tokenizer.json";
+    std::error_code cec;
+    fs::copy_file(opt.tokenizer_json, to, fs::copy_options::overwrite_existing, cec);
+    require(!cec, "cannot copy ", opt.tokenizer_json, " to ", to.string(), " (", cec.message(), ")");
+    result.tokenizer_ids = tokenizer_ids;
   }
   // config.json last: its presence marks a complete model (the Makefile tests for it).
   nlohmann::json cj = config.to_json();

@@ -1,5 +1,6 @@
 // Synthetic PhiMoE checkpoints: random weights in the exact on-disk format of a Hugging Face PhiMoE
-// model (config.json, sharded safetensors, model.safetensors.index.json), deterministic by seed.
+// model (config.json, sharded safetensors, model.safetensors.index.json), deterministic by seed, plus
+// a copy of a tokenizer.json when one is given (so text prompts work on the model).
 //
 // Every tensor of phimoe_tensor_specs(config) is written as BF16, in that order, packed greedily into
 // shards of at most shard_bytes (a bigger tensor gets a shard of its own). Shards are named as
@@ -51,6 +52,12 @@ struct GeneratorOptions {
   int threads = 0;                                       // 0: all hardware threads
   std::function<void(const std::string&)> log = nullptr;  // one line per shard written; null = quiet
   std::string name_or_path = "eplab-synthetic";           // written to config.json's _name_or_path
+  // An HF tokenizer.json copied into the model as tokenizer.json; empty = none. Its ids must fit the
+  // model's vocab_size (checked: a tokenizer with more ids than the embedding has rows is an error).
+  std::string tokenizer_json;
+  // Write config.json and the index only, no shards: the metadata of the model a download starts with
+  // (chapter 00 reads it). The index names the shards the full model would have.
+  bool metadata_only = false;
 };
 
 struct GeneratedModel {
@@ -58,10 +65,11 @@ struct GeneratedModel {
   std::int64_t tensors = 0;
   std::int64_t params = 0;
   std::uint64_t bytes = 0;  // tensor bytes (= index metadata.total_size)
+  int tokenizer_ids = 0;    // ids of the copied tokenizer.json (0: none written)
 };
 
 // Writes the model into out_dir (created if needed). Files of an earlier model there (config.json,
-// the index, model*.safetensors) are removed first; nothing else is touched. Streams: each shard's
+// the index, model*.safetensors, tokenizer.json) are removed first; nothing else is touched. Streams: each shard's
 // header is written first, then its tensors one at a time from one reused buffer, so memory stays at
 // the largest tensor (the 263 MB embedding for phi-tiny), whatever the model or shard size.
 GeneratedModel generate_model(const std::string& out_dir, const ModelConfig& config, const GeneratorOptions& opt);

@@ -33,6 +33,12 @@ ParamCounts count_params(const ModelConfig& c) {
   return p;
 }
 
+int bytes_per_param(const ModelConfig& c) {
+  if (c.torch_dtype == "bfloat16" || c.torch_dtype == "float16") return 2;
+  if (c.torch_dtype == "float32") return 4;
+  fail("torch_dtype '", c.torch_dtype, "' has no known size (expected bfloat16, float16 or float32)");
+}
+
 EpMemory ep_memory(const ModelConfig& c, int ep_size, double bytes_per_param) {
   require(ep_size >= 1, "EP size must be >= 1, got ", ep_size);
   const ParamCounts p = count_params(c);

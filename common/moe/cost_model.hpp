@@ -51,6 +51,10 @@ struct EpMemory {
   double total_bytes_per_gpu = 0;    // weights only (no activations, KV cache or workspace)
 };
 
+// Bytes per parameter of the config's torch_dtype as stored on disk: 2 for bfloat16 and float16, 4 for
+// float32. Throws eplab::Error for any other dtype.
+int bytes_per_param(const ModelConfig& c);
+
 // Weights' memory per GPU for EP size `ep_size` (>= 1); bytes_per_param 2 for bf16.
 EpMemory ep_memory(const ModelConfig& c, int ep_size, double bytes_per_param = 2.0);
 

@@ -1,5 +1,6 @@
 // Checkpoint: PhiMoE names, the index path and the single-file path, lazy shard opening, shape checks,
-// BF16/F16/F32 conversion, loading any subset of a layer's experts, and validate_against_config.
+// BF16/F16/F32 conversion, loading any subset of a layer's experts, validate_against_config, metadata-only
+// checkpoints (config + index, no shards) and data/phi-tiny-moe, the real model's metadata.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -10,6 +11,7 @@
 
 #include "model/checkpoint.hpp"
 #include "model/generator.hpp"
+#include "moe/cost_model.hpp"
 #include "util/check.hpp"
 #include "tmp_dir.hpp"
 
@@ -306,4 +308,106 @@ TEST_CASE("checkpoint: single model.safetensors in F32 and F16 reads like the BF
   CHECK(bf16_to_float(g16[2]) == 0.333984375f);
   CHECK(bf16_to_float(g16[4]) == 65536.f);
   CHECK(g16[3] == 0x3380);  // 2^-24 is exact in bf16: exponent 127-24 = 103 -> bits 0x3380
+}
+
+TEST_CASE("checkpoint: metadata only (config.json + index, no shards) with Shards::AllOrNone") {
+  TmpDir d;
+  make_small(d.path);
+  const std::uint64_t bytes = [&] {
+    std::ifstream f(d.path / "model.safetensors.index.json");
+    return nlohmann::json::parse(f).at("metadata").at("total_size").get<std::uint64_t>();
+  }();
+  const Checkpoint full = Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone);
+  CHECK(full.weights_present());  // every shard there: a full checkpoint, whatever the mode
+  CHECK(full.index_total_size() == bytes);
+  const std::vector<std::string> shards = full.shard_files();
+  REQUIRE(shards.size() >= 2);
+
+  SUBCASE("no shard: metadata only") {
+    for (const auto& s : shards) fs::remove(d.path / s);
+    CHECK(error_of([&] { Checkpoint::open(d.path.string()); }).find("is missing (0 of") != std::string::npos);
+    const Checkpoint ck = Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone);
+    CHECK_FALSE(ck.weights_present());
+    CHECK(ck.index_total_size() == bytes);
+    CHECK(ck.tensor_names().size() == phimoe_tensor_specs(small_config()).size());
+    CHECK(ck.shard_files() == shards);
+    ck.validate_names_against_config();  // names need no shard
+    CHECK(error_of([&] { ck.info(names::router_gate(0)); }).find("holds metadata only") != std::string::npos);
+    CHECK(error_of([&] { ck.validate_against_config(); }).find("holds metadata only") != std::string::npos);
+    CHECK(error_of([&] { load_moe_layer(ck, 0); }).find("holds metadata only") != std::string::npos);
+  }
+  SUBCASE("some shards: an incomplete download, reported in either mode") {
+    fs::remove(d.path / shards.back());
+    const std::string want = "is missing (" + std::to_string(shards.size() - 1) + " of " +
+                             std::to_string(shards.size()) + " shards present";
+    CHECK(error_of([&] { Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone); }).find(want) !=
+          std::string::npos);
+  }
+  SUBCASE("names checked without shards: wrong expert count, a missing tensor") {
+    for (const auto& s : shards) fs::remove(d.path / s);
+    nlohmann::json c;
+    std::ifstream(d.path / "config.json") >> c;
+    c["num_local_experts"] = 8;
+    std::ofstream(d.path / "config.json") << c.dump();
+    const Checkpoint ck8 = Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone);
+    CHECK(error_of([&] { ck8.validate_names_against_config(); }).find("num_local_experts = 8 but the checkpoint holds "
+                                                                      "expert 15") != std::string::npos);
+    c["num_local_experts"] = 16;
+    std::ofstream(d.path / "config.json") << c.dump();
+    nlohmann::json idx;
+    std::ifstream(d.path / "model.safetensors.index.json") >> idx;
+    idx["weight_map"].erase(names::expert_w(1, 5, 3));
+    std::ofstream(d.path / "model.safetensors.index.json") << idx.dump();
+    const Checkpoint ck = Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone);
+    CHECK(error_of([&] { ck.validate_names_against_config(); }).find("lacks tensor '" + names::expert_w(1, 5, 3)) !=
+          std::string::npos);
+  }
+  SUBCASE("total_size that is not a byte count") {
+    nlohmann::json idx;
+    std::ifstream(d.path / "model.safetensors.index.json") >> idx;
+    idx["metadata"]["total_size"] = "7.5 GB";
+    std::ofstream(d.path / "model.safetensors.index.json") << idx.dump();
+    CHECK(error_of([&] { Checkpoint::open(d.path.string()); }).find("metadata.total_size is not a byte count") !=
+          std::string::npos);
+    idx["metadata"].erase("total_size");
+    std::ofstream(d.path / "model.safetensors.index.json") << idx.dump();
+    CHECK_FALSE(Checkpoint::open(d.path.string()).index_total_size().has_value());
+  }
+}
+
+TEST_CASE("checkpoint: a file given as the model directory is named as a file") {
+  TmpDir d;
+  const std::string f = d.write("README.md", "# not a model\n");
+  const auto e = error_of([&] { Checkpoint::open(f); });
+  CHECK(e.find("is a file, not a directory") != std::string::npos);
+  CHECK(e.find("does not exist") == std::string::npos);
+}
+
+TEST_CASE("checkpoint: data/phi-tiny-moe, the real Phi-tiny-MoE metadata, agrees with the built-in shape") {
+  const std::string dir = std::string(EPLAB_SOURCE_DIR) + "/data/phi-tiny-moe";
+  CHECK(error_of([&] { Checkpoint::open(dir); }).find("is missing") != std::string::npos);  // no shards in git
+  const Checkpoint ck = Checkpoint::open(dir, Checkpoint::Shards::AllOrNone);
+  CHECK_FALSE(ck.weights_present());
+  const ModelConfig& c = ck.config();
+  const ModelConfig phi = phi_tiny_moe_config();
+  CHECK(c.hidden_size == phi.hidden_size);
+  CHECK(c.intermediate_size == phi.intermediate_size);
+  CHECK(c.num_hidden_layers == phi.num_hidden_layers);
+  CHECK(c.num_attention_heads == phi.num_attention_heads);
+  CHECK(c.num_key_value_heads == phi.num_key_value_heads);
+  CHECK(c.head_dim == phi.head_dim);
+  CHECK(c.num_local_experts == phi.num_local_experts);
+  CHECK(c.num_experts_per_tok == phi.num_experts_per_tok);
+  CHECK(c.vocab_size == phi.vocab_size);
+  CHECK(c.sliding_window == phi.sliding_window);
+  CHECK(c.rope_theta == phi.rope_theta);
+  CHECK(c.rms_norm_eps == phi.rms_norm_eps);
+  CHECK(c.router_jitter_noise == phi.router_jitter_noise);
+  CHECK(c.attention_bias);
+  CHECK(c.lm_head_bias);
+  CHECK_FALSE(c.tie_word_embeddings);
+  CHECK(c.torch_dtype == "bfloat16");
+  ck.validate_names_against_config();
+  CHECK(ck.tensor_names().size() == phimoe_tensor_specs(c).size());  // 1957: exactly the names PhiMoE needs
+  CHECK(ck.index_total_size() == std::uint64_t(3'755'220'288) * 2);  // 3.76 B bf16 parameters
 }

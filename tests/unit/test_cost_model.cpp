@@ -5,6 +5,7 @@
 
 #include "model/checkpoint.hpp"
 #include "moe/cost_model.hpp"
+#include "util/check.hpp"
 
 using namespace eplab;
 
@@ -155,4 +156,17 @@ TEST_CASE("cost model: KV cache, activation and all-to-all estimates, by hand") 
   CHECK(n.kv_cache_bytes == 400.0 * 10240);
   CHECK(n.activation_bytes == 400.0 * 5248);
   CHECK(n.all_to_all_bytes == 400.0 * 6144);
+}
+
+TEST_CASE("cost model: bytes per parameter of the config's dtype; Phi-tiny-MoE's index size") {
+  ModelConfig c = phi_tiny_moe_config();
+  CHECK(bytes_per_param(c) == 2);  // bfloat16
+  // The index's metadata.total_size of the real checkpoint: 3,755,220,288 bf16 parameters.
+  CHECK(count_params(c).total * bytes_per_param(c) == 7'510'440'576);
+  c.torch_dtype = "float16";
+  CHECK(bytes_per_param(c) == 2);
+  c.torch_dtype = "float32";
+  CHECK(bytes_per_param(c) == 4);
+  c.torch_dtype = "int4";
+  CHECK_THROWS_AS(bytes_per_param(c), Error);
 }

@@ -15,6 +15,7 @@
 
 #include "model/checkpoint.hpp"
 #include "model/generator.hpp"
+#include "model/tokenizer.hpp"
 #include "util/check.hpp"
 #include "util/rng.hpp"
 #include "tmp_dir.hpp"
@@ -245,4 +246,54 @@ TEST_CASE("generator: the streamed shards are byte for byte what SafetensorsWrit
     CHECK(slurp(e.path()) == slurp(b.path / f));
   }
   CHECK(shards >= 2);
+}
+
+TEST_CASE("generator: tokenizer.json copied in when given, refused when its ids do not fit") {
+  const std::string tok = std::string(EPLAB_SOURCE_DIR) + "/data/tokenizer/tokenizer.json";
+  TmpDir a, b;
+  ModelConfig c = tiny();
+  c.vocab_size = 800;  // the course tokenizer has 767 ids
+  GeneratorOptions o;
+  o.shard_bytes = 1 << 30;
+  o.tokenizer_json = tok;
+  const GeneratedModel g = generate_model(a.path.string(), c, o);
+  CHECK(g.tokenizer_ids == 767);
+  CHECK(slurp(a.path / "tokenizer.json") == slurp(tok));
+  CHECK(Tokenizer::load(a.path.string()).vocab_size() == 767);
+
+  // Regenerating without a tokenizer removes the earlier one (it would not belong to the new model).
+  o.tokenizer_json.clear();
+  CHECK(generate_model(a.path.string(), c, o).tokenizer_ids == 0);
+  CHECK_FALSE(fs::exists(a.path / "tokenizer.json"));
+
+  c.vocab_size = 512;
+  o.tokenizer_json = tok;
+  std::string err;
+  try {
+    generate_model(b.path.string(), c, o);
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  CHECK(err.find("has 767 ids but the model's vocab_size is 512") != std::string::npos);
+  CHECK_FALSE(fs::exists(b.path / "config.json"));  // refused before anything was written
+}
+
+TEST_CASE("generator: metadata only writes the config and the index the full model would have, no shards") {
+  TmpDir full, meta;
+  gen(full.path, 3, 16 << 10, 1);
+  GeneratorOptions o;
+  o.seed = 3;
+  o.shard_bytes = 16 << 10;
+  o.metadata_only = true;
+  const GeneratedModel g = generate_model(meta.path.string(), tiny(), o);
+  const auto m = dir_contents(meta.path), f = dir_contents(full.path);
+  CHECK(m.size() == 2);
+  CHECK(m.at("config.json") == f.at("config.json"));
+  CHECK(m.at("model.safetensors.index.json") == f.at("model.safetensors.index.json"));
+  CHECK(g.shards > 1);
+  CHECK(std::size_t(g.tensors) == phimoe_tensor_specs(tiny()).size());
+  const Checkpoint ck = Checkpoint::open(meta.path.string(), Checkpoint::Shards::AllOrNone);
+  CHECK_FALSE(ck.weights_present());
+  CHECK(ck.index_total_size() == g.bytes);
+  ck.validate_names_against_config();
 }
