@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 namespace {
@@ -17,13 +18,7 @@ constexpr int kMaxD = 32 * kMaxPerLane;
 // tokens/s with 4 warps, 2974 with 16). The switch is by grid size: up to 4 blocks per SM get 16 warps.
 // (Batch invariance: the same row gives the same bits only while the grid stays on the same side.)
 int warps_for(std::int64_t blocks) {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 132;
-    return n;
-  }();
-  return blocks <= 4 * std::int64_t(sms) ? 16 : 4;
+  return blocks <= 4 * std::int64_t(sm_count()) ? 16 : 4;
 }
 
 template <int kWarps>

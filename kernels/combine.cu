@@ -5,6 +5,7 @@
 
 #include "bf16_accum.cuh"
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 
@@ -52,8 +53,6 @@ __global__ void combine_scalar_kernel(const bf16* __restrict__ yp, const int* __
 unsigned grid_for(size_t work, int threads) {
   return unsigned(std::min<size_t>((work + threads - 1) / threads, size_t(1) << 20));
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
 

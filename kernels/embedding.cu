@@ -1,8 +1,8 @@
 #include "embedding.cuh"
 
-#include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 namespace {
@@ -23,8 +23,6 @@ __global__ void embedding_kernel(const bf16* __restrict__ table, int V, int H, c
   const uint4* src = reinterpret_cast<const uint4*>(table + std::size_t(id) * H);
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) dst[i] = __ldg(src + i);
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
 

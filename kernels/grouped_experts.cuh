@@ -75,7 +75,7 @@
 //          unpermute_combine_padded) and calls grouped_experts_padded for the GEMMs, so the layer pays no
 //          extra pass. Not available with a group->expert map (grouped_experts_segments with d_expert_of):
 //          the weights are then not a fixed stride apart; it runs cublas-streams there.
-//          Measured (H200, session 9, whole layer in GpuMoeLayer, strategies interleaved in one run, median
+//          Measured (H200, whole layer in GpuMoeLayer, strategies interleaved in one run, median
 //          ms, write / read L2 flush): T = 4096 padded 0.308 / 0.303 vs streams 0.400 / 0.396 vs grouped
 //          0.484; T = 16384 0.918 / 0.907 vs streams 1.003 / 0.995 vs grouped 1.571; T = 64 0.119 vs grouped
 //          0.143; T = 512 0.129 vs 0.157. Its w13 GEMM at T = 4096 runs at 81 % of the SMs' throughput
@@ -89,13 +89,13 @@
 // Threshold: small_rows_max = 32 rows (T = 16 at top-2). Below it WeightStream reads every weight once
 // and has no host round trip; above it the CUDA-core FMAs (6·rows·H·I) and per-8-row passes start to
 // cost more than the host round trip plus tensor-core GEMMs. Measured (H200, whole layer, token-direct
-// path vs cublas-grouped): T = 16 0.123 vs 0.125 ms, T = 32 0.157 vs 0.132, T = 64 0.249 vs 0.130. It is a knob of the workspace (env
-// EPLAB_SMALL_ROWS, and EPLAB_EXPERTS to force a strategy, through GpuMoeLayer); tune it with
-// 02_moe_grouped --bench.
+// path vs cublas-grouped): T = 16 0.123 vs 0.125 ms, T = 32 0.157 vs 0.132, T = 64 0.249 vs 0.130. It is a
+// knob of the workspace (GpuMoeLayer::set_expert_strategy sets it with the strategy); 02_moe_grouped
+// --bench-experts compares strategies on the whole layer.
 //
 // Budget at Phi-tiny's shape (H = 4096, I = 448, E = 16, top-2) against the step's targets on an H200:
 //   T = 1:     22 MB of weights -> ~5 us at HBM speed; measured, the 3 kernels of the direct path (router,
-//              w1|w3, w2) take ~9-11 us each, latency chains rather than bandwidth (notes/perf-02.md v7), so
+//              w1|w3, w2) take ~9-11 us each, latency chains rather than bandwidth (chapter 02 README), so
 //              the layer replays the sync-free forward as one CUDA graph with programmatic dependent launch.
 //   T = 4096:  6·8192·4096·448 = 90 GFLOP -> ~0.14 ms at ~650 TFLOP/s, leaving ~0.2 ms of the 0.35 ms for
 //              router, plan, permute (reads x, writes 2x), SwiGLU and combine (~0.3 GB of traffic).
@@ -142,10 +142,10 @@ class GroupedWorkspace {
   GroupedStrategy strategy = GroupedStrategy::Auto;
   int small_rows_max = 32;
   int streams_min_rows = 4096;  // Auto: cublas-grouped below this many rows, cublas-streams from here on
-  int streams = 4;  // CublasStreams: how many streams the per-expert GEMM chains are spread over (1..8)
   // CublasPadded: M_pad may be at most this many times the mean rows per expert (padded_capacity_per_expert);
-  // above, cublas-streams runs. Buffers for the padded layout are sized for that cap.
-  float padded_max_ratio = 2.f;
+  // above, cublas-streams runs. Buffers for the padded layout are sized for that cap (at T = 16384 the
+  // layer's scratch is 1.16 GiB at 2, 0.73 GiB at 1.25, 0.58 GiB unpadded).
+  static constexpr float padded_max_ratio = 2.f;
   // Auto above small_rows_max: CublasPadded instead of CublasGrouped / CublasStreams. GpuMoeLayer sets it (its
   // permute writes the padded layout directly); callers with contiguous rows keep it off (pad + unpad copies).
   bool auto_padded = false;

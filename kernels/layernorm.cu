@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 namespace {
@@ -88,8 +89,6 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const bf16* x, con
     reinterpret_cast<uint4*>(y + base)[i] = ln_pack8(o);
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 void launch(const bf16* x, const bf16* r, bf16* sum, const bf16* w, const bf16* b, int rows, int n, float eps,
             bf16* y, cudaStream_t s, const char* who) {

@@ -14,7 +14,10 @@
 //   weighted combine), 3 kernels instead of 7: the experts read x rows through d_ids and write y
 //   directly, so there is no dispatch plan, no permuted copy and no combine pass. At T = 1 each launch
 //   in the chain costs a few microseconds of latency next to ~5 us of weight streaming, so the kernel
-//   count is what sets the time. (EPLAB_DIRECT=0 turns it off, for comparison.)
+//   count is what sets the time. The experts step is experts_decode's w1|w3 kernel followed by
+//   experts_direct's w2 kernel (experts_decode.cuh says why); a shape experts_decode cannot run
+//   (experts_decode_ok: up to 32 rows, I <= 512) runs experts_direct's two kernels. Measured on an H200, the
+//   plan + permute + combine chain instead of this path: T = 1 0.0415 vs 0.0407 ms (chapter 02 README).
 //
 // Host synchronisation: none on the naive path, none on the grouped path while grouped_experts streams
 // weights (small batches). The cuBLAS strategies need the per-expert row counts on the host: the offsets
@@ -28,13 +31,16 @@
 // time the same (T, path, x, y, buffers) comes by, and replayed with one cudaGraphLaunch after that. If a
 // capture fails, the layer says so once on stderr and runs without graphs.
 //
-// cublas-padded (Auto above the small-batch rows; measured in grouped_experts.cuh): the permute writes x straight into the padded
-// layout [E, M_pad, H] (padded_layout.cuh; M_pad found on the GPU from the offsets, capped), the experts are two
-// strided-batched GEMMs over it, and the combine reads it back: the same kernel count as the other cuBLAS
-// strategies, no extra pass. xp and yp are then sized for E x the cap rows (2 x rows at the default ratio).
+// cublas-padded (Auto above the small-batch rows; measured in grouped_experts.cuh): the permute writes x
+// straight into the padded layout [E, M_pad, H] (padded_layout.cuh; M_pad found on the GPU from the offsets,
+// capped), the experts are two strided-batched GEMMs over it, and the combine reads it back: the same kernel
+// count as the other cuBLAS strategies, no extra pass. xp and yp are then sized for E x the cap rows (2 x rows).
 //
 // Buffers grow to the largest T seen and are never shrunk: after one forward at the largest T (and one
 // more for the graph capture) forward_device allocates nothing.
+//
+// Profiling: every forward that runs host code (eager, or while a graph is captured) opens NVTX ranges
+// route / plan / dispatch / experts / combine (nvtx_range.hpp) inside one "GpuMoeLayer::forward" range.
 #include "moe_gpu.hpp"
 
 #include <cublas_v2.h>
@@ -42,15 +48,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "combine.cuh"
 #include "cuda_check.hpp"
+#include "device_buffer.hpp"
 #include "experts_decode.cuh"
 #include "grouped_experts.cuh"
 #include "naive_moe.cuh"
+#include "nvtx_range.hpp"
 #include "padded_layout.cuh"
 #include "permute.cuh"
 #include "random_init.cuh"
@@ -64,22 +71,6 @@ using gpu::bf16;
 static_assert(sizeof(bf16) == sizeof(bf16_bits), "bf16_bits and __nv_bfloat16 must have the same layout");
 
 namespace {
-
-template <typename T>
-void grow(T*& p, std::size_t& cap, std::size_t need) {
-  if (need <= cap && p) return;
-  if (p) CUDA_CHECK(cudaFree(p));
-  p = nullptr;
-  cap = 0;
-  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
-  cap = need;
-}
-
-template <typename T>
-void dev_free(T*& p) {
-  if (p) cudaFree(p);  // destructor path: errors ignored
-  p = nullptr;
-}
 
 gpu::GroupedStrategy to_gpu(ExpertStrategy s) {
   switch (s) {
@@ -106,6 +97,12 @@ ExpertStrategy from_gpu(gpu::GroupedStrategy s) {
 }
 
 constexpr int kMaxGraphs = 16;  // e.g. the benchmark rotates over 8 input batches
+
+// RouterImpl::Auto where the tiled router cannot run: the fused per-token kernel up to this T, cuBLAS +
+// route_topk above. Measured on an H200 (Phi-tiny gate, 16 x 4096), whole layer: T = 512 0.1435 ms fused vs
+// 0.1486 ms with cuBLAS + route_topk; T = 4096 0.442 vs 0.383 ms (the fused kernel re-reads the 128 KB gate
+// from L2 per token, 512 MB at T = 4096).
+constexpr int kFusedRouterMaxT = 512;
 
 }  // namespace
 
@@ -135,6 +132,40 @@ ExpertStrategy parse_expert_strategy(const std::string& name) {
        "': use auto, weight-stream, cublas-grouped, cublas-loop, cublas-streams or cublas-padded");
 }
 
+// ---- stage events --------------------------------------------------------------------------------------
+
+MoeStageEvents::MoeStageEvents() {
+  for (auto& e : ev_) CUDA_CHECK(cudaEventCreate(&e));
+}
+
+MoeStageEvents::~MoeStageEvents() {
+  for (auto& e : ev_)
+    if (e) cudaEventDestroy(e);
+}
+
+void MoeStageEvents::boundary(MoeBoundary b, cudaStream_t s) { CUDA_CHECK(cudaEventRecord(ev_[b], s)); }
+
+float MoeStageEvents::ms(MoeBoundary from, MoeBoundary to) const {
+  CUDA_CHECK(cudaEventSynchronize(ev_[to]));
+  float t = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&t, ev_[from], ev_[to]));
+  return t;
+}
+
+MoeTimings MoeStageEvents::eager_split() const {
+  MoeTimings r;
+  r.router_ms = ms(kMoeStart, kMoeRouted);
+  r.routing_ms = ms(kMoeRouted, kMoeRoutingDone);
+  r.permute_ms = ms(kMoeRoutingDone, kMoePermuted);
+  r.experts_ms = ms(kMoePermuted, kMoeExpertsDone);
+  r.combine_ms = ms(kMoeExpertsDone, kMoeCombined);
+  r.offsets_wait_ms = ms(kMoePermuted, kMoeExpertsStart);
+  r.total_ms = ms(kMoeStart, kMoeCombined);
+  return r;
+}
+
+// ---- the layer -----------------------------------------------------------------------------------------
+
 struct GpuMoeLayer::Impl {
   int H = 0, I = 0, E = 0, k = 0;
   RouterKind router = RouterKind::SparseMixer;
@@ -143,29 +174,21 @@ struct GpuMoeLayer::Impl {
   cublasHandle_t blas = nullptr;
   cudaStream_t stream = nullptr;   // forward()'s stream
   cudaStream_t capture = nullptr;  // private stream that graph captures are recorded on
-  // Stage boundaries for time_stages: 0 start, 1 router, 2 routing, 3 permute, 4 experts, 5 combine,
-  // 6 experts start (after the host's wait for the offsets on the cuBLAS paths, else = 3).
-  cudaEvent_t ev[7] = {};
   cudaEvent_t ev_offsets = nullptr;
-  // time_stages_queued: busy-wait length (0 = off, the normal forward) and what the last queued run saw.
-  float spin_us = 0.f;
-  cudaEvent_t ev_spin = nullptr;  // after the latest busy-wait
-  int queue_misses = 0;
+  std::unique_ptr<MoeStageEvents> stage_events;  // forward(..., time_stages), made on first use
 
-  bf16 *d_gate = nullptr, *d_w13 = nullptr, *d_w2 = nullptr;
-  bf16 *d_w1 = nullptr, *d_w3 = nullptr;  // naive path only, split from w13 on first use
+  DeviceBuffer<bf16> gate, w13, w2;
+  DeviceBuffer<bf16> w1, w3;  // naive path only, split from w13 on first use
 
-  // Per-token scratch, sized for cap_T tokens.
+  // Per-token scratch, sized for cap_T tokens (xp and yp: more for cublas-padded's layout).
   int cap_T = 0;
-  std::size_t c_logits = 0, c_ids = 0, c_wts = 0, c_counts = 0, c_offsets = 0, c_row_of = 0, c_assign = 0, c_xp = 0,
-              c_yp = 0, c_xio = 0, c_yio = 0;
-  float* d_logits = nullptr;
-  int* d_ids = nullptr;
-  float* d_weights = nullptr;
-  int *d_counts = nullptr, *d_offsets = nullptr, *d_row_of = nullptr, *d_assignment = nullptr;
-  bf16 *d_xp = nullptr, *d_yp = nullptr;
-  bf16 *d_xio = nullptr, *d_yio = nullptr;  // forward()'s device copies of x and y
-  int* h_offsets = nullptr;                 // pinned [E+1]
+  DeviceBuffer<float> logits;
+  DeviceBuffer<int> ids;
+  DeviceBuffer<float> weights;
+  DeviceBuffer<int> counts, offsets, row_of, assignment;
+  DeviceBuffer<bf16> xp, yp;
+  DeviceBuffer<bf16> xio, yio;  // forward()'s device copies of x and y
+  PinnedBuffer<int> h_offsets;  // [E+1]
 
   gpu::GroupedWorkspace ws;
   gpu::TiledRouterWorkspace rws;  // router_route_tiled's split-K partials and tile counters
@@ -187,17 +210,10 @@ struct GpuMoeLayer::Impl {
     cudaGraphExec_t exec = nullptr;
   };
   bool use_graphs = true, graphs_broken = false;
-  int fused_router_max_t = 512;  // router_route_fused up to this T, cuBLAS + route_topk above (EPLAB_FUSED_ROUTER_MAX_T)
-  bool use_direct = true;  // EPLAB_DIRECT=0: the decode path goes through plan + permute + combine instead
   // Router: Auto = router_route_tiled wherever it runs (E <= 64, H % 8 == 0, aligned), else the fused
-  // per-token kernel up to fused_router_max_t, else cuBLAS + route_topk. EPLAB_ROUTER=cublas|fused|tiled forces one
-  // (fused / tiled fall back when they cannot run the shape).
+  // per-token kernel up to kFusedRouterMaxT, else cuBLAS + route_topk. set_router_impl forces one (fused /
+  // tiled fall back to cuBLAS when they cannot run the shape).
   RouterImpl router_impl = RouterImpl::Auto;
-  int router_splits = 0;  // the tiled router's split-K count (0: its automatic choice; EPLAB_ROUTER_SPLITS)
-  // direct path with T*k <= 32: which expert kernels (DecodeKernels, EPLAB_DECODE=direct|decode|hybrid).
-  // Hybrid: measured fastest at T = 1 on an H200 (notes/perf-02.md, v7).
-  DecodeKernels decode_kernels = DecodeKernels::Hybrid;
-  bool use_pdl = true;     // programmatic dependent launch for experts_decode (EPLAB_PDL=0: off)
   std::vector<Graph> graphs;                      // oldest first
   std::vector<std::pair<int, MoePath>> warm;      // (T, path) already run eagerly at the current buffers
   unsigned long long graphs_gen = ~0ull;
@@ -212,97 +228,51 @@ struct GpuMoeLayer::Impl {
     CUBLAS_CHECK(cublasCreate(&blas));
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
-    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
     CUDA_CHECK(cudaEventCreateWithFlags(&ev_offsets, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventCreateWithFlags(&ev_spin, cudaEventDisableTiming));
-    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&h_offsets), std::size_t(E + 1) * sizeof(int)));
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_gate), std::size_t(E) * H * sizeof(bf16)));
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w13), std::size_t(E) * 2 * I * H * sizeof(bf16)));
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w2), std::size_t(E) * H * I * sizeof(bf16)));
+    h_offsets = PinnedBuffer<int>(std::size_t(E) + 1);
+    gate = DeviceBuffer<bf16>(std::size_t(E) * H);
+    w13 = DeviceBuffer<bf16>(std::size_t(E) * 2 * I * H);
+    w2 = DeviceBuffer<bf16>(std::size_t(E) * H * I);
     ws.auto_padded = true;  // Auto above the small-batch rows: cublas-padded (measured fastest, grouped_experts.cuh)
-    read_environment();
   }
 
   ~Impl() {
     clear_graphs();
-    dev_free(d_gate), dev_free(d_w13), dev_free(d_w2), dev_free(d_w1), dev_free(d_w3);
-    dev_free(d_logits), dev_free(d_ids), dev_free(d_weights), dev_free(d_counts), dev_free(d_offsets);
-    dev_free(d_row_of), dev_free(d_assignment), dev_free(d_xp), dev_free(d_yp), dev_free(d_xio), dev_free(d_yio);
-    if (h_offsets) cudaFreeHost(h_offsets);
-    for (auto& e : ev)
-      if (e) cudaEventDestroy(e);
     if (ev_offsets) cudaEventDestroy(ev_offsets);
-    if (ev_spin) cudaEventDestroy(ev_spin);
     if (capture) cudaStreamDestroy(capture);
     if (stream) cudaStreamDestroy(stream);
     if (blas) cublasDestroy(blas);
   }
 
-  void read_environment() {
-    if (const char* s = std::getenv("EPLAB_EXPERTS"); s && *s) ws.strategy = to_gpu(parse_expert_strategy(s));
-    if (const char* s = std::getenv("EPLAB_SMALL_ROWS"); s && *s) {
-      char* end = nullptr;
-      const long v = std::strtol(s, &end, 10);
-      require(end && *end == '\0' && v >= 0 && v < (1L << 30), "EPLAB_SMALL_ROWS must be a row count >= 0, got '", s,
-              "'");
-      ws.small_rows_max = int(v);
-    }
-    if (const char* s = std::getenv("EPLAB_EXPERT_STREAMS"); s && *s) {
-      const int v = std::atoi(s);
-      require(v >= 1 && v <= 8, "EPLAB_EXPERT_STREAMS must be 1..8, got '", s, "'");
-      ws.streams = v;
-    }
-    if (const char* s = std::getenv("EPLAB_PADDED_RATIO"); s && *s) {
-      char* end = nullptr;
-      const double v = std::strtod(s, &end);
-      require(end && *end == '\0' && v >= 1.0 && v <= 64.0, "EPLAB_PADDED_RATIO must be a number in [1, 64], got '",
-              s, "'");
-      ws.padded_max_ratio = float(v);
-    }
-    if (const char* s = std::getenv("EPLAB_GRAPHS"); s && std::string(s) == "0") use_graphs = false;
-    if (const char* s = std::getenv("EPLAB_DIRECT"); s && std::string(s) == "0") use_direct = false;
-    if (const char* s = std::getenv("EPLAB_FUSED_ROUTER_MAX_T"); s && *s) fused_router_max_t = std::atoi(s);
-    if (const char* s = std::getenv("EPLAB_ROUTER"); s && *s) router_impl = parse_router_impl(s);
-    if (const char* s = std::getenv("EPLAB_ROUTER_SPLITS"); s && *s) {
-      char* end = nullptr;
-      const long v = std::strtol(s, &end, 10);
-      require(end && *end == '\0' && v >= 0 && v <= 4096, "EPLAB_ROUTER_SPLITS must be 0 (automatic) or a split count, got '",
-              s, "'");
-      router_splits = int(v);
-    }
-    if (const char* s = std::getenv("EPLAB_DECODE"); s && *s) decode_kernels = parse_decode_kernels(s);
-    if (const char* s = std::getenv("EPLAB_PDL"); s && std::string(s) == "0") use_pdl = false;
-  }
-
-  gpu::ExpertWeightsDevice experts() const { return {d_w13, d_w2, E, H, I}; }
+  gpu::ExpertWeightsDevice experts() const { return {w13.get(), w2.get(), E, H, I}; }
 
   // ---- buffers -------------------------------------------------------------------------------------
 
   void ensure_tokens(int T) {
     if (T <= cap_T) return;
     const std::size_t t = std::size_t(T), rows = t * k;
-    grow(d_logits, c_logits, t * E);
-    grow(d_ids, c_ids, rows);
-    grow(d_weights, c_wts, rows);
-    grow(d_counts, c_counts, std::size_t(E));
-    grow(d_offsets, c_offsets, std::size_t(E) + 1);
-    grow(d_row_of, c_row_of, rows);
-    grow(d_assignment, c_assign, rows);
-    grow(d_xp, c_xp, rows * H);
-    grow(d_yp, c_yp, rows * H);
+    logits.grow(t * E);
+    ids.grow(rows);
+    weights.grow(rows);
+    counts.grow(std::size_t(E));
+    offsets.grow(std::size_t(E) + 1);
+    row_of.grow(rows);
+    assignment.grow(rows);
+    xp.grow(rows * H);
+    yp.grow(rows * H);
     cap_T = T;
     ++generation;
   }
 
   void ensure_naive_weights() {
-    if (d_w1) return;
+    if (w1.get()) return;
     const std::size_t per = std::size_t(I) * H;
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w1), std::size_t(E) * per * sizeof(bf16)));
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_w3), std::size_t(E) * per * sizeof(bf16)));
+    w1 = DeviceBuffer<bf16>(std::size_t(E) * per);
+    w3 = DeviceBuffer<bf16>(std::size_t(E) * per);
     for (int e = 0; e < E; ++e) {
-      CUDA_CHECK(cudaMemcpyAsync(d_w1 + e * per, d_w13 + 2 * e * per, per * sizeof(bf16), cudaMemcpyDeviceToDevice,
-                                 stream));
-      CUDA_CHECK(cudaMemcpyAsync(d_w3 + e * per, d_w13 + (2 * e + 1) * per, per * sizeof(bf16),
+      CUDA_CHECK(cudaMemcpyAsync(w1.get() + e * per, w13.get() + 2 * e * per, per * sizeof(bf16),
+                                 cudaMemcpyDeviceToDevice, stream));
+      CUDA_CHECK(cudaMemcpyAsync(w3.get() + e * per, w13.get() + (2 * e + 1) * per, per * sizeof(bf16),
                                  cudaMemcpyDeviceToDevice, stream));
     }
     CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -317,13 +287,10 @@ struct GpuMoeLayer::Impl {
       gpu::reserve_grouped_workspace(ws, experts(), T * k);
       if (const int m_cap = padded_cap(T)) {  // permute_rows_padded writes up to E * m_cap rows into xp
         const std::size_t need = std::max<std::size_t>(std::size_t(T) * k, std::size_t(E) * m_cap) * H;
-        const std::size_t xp_before = c_xp, yp_before = c_yp;
-        grow(d_xp, c_xp, need);
-        grow(d_yp, c_yp, need);
-        if (c_xp != xp_before || c_yp != yp_before) ++generation;
+        if (xp.grow(need) | yp.grow(need)) ++generation;
       }
     }
-    if (gpu::router_route_tiled_ok(d_gate, d_gate, H, E)) gpu::reserve_router_tiled(rws, T, H, E, router_splits);
+    if (gpu::router_route_tiled_ok(gate.get(), gate.get(), H, E)) gpu::reserve_router_tiled(rws, T, H, E);
     const unsigned long long g = (static_cast<unsigned long long>(generation) << 40) ^
                                  (static_cast<unsigned long long>(ws.generation) << 20) ^ rws.generation;
     if (g != graphs_gen) {  // some buffer moved: every captured graph points at freed memory
@@ -339,102 +306,96 @@ struct GpuMoeLayer::Impl {
   // then writes the padded layout whenever M_pad <= this (decided on the GPU, checked again on the host).
   int padded_cap(int T) const {
     const int rows = T * k;
-    if (rows == 0 || gpu::choose_grouped_strategy(ws, experts(), rows, d_xp, d_yp) != gpu::GroupedStrategy::CublasPadded)
+    if (rows == 0 ||
+        gpu::choose_grouped_strategy(ws, experts(), rows, xp.get(), yp.get()) != gpu::GroupedStrategy::CublasPadded)
       return 0;
     return gpu::padded_capacity_per_expert(ws.padded_max_ratio, E, rows);
   }
 
-  // time_stages_queued: the busy-wait in front of a stretch of the forward, and the check that it was still
-  // running when the host had queued the stretch (else the GPU may have waited for the host after all).
-  void spin_start(cudaStream_t s) {
-    gpu_busy_wait(s, spin_us);
-    CUDA_CHECK(cudaEventRecord(ev_spin, s));
-  }
-  void spin_check() {
-    const cudaError_t q = cudaEventQuery(ev_spin);
-    if (q == cudaSuccess) ++queue_misses;
-    else if (q != cudaErrorNotReady) CUDA_CHECK(q);
-  }
-
-  // Enqueues one forward on s. ev != nullptr: records the 7 stage-boundary events (see ev).
-  void enqueue(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, cudaEvent_t* evs) {
-    auto mark = [&](int i) {
-      if (evs) CUDA_CHECK(cudaEventRecord(evs[i], s));
-      if (i == 3) mark_experts_start(s, evs);  // paths without a host wait: experts start where permute ends
+  // Enqueues one forward on s. obs != nullptr: told of every stage boundary (MoeBoundary) and of the host's
+  // wait for the offsets; programmatic dependent launch is then off (work queued between kernels).
+  void enqueue(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, MoeStageObserver* obs) {
+    NvtxRange whole("GpuMoeLayer::forward");
+    NvtxStages stage;
+    auto mark = [&](MoeBoundary b) {
+      if (!obs) return;
+      obs->boundary(b, s);
+      if (b == kMoePermuted) obs->boundary(kMoeExpertsStart, s);  // no host wait: experts start here
     };
     const int rows = T * k;
-    if (spin_us > 0) spin_start(s);
-    mark(0);
-    if (path == MoePath::Grouped && direct_path(d_x, T, d_y)) {
-      // Small batches: 3 kernels, no plan, no permute, no combine (see the header).
-      route(d_x, T, s, mark);
-      mark(2);
-      mark(3);
-      const bool hybrid = decode_kernels == DecodeKernels::Hybrid;
-      if (decode_kernels != DecodeKernels::Direct && gpu::experts_decode_ok(experts(), d_x, d_y, T, k) &&
-          (!hybrid || gpu::experts_direct_ok(experts(), d_x, d_y, T, k)))
-        gpu::experts_decode(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s, use_pdl && evs == nullptr, hybrid);
-      else
-        gpu::experts_direct(experts(), d_x, d_ids, d_weights, T, k, d_y, ws, s);
-      mark(4);
-      mark(5);
-      return;
-    }
+    mark(kMoeStart);
+    stage.next("route");
     route(d_x, T, s, mark);
-    mark(2);
-    if (path == MoePath::Naive) {
-      mark(3);
-      gpu::naive_moe(d_x, d_ids, d_weights, T, k, H, I, d_w1, d_w3, d_w2, d_y, s);
-      mark(4);
-      mark(5);
+    mark(kMoeRoutingDone);
+    if (path == MoePath::Grouped && direct_path(d_x, T, d_y)) {
+      // Small batches: 3 kernels, no plan, no permute, no combine (see the top of this file).
+      mark(kMoePermuted);
+      stage.next("experts");
+      if (gpu::experts_decode_ok(experts(), d_x, d_y, T, k))
+        gpu::experts_decode(experts(), d_x, ids.get(), weights.get(), T, k, d_y, ws, s, /*pdl=*/obs == nullptr);
+      else
+        gpu::experts_direct(experts(), d_x, ids.get(), weights.get(), T, k, d_y, ws, s);
+      mark(kMoeExpertsDone);
+      mark(kMoeCombined);
       return;
     }
-    gpu::build_dispatch_plan(d_ids, T, k, E, d_counts, d_offsets, d_row_of, d_assignment, s);
-    const gpu::GroupedStrategy st = gpu::choose_grouped_strategy(ws, experts(), rows, d_xp, d_yp);
+    if (path == MoePath::Naive) {
+      mark(kMoePermuted);
+      stage.next("experts");
+      gpu::naive_moe(d_x, ids.get(), weights.get(), T, k, H, I, w1.get(), w3.get(), w2.get(), d_y, s);
+      mark(kMoeExpertsDone);
+      mark(kMoeCombined);
+      return;
+    }
+    stage.next("plan");
+    gpu::build_dispatch_plan(ids.get(), T, k, E, counts.get(), offsets.get(), row_of.get(), assignment.get(), s);
+    const gpu::GroupedStrategy st = gpu::choose_grouped_strategy(ws, experts(), rows, xp.get(), yp.get());
     const bool need_host = gpu::grouped_strategy_needs_host_offsets(st);
     if (need_host) {  // start the copy now, wait for it only after permute_rows is enqueued
-      CUDA_CHECK(cudaMemcpyAsync(h_offsets, d_offsets, std::size_t(E + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
+      CUDA_CHECK(cudaMemcpyAsync(h_offsets.get(), offsets.get(), std::size_t(E + 1) * sizeof(int),
+                                 cudaMemcpyDeviceToHost, s));
       CUDA_CHECK(cudaEventRecord(ev_offsets, s));
     }
     // cublas-padded: x goes straight into the padded layout (no extra pass), unless M_pad > m_cap, which the
     // permute kernel sees on the GPU and the host below sees in the same offsets.
+    stage.next("dispatch");
     const int m_cap = padded_cap(T);
     if (m_cap)
-      gpu::permute_rows_padded(d_x, d_offsets, d_assignment, T, k, E, m_cap, H, d_xp, s);
+      gpu::permute_rows_padded(d_x, offsets.get(), assignment.get(), T, k, E, m_cap, H, xp.get(), s);
     else
-      gpu::permute_rows(d_x, d_assignment, rows, k, H, d_xp, s);
-    if (evs) CUDA_CHECK(cudaEventRecord(evs[3], s));
+      gpu::permute_rows(d_x, assignment.get(), rows, k, H, xp.get(), s);
+    if (obs) obs->boundary(kMoePermuted, s);
+    stage.next("experts");
     if (need_host) {
-      if (spin_us > 0) spin_check();
+      if (obs) obs->before_host_wait();
       CUDA_CHECK(cudaEventSynchronize(ev_offsets));
-      if (spin_us > 0) spin_start(s);  // the GEMMs, SwiGLU and combine get queued behind this one
+      if (obs) obs->after_host_wait(s);  // e.g. the GEMMs, SwiGLU and combine get queued behind a busy-wait
     }
-    mark_experts_start(s, evs);
+    if (obs) obs->boundary(kMoeExpertsStart, s);
     if (m_cap) {
-      const int m_pad = gpu::padded_rows_per_expert(h_offsets, E);
+      const int m_pad = gpu::padded_rows_per_expert(h_offsets.get(), E);
       if (m_pad > 0 && m_pad <= m_cap) {
-        gpu::grouped_experts_padded(blas, experts(), d_xp, h_offsets, m_pad, d_yp, ws, s);
-        mark(4);
-        gpu::unpermute_combine_padded(d_yp, E * m_pad, d_ids, d_row_of, d_offsets, m_pad, d_weights, T, k, E, H, d_y,
-                                      s);
-        mark(5);
+        gpu::grouped_experts_padded(blas, experts(), xp.get(), h_offsets.get(), m_pad, yp.get(), ws, s);
+        mark(kMoeExpertsDone);
+        stage.next("combine");
+        gpu::unpermute_combine_padded(yp.get(), E * m_pad, ids.get(), row_of.get(), offsets.get(), m_pad,
+                                      weights.get(), T, k, E, H, d_y, s);
+        mark(kMoeCombined);
         return;
       }
       // xp holds contiguous rows: grouped_experts sees the same M_pad > cap and runs cublas-streams.
     }
-    gpu::grouped_experts(blas, experts(), d_xp, d_offsets, need_host ? h_offsets : nullptr, rows, d_yp, ws, s);
-    mark(4);
-    gpu::unpermute_combine(d_yp, d_row_of, d_weights, T, k, H, d_y, s);
-    mark(5);
-  }
-
-  void mark_experts_start(cudaStream_t s, cudaEvent_t* evs) {
-    if (evs) CUDA_CHECK(cudaEventRecord(evs[6], s));
+    gpu::grouped_experts(blas, experts(), xp.get(), offsets.get(), need_host ? h_offsets.get() : nullptr, rows,
+                         yp.get(), ws, s);
+    mark(kMoeExpertsDone);
+    stage.next("combine");
+    gpu::unpermute_combine(yp.get(), row_of.get(), weights.get(), T, k, H, d_y, s);
+    mark(kMoeCombined);
   }
 
   RouterImpl resolve_router(const bf16* d_x, int T) const {
-    const bool tiled_ok = gpu::router_route_tiled_ok(d_x, d_gate, H, E);
-    const bool fused_ok = gpu::router_route_fused_ok(d_x, d_gate, H);
+    const bool tiled_ok = gpu::router_route_tiled_ok(d_x, gate.get(), H, E);
+    const bool fused_ok = gpu::router_route_fused_ok(d_x, gate.get(), H);
     switch (router_impl) {
       case RouterImpl::Cublas: return RouterImpl::Cublas;
       case RouterImpl::Fused: return fused_ok ? RouterImpl::Fused : RouterImpl::Cublas;
@@ -442,45 +403,43 @@ struct GpuMoeLayer::Impl {
       case RouterImpl::Auto: break;
     }
     if (tiled_ok) return RouterImpl::Tiled;
-    // Measured on an H200 (Phi-tiny gate, 16 x 4096), whole layer: T = 512 0.1435 ms fused vs 0.1486 ms
-    // with cuBLAS + route_topk; T = 4096 0.442 vs 0.383 ms (the fused kernel re-reads the 128 KB gate
-    // from L2 per token, 512 MB at T = 4096), so cuBLAS from T = 513 on.
-    return fused_ok && T <= fused_router_max_t ? RouterImpl::Fused : RouterImpl::Cublas;
+    return fused_ok && T <= kFusedRouterMaxT ? RouterImpl::Fused : RouterImpl::Cublas;
   }
 
-  // Router GEMM + routing into d_logits / d_ids / d_weights. mark(1) after the logits (the routing is part of
-  // the router stage for the fused and tiled kernels).
+  // Router GEMM + routing into logits / ids / weights. mark(kMoeRouted) after the logits (the routing is part
+  // of the router stage for the fused and tiled kernels).
   template <typename Mark>
   void route(const bf16* d_x, int T, cudaStream_t s, Mark&& mark) {
     last_router = resolve_router(d_x, T);
     switch (last_router) {
       case RouterImpl::Tiled:
-        gpu::router_route_tiled(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, rws, s, router_splits);
-        mark(1);
+        gpu::router_route_tiled(d_x, gate.get(), T, H, E, k, router, eps, logits.get(), ids.get(), weights.get(), rws,
+                                s);
+        mark(kMoeRouted);
         break;
       case RouterImpl::Fused:
-        gpu::router_route_fused(d_x, d_gate, T, H, E, k, router, eps, d_logits, d_ids, d_weights, s);
-        mark(1);
+        gpu::router_route_fused(d_x, gate.get(), T, H, E, k, router, eps, logits.get(), ids.get(), weights.get(), s);
+        mark(kMoeRouted);
         break;
       default:
-        gpu::router_logits(blas, d_x, d_gate, T, H, E, d_logits, s);
-        mark(1);
-        gpu::route_topk(d_logits, T, E, k, router, eps, d_ids, d_weights, s);
+        gpu::router_logits(blas, d_x, gate.get(), T, H, E, logits.get(), s);
+        mark(kMoeRouted);
+        gpu::route_topk(logits.get(), T, E, k, router, eps, ids.get(), weights.get(), s);
     }
   }
   RouterImpl last_router = RouterImpl::Auto;
 
   // The token-direct decode path: weight streaming chosen for this T and its kernels can run the shape.
   bool direct_path(const bf16* d_x, int T, const bf16* d_y) const {
-    return use_direct &&
-           gpu::choose_grouped_strategy(ws, experts(), T * k, d_xp, d_yp) == gpu::GroupedStrategy::WeightStream &&
+    return gpu::choose_grouped_strategy(ws, experts(), T * k, xp.get(), yp.get()) ==
+               gpu::GroupedStrategy::WeightStream &&
            gpu::experts_direct_ok(experts(), d_x, d_y, T, k);
   }
 
   bool graphable(int T, MoePath path) const {
     if (!use_graphs || graphs_broken) return false;
     if (path == MoePath::Naive) return true;
-    return gpu::choose_grouped_strategy(ws, experts(), T * k, d_xp, d_yp) == gpu::GroupedStrategy::WeightStream;
+    return gpu::choose_grouped_strategy(ws, experts(), T * k, xp.get(), yp.get()) == gpu::GroupedStrategy::WeightStream;
   }
 
   bool is_warm(int T, MoePath path) const {
@@ -528,45 +487,13 @@ struct GpuMoeLayer::Impl {
 
   int last_T = 0;  // rows of the last forward (last_routing)
 
-  // The stage split from the events of the last timed enqueue (queued: experts from the experts-start event).
-  MoeTimings read_timings(bool queued) const {
-    auto ms = [&](int a, int b) {
-      float t = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&t, ev[a], ev[b]));
-      return t;
-    };
-    MoeTimings r;
-    r.router_ms = ms(0, 1);
-    r.routing_ms = ms(1, 2);
-    r.permute_ms = ms(2, 3);
-    r.experts_ms = queued ? ms(6, 4) : ms(3, 4);
-    r.combine_ms = ms(4, 5);
-    r.offsets_wait_ms = queued ? 0.f : ms(3, 6);
-    r.total_ms = queued ? r.router_ms + r.routing_ms + r.permute_ms + r.experts_ms + r.combine_ms : ms(0, 5);
-    return r;
-  }
-
-  MoeTimings time_stages_queued(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s, float spin) {
-    require(T >= 0, "GpuMoeLayer::time_stages_queued: tokens must be >= 0, got ", T);
-    require(spin > 0 && spin <= 1e5f, "GpuMoeLayer::time_stages_queued: busy-wait ", spin,
-            " us is outside (0, 100000]");
+  void forward_device_observed(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s,
+                               MoeStageObserver& obs) {
+    require(T >= 0, "GpuMoeLayer::forward_device_observed: tokens must be >= 0, got ", T);
     last_T = T;
-    if (T == 0) return {};
+    if (T == 0) return;
     prepare(T, path);
-    spin_us = spin;
-    queue_misses = 0;
-    try {
-      enqueue(d_x, T, d_y, path, s, ev);
-    } catch (...) {
-      spin_us = 0.f;
-      throw;
-    }
-    spin_check();  // the last busy-wait must still be running now that everything is queued
-    spin_us = 0.f;
-    CUDA_CHECK(cudaEventSynchronize(ev[5]));
-    MoeTimings r = read_timings(true);
-    r.queue_misses = queue_misses;
-    return r;
+    enqueue(d_x, T, d_y, path, s, &obs);
   }
 
   void forward_device(const bf16* d_x, int T, bf16* d_y, MoePath path, cudaStream_t s) {
@@ -597,6 +524,12 @@ struct GpuMoeLayer::Impl {
     enqueue(d_x, T, d_y, path, s, nullptr);
     if (!is_warm(T, path)) warm.emplace_back(T, path);
   }
+
+  // A forced choice changed: a captured graph has the old one baked in.
+  void forget_graphs() {
+    clear_graphs();
+    warm.clear();
+  }
 };
 
 GpuMoeLayer::GpuMoeLayer(const MoeLayerWeights& w, RouterKind router, int top_k, float jitter_eps) {
@@ -613,13 +546,14 @@ GpuMoeLayer::GpuMoeLayer(const MoeLayerWeights& w, RouterKind router, int top_k,
           "GpuMoeLayer: expert weights do not have E*I*H = ", E * per, " values each");
   impl_ = std::make_unique<Impl>(H, I, E, router, top_k, jitter_eps);
   Impl& m = *impl_;
-  CUDA_CHECK(cudaMemcpy(m.d_gate, w.gate.data(), w.gate.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(m.gate.get(), w.gate.data(), w.gate.size() * sizeof(bf16), cudaMemcpyHostToDevice));
   for (int e = 0; e < E; ++e) {  // w13_e = [w1_e ; w3_e]
-    CUDA_CHECK(cudaMemcpy(m.d_w13 + 2 * e * per, w.w1.data() + e * per, per * sizeof(bf16), cudaMemcpyHostToDevice));
-    CUDA_CHECK(
-        cudaMemcpy(m.d_w13 + (2 * e + 1) * per, w.w3.data() + e * per, per * sizeof(bf16), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(m.w13.get() + 2 * e * per, w.w1.data() + e * per, per * sizeof(bf16),
+                          cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(m.w13.get() + (2 * e + 1) * per, w.w3.data() + e * per, per * sizeof(bf16),
+                          cudaMemcpyHostToDevice));
   }
-  CUDA_CHECK(cudaMemcpy(m.d_w2, w.w2.data(), w.w2.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(m.w2.get(), w.w2.data(), w.w2.size() * sizeof(bf16), cudaMemcpyHostToDevice));
 }
 
 GpuMoeLayer::GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
@@ -628,9 +562,9 @@ GpuMoeLayer::GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind rout
   Impl& m = *impl_;
   const std::size_t E = std::size_t(num_experts), H = std::size_t(hidden), I = std::size_t(inter);
   // std 1/sqrt(fan_in): logits and expert activations keep unit scale for unit-scale x.
-  gpu::fill_random_bf16(m.d_gate, E * H, 1.f / std::sqrt(float(H)), seed * 3 + 0, m.stream);
-  gpu::fill_random_bf16(m.d_w13, E * 2 * I * H, 1.f / std::sqrt(float(H)), seed * 3 + 1, m.stream);
-  gpu::fill_random_bf16(m.d_w2, E * H * I, 1.f / std::sqrt(float(I)), seed * 3 + 2, m.stream);
+  gpu::fill_random_bf16(m.gate.get(), E * H, 1.f / std::sqrt(float(H)), seed * 3 + 0, m.stream);
+  gpu::fill_random_bf16(m.w13.get(), E * 2 * I * H, 1.f / std::sqrt(float(H)), seed * 3 + 1, m.stream);
+  gpu::fill_random_bf16(m.w2.get(), E * H * I, 1.f / std::sqrt(float(I)), seed * 3 + 2, m.stream);
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
 }
 
@@ -647,33 +581,30 @@ GpuMoeLayer::Result GpuMoeLayer::forward(std::span<const bf16_bits> x, int T, Mo
   if (T == 0) return r;
 
   const std::size_t xn = std::size_t(T) * m.H;
-  const std::size_t xio_before = m.c_xio, yio_before = m.c_yio;
-  grow(m.d_xio, m.c_xio, xn);
-  grow(m.d_yio, m.c_yio, xn);
-  if (m.c_xio != xio_before || m.c_yio != yio_before) ++m.generation;
-  CUDA_CHECK(cudaMemcpyAsync(m.d_xio, x.data(), xn * sizeof(bf16), cudaMemcpyHostToDevice, m.stream));
+  if (m.xio.grow(xn) | m.yio.grow(xn)) ++m.generation;
+  CUDA_CHECK(cudaMemcpyAsync(m.xio.get(), x.data(), xn * sizeof(bf16), cudaMemcpyHostToDevice, m.stream));
   if (time_stages) {
-    m.prepare(T, path);
-    m.enqueue(m.d_xio, T, m.d_yio, path, m.stream, m.ev);
+    if (!m.stage_events) m.stage_events = std::make_unique<MoeStageEvents>();
+    m.forward_device_observed(m.xio.get(), T, m.yio.get(), path, m.stream, *m.stage_events);
   } else {
-    m.forward_device(m.d_xio, T, m.d_yio, path, m.stream);
+    m.forward_device(m.xio.get(), T, m.yio.get(), path, m.stream);
   }
 
   r.logits.resize(std::size_t(T) * m.E);
   r.routing.ids.resize(std::size_t(T) * m.k);
   r.routing.weights.resize(std::size_t(T) * m.k);
   std::vector<bf16_bits> y(xn);
-  CUDA_CHECK(cudaMemcpyAsync(r.logits.data(), m.d_logits, r.logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+  CUDA_CHECK(cudaMemcpyAsync(r.logits.data(), m.logits.get(), r.logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
                              m.stream));
-  CUDA_CHECK(cudaMemcpyAsync(r.routing.ids.data(), m.d_ids, r.routing.ids.size() * sizeof(int), cudaMemcpyDeviceToHost,
-                             m.stream));
-  CUDA_CHECK(cudaMemcpyAsync(r.routing.weights.data(), m.d_weights, r.routing.weights.size() * sizeof(float),
+  CUDA_CHECK(cudaMemcpyAsync(r.routing.ids.data(), m.ids.get(), r.routing.ids.size() * sizeof(int),
                              cudaMemcpyDeviceToHost, m.stream));
-  CUDA_CHECK(cudaMemcpyAsync(y.data(), m.d_yio, xn * sizeof(bf16), cudaMemcpyDeviceToHost, m.stream));
+  CUDA_CHECK(cudaMemcpyAsync(r.routing.weights.data(), m.weights.get(), r.routing.weights.size() * sizeof(float),
+                             cudaMemcpyDeviceToHost, m.stream));
+  CUDA_CHECK(cudaMemcpyAsync(y.data(), m.yio.get(), xn * sizeof(bf16), cudaMemcpyDeviceToHost, m.stream));
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
   r.y = bf16_to_float(std::span<const bf16_bits>(y));
 
-  if (time_stages) r.timings = m.read_timings(false);
+  if (time_stages) r.timings = m.stage_events->eager_split();
   return r;
 }
 
@@ -682,56 +613,28 @@ void GpuMoeLayer::forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16*
   impl_->forward_device(d_x, T, d_y, path, stream);
 }
 
-MoeTimings GpuMoeLayer::time_stages_queued(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
-                                           cudaStream_t stream, float spin_us) {
-  return impl_->time_stages_queued(d_x, T, d_y, path, stream, spin_us);
+void GpuMoeLayer::forward_device_observed(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
+                                          cudaStream_t stream, MoeStageObserver& observer) {
+  impl_->forward_device_observed(d_x, T, d_y, path, stream, observer);
 }
 
 void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {
   require(small_rows_max >= 0, "set_expert_strategy: small_rows_max must be >= 0, got ", small_rows_max);
   impl_->ws.strategy = to_gpu(s);
   impl_->ws.small_rows_max = small_rows_max;
-  impl_->clear_graphs();  // a captured graph has the old strategy baked in
-  impl_->warm.clear();
+  impl_->forget_graphs();
 }
 
 ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return from_gpu(impl_->ws.last_used); }
 ExpertStrategy GpuMoeLayer::expert_strategy() const { return from_gpu(impl_->ws.strategy); }
 int GpuMoeLayer::small_rows_max() const { return impl_->ws.small_rows_max; }
 
-void GpuMoeLayer::set_direct_small_batches(bool on) {
-  if (impl_->use_direct == on) return;
-  impl_->use_direct = on;
-  impl_->clear_graphs();  // a captured graph has the old chain baked in
-  impl_->warm.clear();
-}
-
 void GpuMoeLayer::set_router_impl(RouterImpl r) {
   impl_->router_impl = r;
-  impl_->clear_graphs();  // a captured graph has the old router baked in
-  impl_->warm.clear();
+  impl_->forget_graphs();
 }
 
 RouterImpl GpuMoeLayer::last_router_impl() const { return impl_->last_router; }
-
-const char* decode_kernels_name(DecodeKernels d) {
-  return d == DecodeKernels::Direct ? "direct" : d == DecodeKernels::Decode ? "decode" : "hybrid";
-}
-
-DecodeKernels parse_decode_kernels(const std::string& name) {
-  for (DecodeKernels d : {DecodeKernels::Direct, DecodeKernels::Decode, DecodeKernels::Hybrid})
-    if (name == decode_kernels_name(d)) return d;
-  if (name == "0") return DecodeKernels::Direct;  // the older on/off spelling of EPLAB_DECODE
-  if (name == "1") return DecodeKernels::Decode;
-  fail("unknown decode kernels '", name, "': use direct, decode or hybrid");
-}
-
-void GpuMoeLayer::set_decode_kernels(DecodeKernels d, bool pdl) {
-  impl_->decode_kernels = d;
-  impl_->use_pdl = pdl;
-  impl_->clear_graphs();
-  impl_->warm.clear();
-}
 
 Routing GpuMoeLayer::last_routing() const { return last_routing(impl_->last_T); }
 
@@ -747,8 +650,9 @@ Routing GpuMoeLayer::last_routing(int rows) const {
   r.weights.resize(r.ids.size());
   CUDA_CHECK(cudaDeviceSynchronize());  // the last forward ran on the caller's stream: wait for all of them
   if (!r.ids.empty()) {
-    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.d_ids, r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(r.weights.data(), m.d_weights, r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.ids.get(), r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(
+        cudaMemcpy(r.weights.data(), m.weights.get(), r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
   }
   return r;
 }

@@ -1,8 +1,8 @@
 #include "naive_moe.cuh"
 
-#include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 
@@ -86,8 +86,6 @@ __global__ void __launch_bounds__(kThreads) naive_moe_kernel(const bf16* __restr
   }
   for (int c = threadIdx.x; c < H; c += blockDim.x) y[size_t(t) * H + c] = __float2bfloat16_rn(ys[c]);
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
 

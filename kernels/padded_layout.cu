@@ -3,10 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 
 #include "bf16_accum.cuh"
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 
@@ -161,15 +161,10 @@ __global__ void unpad_kernel(const V* __restrict__ ypad, const int* __restrict__
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
 // Grid-stride launches: enough blocks to fill the GPU a few times over, never more than the work needs.
 unsigned grid_for(std::size_t work) {
-  int dev = 0, sms = 1;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const std::size_t need = (work + kThreads - 1) / kThreads;
-  return unsigned(std::clamp<std::size_t>(need, 1, std::size_t(std::max(sms, 1)) * 16));
+  return unsigned(std::clamp<std::size_t>(need, 1, std::size_t(sm_count()) * 16));
 }
 
 void check_n(const char* what, int n) {

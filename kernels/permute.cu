@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 
@@ -224,8 +225,6 @@ __global__ void permute_rows_kernel(const V* __restrict__ x, const int* __restri
 unsigned grid_for(size_t work, int threads) {
   return unsigned(std::min<size_t>((work + threads - 1) / threads, size_t(1) << 20));  // grid-stride beyond
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
 

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <exception>
 #include <map>
 #include <numeric>
@@ -18,6 +17,7 @@
 
 #include "attention.cuh"
 #include "cuda_check.hpp"
+#include "device_buffer.hpp"
 #include "embedding.cuh"
 #include "layernorm.cuh"
 #include "linear.cuh"
@@ -32,64 +32,14 @@ namespace {
 
 using gpu::bf16;
 
-// An owning device array of n elements of T (moved, never copied).
-template <typename T>
-class DevArray {
- public:
-  DevArray() = default;
-  explicit DevArray(std::size_t n) : n_(n) {
-    if (n_) CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(T)));
-  }
-  DevArray(DevArray&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
-  DevArray& operator=(DevArray&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  DevArray(const DevArray&) = delete;
-  DevArray& operator=(const DevArray&) = delete;
-  ~DevArray() {
-    if (p_) cudaFree(p_);
-  }
-  T* get() const { return p_; }
-  std::size_t size() const { return n_; }
-  std::size_t bytes() const { return n_ * sizeof(T); }
-
- private:
-  T* p_ = nullptr;
-  std::size_t n_ = 0;
-};
-
-// Pinned host memory: the graph's copies read and write it at replay time.
-template <typename T>
-class PinnedArray {
- public:
-  PinnedArray() = default;
-  explicit PinnedArray(std::size_t n) : n_(n) { CUDA_CHECK(cudaMallocHost(&p_, std::max<std::size_t>(n, 1) * sizeof(T))); }
-  PinnedArray(PinnedArray&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
-  PinnedArray& operator=(PinnedArray&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  ~PinnedArray() {
-    if (p_) cudaFreeHost(p_);
-  }
-  T* get() const { return p_; }
-
- private:
-  T* p_ = nullptr;
-  std::size_t n_ = 0;
-};
-
 // bf16 as the kernels take it; the host keeps bf16 as bf16_bits (same 16 bits).
 static_assert(sizeof(bf16) == sizeof(bf16_bits));
-bf16* B(const DevArray<bf16_bits>& a) { return reinterpret_cast<bf16*>(a.get()); }
+bf16* B(const DeviceBuffer<bf16_bits>& a) { return reinterpret_cast<bf16*>(a.get()); }
 
 struct LayerWeights {
-  DevArray<bf16_bits> ln_in_w, ln_in_b, ln_post_w, ln_post_b;
-  DevArray<bf16_bits> qw, qb, kw, kb, vw, vb, ow, ob;  // biases empty when attention_bias is false
-  DevArray<bf16_bits> k_cache, v_cache;                // [max_batch, max_len, kv_heads, head_dim]
+  DeviceBuffer<bf16_bits> ln_in_w, ln_in_b, ln_post_w, ln_post_b;
+  DeviceBuffer<bf16_bits> qw, qb, kw, kb, vw, vb, ow, ob;  // biases empty when attention_bias is false
+  DeviceBuffer<bf16_bits> k_cache, v_cache;                // [max_batch, max_len, kv_heads, head_dim]
 };
 
 // ------------------------------------------------------------------ every expert on this GPU
@@ -127,11 +77,6 @@ class LocalMoeStep final : public GpuMoeStep {
   int experts_ = 0;
 };
 
-bool graphs_wanted_by_env() {
-  const char* e = std::getenv("EPLAB_GRAPHS");
-  return !(e && std::string(e) == "0");
-}
-
 }  // namespace
 
 void GpuMoeStep::synchronize(CUstream_st* s) { CUDA_CHECK(cudaStreamSynchronize(s)); }
@@ -150,19 +95,19 @@ struct GpuPhimoeModel::Impl {
   cudaStream_t stream{};
   bool own_stream = false;
   cublasHandle_t cublas{};
-  DevArray<char> cublas_ws;  // a fixed workspace: cuBLAS must not allocate inside a graph capture
+  DeviceBuffer<char> cublas_ws;  // a fixed workspace: cuBLAS must not allocate inside a graph capture
   std::unique_ptr<gpu::RopeTable> rope;
-  DevArray<bf16_bits> embed, final_w, final_b, lm_w, lm_b;  // lm_w empty when tied to the embedding
+  DeviceBuffer<bf16_bits> embed, final_w, final_b, lm_w, lm_b;  // lm_w empty when tied to the embedding
   std::vector<LayerWeights> layers;
   std::unique_ptr<GpuMoeStep> moe;
   // activations for up to max_rows rows: x residual stream, h normed, q/a [*, heads*D], k/v [*, kv*D],
   // o attention projection, y MoE output; xl/yl/hl the last row of each sequence
-  DevArray<bf16_bits> x, h, q, k, v, a, o, y, xl, yl, hl;
+  DeviceBuffer<bf16_bits> x, h, q, k, v, a, o, y, xl, yl, hl;
   // row metadata, one upload per forward: [ids (max_rows) | seq (max_rows) | pos (max_rows) | last (max_batch)]
-  DevArray<int> d_meta;
-  PinnedArray<int> h_meta;
-  DevArray<float> logits;  // [max_batch, vocab]
-  PinnedArray<float> h_logits;
+  DeviceBuffer<int> d_meta;
+  PinnedBuffer<int> h_meta;
+  DeviceBuffer<float> logits;  // [max_batch, vocab]
+  PinnedBuffer<float> h_logits;
   // decode graphs by batch size: seen once (eager), then captured; failed = capture not possible
   bool graphs = true;
   std::map<int, int> decode_seen;
@@ -184,10 +129,8 @@ struct GpuPhimoeModel::Impl {
     if (own_stream && stream) cudaStreamDestroy(stream);
   }
 
-  DevArray<bf16_bits> upload(const Checkpoint& ckpt, const std::string& name, std::vector<std::int64_t> shape) {
-    const std::vector<bf16_bits> host = ckpt.read_bf16(name, shape);
-    DevArray<bf16_bits> d(host.size());
-    CUDA_CHECK(cudaMemcpy(d.get(), host.data(), d.bytes(), cudaMemcpyHostToDevice));
+  DeviceBuffer<bf16_bits> upload(const Checkpoint& ckpt, const std::string& name, std::vector<std::int64_t> shape) {
+    DeviceBuffer<bf16_bits> d(ckpt.read_bf16(name, shape));
     weight_bytes += d.bytes();
     return d;
   }
@@ -336,7 +279,7 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
   I.max_batch = opt.max_batch;
   I.max_rows = max_rows;
   I.lens.assign(std::size_t(opt.max_batch), 0);
-  I.graphs = opt.graphs && graphs_wanted_by_env();
+  I.graphs = opt.graphs;
   if (opt.stream) {
     I.stream = reinterpret_cast<cudaStream_t>(opt.stream);
   } else {
@@ -344,7 +287,7 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
     I.own_stream = true;
   }
   CUBLAS_CHECK(cublasCreate(&I.cublas));
-  I.cublas_ws = DevArray<char>(std::size_t(32) << 20);
+  I.cublas_ws = DeviceBuffer<char>(std::size_t(32) << 20);
   // cublasSetStream resets the workspace to cuBLAS's default pool, so the stream is set first, once, and
   // linear() does not set it again while it is the same (linear.cuh).
   CUBLAS_CHECK(cublasSetStream(I.cublas, I.stream));
@@ -372,8 +315,8 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
       L.vb = I.upload(ckpt, names::attn(l, "v", "bias"), {NKV});
       L.ob = I.upload(ckpt, names::attn(l, "o", "bias"), {H});
     }
-    L.k_cache = DevArray<bf16_bits>(cache_elems);
-    L.v_cache = DevArray<bf16_bits>(cache_elems);
+    L.k_cache = DeviceBuffer<bf16_bits>(cache_elems);
+    L.v_cache = DeviceBuffer<bf16_bits>(cache_elems);
     I.layers.push_back(std::move(L));
   }
   I.final_w = I.upload(ckpt, names::final_norm("weight"), {H});
@@ -384,17 +327,17 @@ GpuPhimoeModel GpuPhimoeModel::load(const Checkpoint& ckpt, GpuModelOptions opt)
   I.moe = opt.moe ? std::move(opt.moe) : make_local_moe_step(ckpt, opt.progress);
 
   const std::size_t R = std::size_t(max_rows), NB = std::size_t(opt.max_batch);
-  for (auto* buf : {&I.x, &I.h, &I.o, &I.y}) *buf = DevArray<bf16_bits>(R * H);
-  I.q = DevArray<bf16_bits>(R * NQ);
-  I.a = DevArray<bf16_bits>(R * NQ);
-  I.k = DevArray<bf16_bits>(R * NKV);
-  I.v = DevArray<bf16_bits>(R * NKV);
-  for (auto* buf : {&I.xl, &I.yl, &I.hl}) *buf = DevArray<bf16_bits>(NB * H);
-  I.d_meta = DevArray<int>(3 * R + NB);
-  I.h_meta = PinnedArray<int>(3 * R + NB);
+  for (auto* buf : {&I.x, &I.h, &I.o, &I.y}) *buf = DeviceBuffer<bf16_bits>(R * H);
+  I.q = DeviceBuffer<bf16_bits>(R * NQ);
+  I.a = DeviceBuffer<bf16_bits>(R * NQ);
+  I.k = DeviceBuffer<bf16_bits>(R * NKV);
+  I.v = DeviceBuffer<bf16_bits>(R * NKV);
+  for (auto* buf : {&I.xl, &I.yl, &I.hl}) *buf = DeviceBuffer<bf16_bits>(NB * H);
+  I.d_meta = DeviceBuffer<int>(3 * R + NB);
+  I.h_meta = PinnedBuffer<int>(3 * R + NB);
   std::fill_n(I.h_meta.get(), 3 * R + NB, 0);
-  I.logits = DevArray<float>(NB * std::size_t(V));
-  I.h_logits = PinnedArray<float>(NB * std::size_t(V));
+  I.logits = DeviceBuffer<float>(NB * std::size_t(V));
+  I.h_logits = PinnedBuffer<float>(NB * std::size_t(V));
   I.poison_caches();
   return m;
 }

@@ -21,7 +21,7 @@
 // step with a given nb is captured into a graph and every later one is a single graph launch (the ids and
 // positions are copied from pinned host memory inside the graph, the logits back into pinned memory). Only
 // when the MoE step needs no host synchronisation (GpuMoeStep::graph_safe): the EP step waits for message
-// sizes, so EP runs eagerly. EPLAB_GRAPHS=0 turns graphs off.
+// sizes, so EP runs eagerly. GpuModelOptions::graphs = false turns graphs off (the GPU tests compare the two).
 //
 // Host-only header (no CUDA types), so a .cpp chapter can use it.
 #pragma once

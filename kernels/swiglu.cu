@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "cuda_check.hpp"
+#include "device_util.cuh"
 
 namespace eplab::gpu {
 
@@ -56,8 +57,6 @@ __global__ void __launch_bounds__(kThreads) swiglu_scalar(const In* __restrict__
     h[v] = __float2bfloat16_rn(swiglu_silu(a) * b);
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 // Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
 unsigned grid_for(std::size_t work) {

@@ -7,7 +7,7 @@
 // L2 flush (--flush): write (default, the method of every number recorded so far) rewrites the buffer with
 // cudaMemsetAsync and leaves the L2 full of dirty lines, so the forward's first misses also pay write-backs;
 // read sums the buffer in a kernel and leaves clean lines, closer to what a real model's next layer finds
-// (its L2 holds mostly weights it only read). Measured (H200, session 9): the two agree within ~3 %.
+// (its L2 holds mostly weights it only read). Measured on an H200: the two agree within ~3 %.
 // none skips the flush: a diagnostic (warm caches), never a recorded number; its gap to write/read is what
 // the cold caches cost.
 //
@@ -15,7 +15,7 @@
 //   eager:  forward(x, T, Grouped, time_stages) as before: kernels launched one by one with events between
 //           the stages. When the host launches slower than the GPU runs (T = 1: ~3-5 us per launch against
 //           kernels of a few us) the GPU waits for the host, and those waits land in the stage times.
-//   queued: GpuMoeLayer::time_stages_queued: a GPU busy-wait (--bench-spin-us) is enqueued first, so the
+//   queued: time_stages_queued (kernels/bench): a GPU busy-wait (--bench-spin-us) is enqueued first, so the
 //           whole forward and its events are queued before the GPU reaches them; the stages are then pure
 //           GPU time. On the cuBLAS strategies the host waits for the offsets mid-forward; a second
 //           busy-wait after that wait keeps the GEMMs queued too, and the offsets round trip is left out
@@ -38,6 +38,7 @@
 #include <map>
 #include <set>
 
+#include "bench_support.hpp"
 #include "cuda_check.hpp"
 #include "moe/layer_check.hpp"
 #include "moe_gpu.hpp"
@@ -177,7 +178,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
       std::vector<double> st[6];
       for (int rep = 0; rep < 9; ++rep) {
         flush.flush(s, rep);
-        const MoeTimings t = layer.time_stages_queued(d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
+        const QueuedStageTimes t = time_stages_queued(layer, d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
         const float v[6] = {t.router_ms, t.routing_ms, t.permute_ms, t.experts_ms, t.combine_ms, t.total_ms};
         for (int i = 0; i < 6; ++i) st[i].push_back(v[i]);
         misses += t.queue_misses;
@@ -225,7 +226,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
         int vm = 0;
         for (int rep = 0; rep < 5; ++rep) {
           flush.flush(s, rep);
-          const MoeTimings t = layer.time_stages_queued(d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
+          const QueuedStageTimes t = time_stages_queued(layer, d_x, T, d_y, MoePath::Grouped, s, float(opt.spin_us));
           ex.push_back(t.experts_ms);
           sum.push_back(t.total_ms);
           vm += t.queue_misses;
@@ -293,8 +294,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                 l2_flush_name(flush.kind()), variants.str().c_str());
   std::printf("(via: router + expert strategy; permute includes the dispatch plan; experts includes SwiGLU;"
               " with the fused or tiled router the router column includes routing (one kernel); on the weight-stream"
-              " path the experts column includes the combine. EPLAB_ROUTER=cublas|fused|tiled, EPLAB_DECODE=direct|decode|hybrid,"
-              " EPLAB_PDL=0, EPLAB_DIRECT=0 select the other paths; L2 flush: %s)\n",
+              " path the experts column includes the combine; L2 flush: %s)\n",
               l2_flush_name(flush.kind()));
   CUDA_CHECK(cudaStreamDestroy(s));
   CUDA_CHECK(cudaFree(d_x));

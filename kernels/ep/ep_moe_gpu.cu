@@ -35,6 +35,9 @@
 // Timeline (set_timeline): CUDA events with timing, recorded on the stream where each step happens, so
 // they measure the GPU's own clock without adding host waits; read once the stream has drained.
 //
+// Profiling: every forward opens NVTX ranges route / plan / dispatch / experts / combine (nvtx_range.hpp)
+// inside one "EpMoeGpu::forward" range, so Nsight Systems shows each rank's data path by name.
+//
 // Kernel versions in this file (all bandwidth-bound copies / gathers, one thread per 16 bytes when rows
 // are 16-byte aligned, else per element; grid-stride with a capped grid so NCCL's blocks still find room,
 // and several vectors in flight per thread: kernels/grid_stride.cuh):
@@ -59,9 +62,12 @@
 #include "bf16_accum.cuh"
 #include "combine.cuh"
 #include "cuda_check.hpp"
+#include "device_buffer.hpp"
+#include "device_util.cuh"
 #include "grid_stride.cuh"
 #include "grouped_experts.cuh"
 #include "moe/ep_pieces.hpp"
+#include "nvtx_range.hpp"
 #include "permute.cuh"
 #include "random_init.cuh"
 #include "router.cuh"
@@ -285,26 +291,7 @@ __global__ void combine_class_kernel(const V* __restrict__ own, const V* __restr
 
 // ---------------------------------------------------------------- helpers
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
-template <typename T>
-void grow(T*& p, std::size_t& cap, std::size_t need) {
-  if (p && need <= cap) return;
-  if (p) CUDA_CHECK(cudaFree(p));
-  p = nullptr;
-  cap = 0;
-  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
-  cap = std::max<std::size_t>(need, 1);
-}
-template <typename T>
-void grow_pinned(T*& p, std::size_t& cap, std::size_t need) {
-  if (p && need <= cap) return;
-  if (p) CUDA_CHECK(cudaFreeHost(p));
-  p = nullptr;
-  cap = 0;
-  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p), std::max<std::size_t>(need, 1) * sizeof(T)));
-  cap = std::max<std::size_t>(need, 1);
-}
+using gpu::aligned16;
 
 std::vector<dist::Transfer> to_transfers(const std::vector<EpPlan::Segment>& segs) {
   std::vector<dist::Transfer> t;
@@ -336,13 +323,6 @@ void fill_layer(bf16* gate, bf16* w13, bf16* w2, const std::vector<int>& experts
   }
 }
 
-int sm_count() {
-  int dev = 0, n = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return std::max(n, 1);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- the shared workspace
@@ -359,15 +339,11 @@ struct EpWorkspace {
   std::vector<cudaEvent_t> ev_returned;  // chunked pipeline: return piece c has arrived
   int sms = 1;
 
-  float* logits = nullptr;
-  int *slot_ids = nullptr, *counts = nullptr, *offsets = nullptr, *row_of = nullptr, *assign = nullptr;
-  int *all_counts = nullptr, *goff = nullptr, *gexp = nullptr, *idx = nullptr;
-  bf16 *send = nullptr, *xg = nullptr, *recv = nullptr;
-  std::size_t c_logits = 0, c_slot = 0, c_counts = 0, c_offsets = 0, c_row = 0, c_assign = 0, c_all = 0, c_goff = 0,
-              c_gexp = 0, c_idx = 0, c_send = 0, c_xg = 0, c_recv = 0;
-  int* h_all = nullptr;  // pinned [N*E]
-  int* h_idx = nullptr;  // pinned uploads of the Permute / Direct layouts
-  std::size_t c_h_all = 0, c_h_idx = 0;
+  DeviceBuffer<float> logits;
+  DeviceBuffer<int> slot_ids, counts, offsets, row_of, assign, all_counts, goff, gexp, idx;
+  DeviceBuffer<bf16> send, xg, recv;
+  PinnedBuffer<int> h_all;  // [N*E]
+  PinnedBuffer<int> h_idx;  // uploads of the Permute / Direct layouts
 
   explicit EpWorkspace(cudaStream_t stream) : s(stream) {
     CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
@@ -375,16 +351,11 @@ struct EpWorkspace {
     CUBLAS_CHECK(cublasSetStream(blas, s));
     for (cudaEvent_t* e : {&ev_plan, &ev_remote, &ev_side, &ev_experts})
       CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-    sms = sm_count();
+    sms = gpu::sm_count();
   }
-  ~EpWorkspace() {  // no throwing here: errors at exit (dead context) are ignored
+  ~EpWorkspace() {  // no throwing here: errors at exit (dead context) are ignored; the buffers go after this
     if (s) cudaStreamSynchronize(s);
     if (s2) cudaStreamSynchronize(s2);
-    for (void* p : {(void*)logits, (void*)slot_ids, (void*)counts, (void*)offsets, (void*)row_of, (void*)assign,
-                    (void*)all_counts, (void*)goff, (void*)gexp, (void*)idx, (void*)send, (void*)xg, (void*)recv})
-      if (p) cudaFree(p);
-    if (h_all) cudaFreeHost(h_all);
-    if (h_idx) cudaFreeHost(h_idx);
     for (cudaEvent_t e : {ev_plan, ev_remote, ev_side, ev_experts})
       if (e) cudaEventDestroy(e);
     for (cudaEvent_t e : ev_piece) cudaEventDestroy(e);
@@ -446,16 +417,15 @@ struct EpMoeGpu::Impl {
   int lo_slot = 0, hi_slot = 0;  // this rank's slots: [first_slot(me), first_slot(me + 1))
 
   // per layer: weights, slot table, the last forward's routing and plan
-  bf16 *gate = nullptr, *w13 = nullptr, *w2 = nullptr;
-  int* slot_of = nullptr;
-  int* ids = nullptr;
-  float* weights = nullptr;
-  std::size_t c_ids = 0, c_weights = 0;
+  DeviceBuffer<bf16> gate, w13, w2;
+  DeviceBuffer<int> slot_of;
+  DeviceBuffer<int> ids;
+  DeviceBuffer<float> weights;
   int last_T = 0;
   EpPlan plan;
   std::vector<int> h_goff, h_gexp;  // InPlace: the segment table on the host
   int chunks = 1;                   // the chunked pipeline (InPlace): pieces per peer message
-  int* rank_slot = nullptr;         // [N+1] placement.first_slot(p): where each rank's block starts (device)
+  DeviceBuffer<int> rank_slot;      // [N+1] placement.first_slot(p): where each rank's block starts
 
   // ------------------------------------------------------------ timeline
   // The marks of one forward, in the order the table prints them. Each is a CUDA event recorded on the
@@ -519,29 +489,23 @@ struct EpMoeGpu::Impl {
     s = ws->s;
     lo_slot = placement.first_slot(me);
     hi_slot = placement.first_slot(me + 1);
-    std::size_t cap = 0;
-    grow(gate, cap, std::size_t(E) * H);
-    grow(w13, cap, std::size_t(n) * 2 * I * H);
-    grow(w2, cap, std::size_t(n) * H * I);
-    grow(slot_of, cap, std::size_t(E));
+    gate.grow(std::size_t(E) * H);
+    w13.grow(std::size_t(n) * 2 * I * H);
+    w2.grow(std::size_t(n) * H * I);
     std::vector<int> so(E);
     for (int e = 0; e < E; ++e) {
       so[e] = placement.slot(e);
       identity_slots &= so[e] == e;
     }
-    CUDA_CHECK(cudaMemcpy(slot_of, so.data(), sizeof(int) * E, cudaMemcpyHostToDevice));
+    slot_of = DeviceBuffer<int>(so);
     std::vector<int> rs(N + 1);
     for (int p = 0; p <= N; ++p) rs[p] = placement.first_slot(p);
-    cap = 0;
-    grow(rank_slot, cap, std::size_t(N) + 1);
-    CUDA_CHECK(cudaMemcpy(rank_slot, rs.data(), sizeof(int) * (N + 1), cudaMemcpyHostToDevice));
+    rank_slot = DeviceBuffer<int>(rs);
   }
 
-  ~Impl() {
+  ~Impl() {  // the buffers are freed after this, once the streams are idle
     if (s) cudaStreamSynchronize(s);
     if (ws && ws->s2) cudaStreamSynchronize(ws->s2);
-    for (void* p : {(void*)gate, (void*)w13, (void*)w2, (void*)slot_of, (void*)rank_slot, (void*)ids, (void*)weights})
-      if (p) cudaFree(p);
     for (cudaEvent_t e : tl_ev)
       if (e) cudaEventDestroy(e);
   }
@@ -561,19 +525,20 @@ struct EpMoeGpu::Impl {
       std::copy_n(&mine.w1[e * IH], IH, &packed[(2 * e) * IH]);
       std::copy_n(&mine.w3[e * IH], IH, &packed[(2 * e + 1) * IH]);
     }
-    CUDA_CHECK(cudaMemcpy(gate, mine.gate.data(), mine.gate.size() * 2, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(w13, packed.data(), packed.size() * 2, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(w2, mine.w2.data(), mine.w2.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(gate.get(), mine.gate.data(), mine.gate.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(w13.get(), packed.data(), packed.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(w2.get(), mine.w2.data(), mine.w2.size() * 2, cudaMemcpyHostToDevice));
   }
 
-  gpu::ExpertWeightsDevice experts() const { return {w13, w2, std::max(n, 1), H, I}; }
+  gpu::ExpertWeightsDevice experts() const { return {w13.get(), w2.get(), std::max(n, 1), H, I}; }
 
   // Every rank's E slot counts into ws->all_counts [N*E] on the GPU (NCCL, self by a device copy), then
   // one copy to the host; the host waits for it in comm.sync().
   void exchange_counts() {
     EpWorkspace& w = *ws;
     const std::size_t row = sizeof(int) * E;
-    CUDA_CHECK(cudaMemcpyAsync(w.all_counts + std::size_t(me) * E, w.counts, row, cudaMemcpyDeviceToDevice, s));
+    CUDA_CHECK(
+        cudaMemcpyAsync(w.all_counts.get() + std::size_t(me) * E, w.counts.get(), row, cudaMemcpyDeviceToDevice, s));
     if (N > 1) {
       std::vector<dist::Transfer> sends, recvs;
       for (int p = 0; p < N; ++p)
@@ -581,13 +546,14 @@ struct EpMoeGpu::Impl {
           sends.push_back({p, 0, 1});
           recvs.push_back({p, std::size_t(p), 1});
         }
-      comm.exchange(w.counts, sends, w.all_counts, recvs, row);
+      comm.exchange(w.counts.get(), sends, w.all_counts.get(), recvs, row);
     }
     mark(kCounts, s);
     if (layout == EpLayout::InPlace && n > 0)
-      segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts, N, E, me, placement.first_slot(me), n, w.goff, w.gexp);
+      segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts.get(), N, E, me, placement.first_slot(me), n, w.goff.get(),
+                                            w.gexp.get());
     CUDA_CHECK_LAUNCH();
-    CUDA_CHECK(cudaMemcpyAsync(w.h_all, w.all_counts, row * N, cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(cudaMemcpyAsync(w.h_all.get(), w.all_counts.get(), row * N, cudaMemcpyDeviceToHost, s));
   }
 
   void permute_part(const bf16* d_x, int TK, bool own, cudaStream_t st) {
@@ -596,11 +562,11 @@ struct EpMoeGpu::Impl {
     if (H % 8 == 0 && aligned16(d_x)) {
       const int per_row = H / 8;
       permute_part_kernel<int4><<<w.grid(std::size_t(TK) * per_row), 256, 0, st>>>(
-          reinterpret_cast<const int4*>(d_x), w.assign, TK, k, per_row, w.offsets, lo_slot, hi_slot, own,
-          reinterpret_cast<int4*>(w.send), reinterpret_cast<int4*>(w.xg));
+          reinterpret_cast<const int4*>(d_x), w.assign.get(), TK, k, per_row, w.offsets.get(), lo_slot, hi_slot, own,
+          reinterpret_cast<int4*>(w.send.get()), reinterpret_cast<int4*>(w.xg.get()));
     } else {
-      permute_part_kernel<bf16><<<w.grid(std::size_t(TK) * H), 256, 0, st>>>(d_x, w.assign, TK, k, H, w.offsets,
-                                                                             lo_slot, hi_slot, own, w.send, w.xg);
+      permute_part_kernel<bf16><<<w.grid(std::size_t(TK) * H), 256, 0, st>>>(
+          d_x, w.assign.get(), TK, k, H, w.offsets.get(), lo_slot, hi_slot, own, w.send.get(), w.xg.get());
     }
     CUDA_CHECK_LAUNCH();
   }
@@ -613,11 +579,11 @@ struct EpMoeGpu::Impl {
     if (H % 8 == 0 && aligned16(d_x)) {
       const int per_row = H / 8;
       permute_piece_kernel<int4><<<w.grid(rows * per_row), 256, 0, st>>>(
-          reinterpret_cast<const int4*>(d_x), w.assign, k, per_row, w.offsets, rank_slot, N, me, c, chunks,
-          reinterpret_cast<int4*>(w.send));
+          reinterpret_cast<const int4*>(d_x), w.assign.get(), k, per_row, w.offsets.get(), rank_slot.get(), N, me, c,
+          chunks, reinterpret_cast<int4*>(w.send.get()));
     } else {
-      permute_piece_kernel<bf16><<<w.grid(rows * H), 256, 0, st>>>(d_x, w.assign, k, H, w.offsets, rank_slot, N, me,
-                                                                   c, chunks, w.send);
+      permute_piece_kernel<bf16><<<w.grid(rows * H), 256, 0, st>>>(d_x, w.assign.get(), k, H, w.offsets.get(),
+                                                                   rank_slot.get(), N, me, c, chunks, w.send.get());
     }
     CUDA_CHECK_LAUNCH();
   }
@@ -630,7 +596,7 @@ struct EpMoeGpu::Impl {
     EpWorkspace& w = *ws;
     if (T == 0) return;
     const bool vec = H % 8 == 0 && aligned16(d_y);  // int4 = 8 bf16 per load, when the rows allow it
-    const CombineArgs a{w.row_of, weights, k, vec ? H / 8 : H, 0, 0, T * k};
+    const CombineArgs a{w.row_of.get(), weights.get(), k, vec ? H / 8 : H, 0, 0, T * k};
     if (vec && k == 2) launch_combine<2, int4, 8>(a, T, cls, d_y, st);
     else if (vec) launch_combine<0, int4, 8>(a, T, cls, d_y, st);
     else if (k == 2) launch_combine<2, bf16, 1>(a, T, cls, d_y, st);
@@ -640,16 +606,16 @@ struct EpMoeGpu::Impl {
   template <int K, typename V, int kElems>
   void launch_combine(const CombineArgs& a, int T, int cls, bf16* d_y, cudaStream_t st) {
     EpWorkspace& w = *ws;
-    const V* own = reinterpret_cast<const V*>(w.xg);
-    const V* returned = reinterpret_cast<const V*>(w.send);
+    const V* own = reinterpret_cast<const V*>(w.xg.get());
+    const V* returned = reinterpret_cast<const V*>(w.send.get());
     V* y = reinterpret_cast<V*>(d_y);
     if (cls == kAllTokens) {
       combine_part_kernel<K, V, kElems><<<w.grid(std::size_t(T) * a.per_row / kCombineUnroll), 256, 0, st>>>(
-          own, returned, a, w.offsets, lo_slot, hi_slot, T, y);
+          own, returned, a, w.offsets.get(), lo_slot, hi_slot, T, y);
     } else {
       const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
-      combine_class_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets, lo_slot, hi_slot, T,
-                                                                  rank_slot, N, chunks, cls, y);
+      combine_class_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets.get(), lo_slot, hi_slot, T,
+                                                                  rank_slot.get(), N, chunks, cls, y);
     }
   }
 
@@ -668,6 +634,8 @@ struct EpMoeGpu::Impl {
   EpTimes forward(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
     require(T >= 0, "EpMoeGpu::forward_device: T must be >= 0, got ", T);
     require(T == 0 || (d_x && d_y && d_x != d_y), "EpMoeGpu::forward_device: d_x and d_y must be distinct device buffers");
+    NvtxRange whole("EpMoeGpu::forward");
+    NvtxStages stage;  // route, plan, dispatch, experts, combine (nvtx_range.hpp)
     EpWorkspace& w = *ws;
     EpTimes t;
     const int TK = T * k;
@@ -683,47 +651,50 @@ struct EpMoeGpu::Impl {
     std::fill(std::begin(tl_set), std::end(tl_set), false);
 
     // --- buffers that depend on T only (grow to the largest T seen)
-    grow(ids, c_ids, std::size_t(TK));
-    grow(weights, c_weights, std::size_t(TK));
-    grow(w.logits, w.c_logits, std::size_t(T) * E);
-    grow(w.slot_ids, w.c_slot, std::size_t(TK));
-    grow(w.counts, w.c_counts, std::size_t(E));
-    grow(w.offsets, w.c_offsets, std::size_t(E) + 1);
-    grow(w.row_of, w.c_row, std::size_t(TK));
-    grow(w.assign, w.c_assign, std::size_t(TK));
-    grow(w.all_counts, w.c_all, std::size_t(N) * E);
-    grow(w.goff, w.c_goff, std::size_t(N) * std::max(n, 1) + 1);
-    grow(w.gexp, w.c_gexp, std::size_t(N) * std::max(n, 1));
-    grow(w.send, w.c_send, std::size_t(TK) * H);
-    grow_pinned(w.h_all, w.c_h_all, std::size_t(N) * E);
+    ids.grow(std::size_t(TK));
+    weights.grow(std::size_t(TK));
+    w.logits.grow(std::size_t(T) * E);
+    w.slot_ids.grow(std::size_t(TK));
+    w.counts.grow(std::size_t(E));
+    w.offsets.grow(std::size_t(E) + 1);
+    w.row_of.grow(std::size_t(TK));
+    w.assign.grow(std::size_t(TK));
+    w.all_counts.grow(std::size_t(N) * E);
+    w.goff.grow(std::size_t(N) * std::max(n, 1) + 1);
+    w.gexp.grow(std::size_t(N) * std::max(n, 1));
+    w.send.grow(std::size_t(TK) * H);
+    w.h_all.grow(std::size_t(N) * E);
     if (piped) w.grow_piece_events(chunks);
     last_T = T;
     mark(kStart, s);
 
     // --- route
+    stage.next("route");
     if (T > 0) {
-      gpu::router_logits(w.blas, d_x, gate, T, H, E, w.logits, s);
-      gpu::route_topk(w.logits, T, E, k, router.kind, router.jitter_eps, ids, weights, s);
+      gpu::router_logits(w.blas, d_x, gate.get(), T, H, E, w.logits.get(), s);
+      gpu::route_topk(w.logits.get(), T, E, k, router.kind, router.jitter_eps, ids.get(), weights.get(), s);
     }
     mark(kRouted, s);
     lap(t.route_ms);
 
     // --- dispatch: plan over slots, counts, exchange
-    const int* plan_ids = ids;
+    stage.next("plan");
+    const int* plan_ids = ids.get();
     if (!identity_slots && TK > 0) {
-      ids_to_slots_kernel<<<(TK + 255) / 256, 256, 0, s>>>(ids, TK, slot_of, w.slot_ids);
+      ids_to_slots_kernel<<<(TK + 255) / 256, 256, 0, s>>>(ids.get(), TK, slot_of.get(), w.slot_ids.get());
       CUDA_CHECK_LAUNCH();
-      plan_ids = w.slot_ids;
+      plan_ids = w.slot_ids.get();
     }
-    gpu::build_dispatch_plan(plan_ids, T, k, E, w.counts, w.offsets, w.row_of, w.assign, s);
+    gpu::build_dispatch_plan(plan_ids, T, k, E, w.counts.get(), w.offsets.get(), w.row_of.get(), w.assign.get(), s);
     mark(kPlan, s);
+    stage.next("dispatch");
     // The send-side permute on the side stream, while the counts travel and the host plans (InPlace: the
     // remote rows only; the others: every row, into the send buffer).
     CUDA_CHECK(cudaEventRecord(w.ev_plan, s));
     CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_plan, 0));
     if (!piped) {
       if (layout == EpLayout::InPlace) permute_part(d_x, TK, /*own=*/false, w.s2);
-      else if (TK > 0) gpu::permute_rows(d_x, w.assign, TK, k, H, w.send, w.s2);
+      else if (TK > 0) gpu::permute_rows(d_x, w.assign.get(), TK, k, H, w.send.get(), w.s2);
       mark(kRemotePermuted, w.s2);
       CUDA_CHECK(cudaEventRecord(w.ev_remote, w.s2));
       exchange_counts();
@@ -737,13 +708,13 @@ struct EpMoeGpu::Impl {
     }
     comm.sync();  // the count table is on the host (and the watchdog knows we are alive)
     mark(kHostCounts, s);
-    plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all + std::size_t(me) * E, E));
+    plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all.get() + std::size_t(me) * E, E));
     // Only Permute reads the per-row maps; building them is O(R) host work on the dispatch's critical path.
-    finish_ep_plan(plan, placement, std::span<const int>(w.h_all, std::size_t(N) * E),
+    finish_ep_plan(plan, placement, std::span<const int>(w.h_all.get(), std::size_t(N) * E),
                    layout == EpLayout::Permute ? EpRowMaps::Build : EpRowMaps::Skip);
     const int R = plan.recv_rows();
     const std::size_t row = std::size_t(H) * sizeof(bf16);
-    grow(w.xg, w.c_xg, std::size_t(R) * H);  // experts' input and (aliased) output
+    w.xg.grow(std::size_t(R) * H);  // experts' input and (aliased) output
 
     if (layout == EpLayout::InPlace) {
       // arrival buffer: own rows [0, own), then every other rank's block in rank order
@@ -760,7 +731,7 @@ struct EpMoeGpu::Impl {
       own_rows_ = own;
       if (!piped) {
         CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));
-        if (!sends.empty() || !recvs.empty()) comm.exchange(w.send, sends, w.xg, recvs, row);
+        if (!sends.empty() || !recvs.empty()) comm.exchange(w.send.get(), sends, w.xg.get(), recvs, row);
       } else {
         // Piece c of every block, sent as soon as its permute is done. Every rank posts the same C groups
         // in the same order; both sides cut a block by piece_begin, so the sizes match; empty pieces are
@@ -770,7 +741,7 @@ struct EpMoeGpu::Impl {
           pieces_of(sends, c, chunks, ps);
           pieces_of(recvs, c, chunks, pr);
           CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_piece[c], 0));
-          if (!ps.empty() || !pr.empty()) comm.exchange(w.send, ps, w.xg, pr, row);
+          if (!ps.empty() || !pr.empty()) comm.exchange(w.send.get(), ps, w.xg.get(), pr, row);
         }
       }
       mark(kDispatched, s);
@@ -783,47 +754,51 @@ struct EpMoeGpu::Impl {
       for (int b = 0; b < N && n > 0; ++b) {
         const int src = b == 0 ? me : (b <= me ? b - 1 : b);
         for (int le = 0; le < n; ++le) {
-          h_goff.push_back(h_goff.back() + w.h_all[std::size_t(src) * E + lo_slot + le]);
+          h_goff.push_back(h_goff.back() + w.h_all.get()[std::size_t(src) * E + lo_slot + le]);
           h_gexp.push_back(le);
         }
       }
       require(h_goff.back() == R, "EpMoeGpu: segment table covers ", h_goff.back(), " rows, expected ", R);
     } else {
       // Index upload, one copy: [local_offsets (n+1) | grouped_to_recv (R) | recv_to_grouped (R)]
-      if (layout == EpLayout::Permute) grow(w.recv, w.c_recv, std::size_t(R) * H);
+      if (layout == EpLayout::Permute) w.recv.grow(std::size_t(R) * H);
       const std::size_t idx_n = std::size_t(n) + 1 + (layout == EpLayout::Permute ? 2 * std::size_t(R) : 0);
-      grow_pinned(w.h_idx, w.c_h_idx, idx_n);
-      grow(w.idx, w.c_idx, idx_n);
-      std::copy(plan.local_offsets.begin(), plan.local_offsets.end(), w.h_idx);
+      w.h_idx.grow(idx_n);
+      w.idx.grow(idx_n);
+      std::copy(plan.local_offsets.begin(), plan.local_offsets.end(), w.h_idx.get());
       if (layout == EpLayout::Permute) {
-        std::copy(plan.grouped_to_recv.begin(), plan.grouped_to_recv.end(), w.h_idx + n + 1);
-        std::copy(plan.recv_to_grouped.begin(), plan.recv_to_grouped.end(), w.h_idx + n + 1 + R);
+        std::copy(plan.grouped_to_recv.begin(), plan.grouped_to_recv.end(), w.h_idx.get() + n + 1);
+        std::copy(plan.recv_to_grouped.begin(), plan.recv_to_grouped.end(), w.h_idx.get() + n + 1 + R);
       }
-      CUDA_CHECK(cudaMemcpyAsync(w.idx, w.h_idx, sizeof(int) * idx_n, cudaMemcpyHostToDevice, s));
+      CUDA_CHECK(cudaMemcpyAsync(w.idx.get(), w.h_idx.get(), sizeof(int) * idx_n, cudaMemcpyHostToDevice, s));
       CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));  // the send buffer is complete
       if (layout == EpLayout::Permute) {
-        comm.alltoallv(w.send, to_sizes(plan.send_counts), w.recv, to_sizes(plan.recv_counts), row);
+        comm.alltoallv(w.send.get(), to_sizes(plan.send_counts), w.recv.get(), to_sizes(plan.recv_counts), row);
         mark(kDispatched, s);
-        if (R > 0) gpu::permute_rows(w.recv, w.idx + n + 1, R, 1, H, w.xg, s);  // a gather: k = 1
+        if (R > 0) gpu::permute_rows(w.recv.get(), w.idx.get() + n + 1, R, 1, H, w.xg.get(), s);  // a gather: k = 1
       } else {
-        comm.exchange(w.send, to_transfers(plan.send_segments), w.xg, to_transfers(plan.recv_segments), row);
+        comm.exchange(w.send.get(), to_transfers(plan.send_segments), w.xg.get(), to_transfers(plan.recv_segments),
+                      row);
         mark(kDispatched, s);
       }
     }
     lap(t.dispatch_ms);
 
     // --- experts: output written over their input (grouped_experts reads all of it first)
+    stage.next("experts");
     if (R > 0 && n > 0) {
       if (layout == EpLayout::InPlace)
-        gpu::grouped_experts_segments(w.blas, experts(), w.xg, int(h_gexp.size()), w.goff, h_goff.data(), w.gexp,
-                                      h_gexp.data(), R, w.xg, w.gws, s);
+        gpu::grouped_experts_segments(w.blas, experts(), w.xg.get(), int(h_gexp.size()), w.goff.get(), h_goff.data(),
+                                      w.gexp.get(), h_gexp.data(), R, w.xg.get(), w.gws, s);
       else
-        gpu::grouped_experts(w.blas, experts(), w.xg, w.idx, plan.local_offsets.data(), R, w.xg, w.gws, s);
+        gpu::grouped_experts(w.blas, experts(), w.xg.get(), w.idx.get(), plan.local_offsets.data(), R, w.xg.get(),
+                             w.gws, s);
     }
     mark(kExperts, s);
     lap(t.experts_ms);
 
     // --- combine: the rows go back to where they left the send buffer
+    stage.next("combine");
     if (layout == EpLayout::InPlace) {
       std::vector<dist::Transfer> sends, recvs;
       for (const dist::Transfer& b : x_blocks_) sends.push_back(b);  // my expert outputs, back to their owners
@@ -831,7 +806,7 @@ struct EpMoeGpu::Impl {
         if (p != me && plan.send_counts[p])
           recvs.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
       if (!piped) {
-        if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg, sends, w.send, recvs, row);
+        if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg.get(), sends, w.send.get(), recvs, row);
         mark(kReturned, s);
         combine(d_y, T, kAllTokens, s);
       } else {
@@ -848,7 +823,7 @@ struct EpMoeGpu::Impl {
           pieces_of(sends, c, chunks, ps);
           pieces_of(recvs, c, chunks, pr);
           if (ps.empty() && pr.empty()) continue;
-          comm.exchange(w.xg, ps, w.send, pr, row);
+          comm.exchange(w.xg.get(), ps, w.send.get(), pr, row);
           if (pr.empty()) continue;
           CUDA_CHECK(cudaEventRecord(w.ev_returned[c], s));
           CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_returned[c], 0));
@@ -859,14 +834,16 @@ struct EpMoeGpu::Impl {
       }
     } else {
       if (layout == EpLayout::Permute) {
-        if (R > 0) gpu::permute_rows(w.xg, w.idx + n + 1 + R, R, 1, H, w.recv, s);  // back to arrival order
-        comm.alltoallv(w.recv, to_sizes(plan.recv_counts), w.send, to_sizes(plan.send_counts), row);
+        if (R > 0)
+          gpu::permute_rows(w.xg.get(), w.idx.get() + n + 1 + R, R, 1, H, w.recv.get(), s);  // back to arrival order
+        comm.alltoallv(w.recv.get(), to_sizes(plan.recv_counts), w.send.get(), to_sizes(plan.send_counts), row);
       } else {
-        comm.exchange(w.xg, to_transfers(plan.recv_segments), w.send, to_transfers(plan.send_segments), row);
+        comm.exchange(w.xg.get(), to_transfers(plan.recv_segments), w.send.get(), to_transfers(plan.send_segments),
+                      row);
       }
       mark(kReturned, s);
       // the returned rows sit where they left the send buffer: row_of of the slot plan finds them
-      gpu::unpermute_combine(w.send, w.row_of, weights, T, k, H, d_y, s);
+      gpu::unpermute_combine(w.send.get(), w.row_of.get(), weights.get(), T, k, H, d_y, s);
     }
     mark(kCombined, s);
     lap(t.combine_ms);
@@ -880,16 +857,16 @@ struct EpMoeGpu::Impl {
     require(plan.finished, "EpMoeGpu::raw_exchange_ms: run forward_device first");
     EpWorkspace& w = *ws;
     const std::size_t row = std::size_t(H) * 2;
-    grow(w.xg, w.c_xg, std::size_t(plan.recv_rows()) * H);
+    w.xg.grow(std::size_t(plan.recv_rows()) * H);
     comm.sync();
     comm.barrier();
     WallTimer clk;
-    comm.alltoallv(w.send, to_sizes(plan.send_counts), w.xg, to_sizes(plan.recv_counts), row);
+    comm.alltoallv(w.send.get(), to_sizes(plan.send_counts), w.xg.get(), to_sizes(plan.recv_counts), row);
     comm.sync();
     const double t1 = clk.ms();
     comm.barrier();
     clk.reset();
-    comm.alltoallv(w.xg, to_sizes(plan.recv_counts), w.send, to_sizes(plan.send_counts), row);
+    comm.alltoallv(w.xg.get(), to_sizes(plan.recv_counts), w.send.get(), to_sizes(plan.send_counts), row);
     comm.sync();
     return {t1, clk.ms()};
   }
@@ -909,8 +886,8 @@ EpMoeGpu::EpMoeGpu(dist::Communicator& comm, const Placement& placement, const R
     : impl_(std::make_unique<Impl>(comm, placement, spec.hidden, spec.inter, router, layout)) {
   require(spec.experts == placement.num_experts(), "EpMoeGpu: random spec has ", spec.experts,
           " experts but the placement ", placement.num_experts());
-  fill_layer(impl_->gate, impl_->w13, impl_->w2, placement.experts_of(comm.rank()), spec.hidden, spec.inter,
-             spec.experts, spec.seed, impl_->s);
+  fill_layer(impl_->gate.get(), impl_->w13.get(), impl_->w2.get(), placement.experts_of(comm.rank()), spec.hidden,
+             spec.inter, spec.experts, spec.seed, impl_->s);
   CUDA_CHECK(cudaStreamSynchronize(impl_->s));
 }
 
@@ -942,8 +919,8 @@ Routing EpMoeGpu::routing() {
   r.weights.resize(r.ids.size());
   CUDA_CHECK(cudaStreamSynchronize(m.s));
   if (!r.ids.empty()) {
-    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.ids, r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(r.weights.data(), m.weights, r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.ids.data(), m.ids.get(), r.ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.weights.data(), m.weights.get(), r.weights.size() * sizeof(float), cudaMemcpyDeviceToHost));
   }
   return r;
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda_check.hpp"
+#include "device_buffer.hpp"
 #include "model/checkpoint.hpp"
 #include "util/bf16.hpp"
 #include "util/rng.hpp"
@@ -22,50 +23,22 @@ namespace eplab::test {
 
 using bf16 = __nv_bfloat16;
 
-// A device array of n T's. Host data goes through std::vector; bf16 travels as eplab::bf16_bits.
+// A device array of n T's (kernels/device_buffer.hpp's DeviceBuffer: upload, download) that can also be
+// poisoned. Host data goes through std::vector; bf16 travels as eplab::bf16_bits.
 template <typename T>
-class DevBuf {
+class DevBuf : public DeviceBuffer<T> {
  public:
-  DevBuf() = default;
-  explicit DevBuf(size_t n) : n_(n) {
-    if (n_) CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(T)));
-  }
-  explicit DevBuf(const std::vector<T>& h) : DevBuf(h.size()) { upload(h); }
-  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
-  DevBuf& operator=(DevBuf&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  ~DevBuf() {
-    if (p_) cudaFree(p_);
-  }
-  T* get() const { return p_; }
-  size_t size() const { return n_; }
-  void upload(const std::vector<T>& h) {
-    require(h.size() == n_, "DevBuf::upload: size mismatch");
-    if (n_) CUDA_CHECK(cudaMemcpy(p_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  using Base = DeviceBuffer<T>;
+  using Base::Base;
   // Every byte 0xFF: NaN for float and bf16, -1 for int. An element a kernel forgets to write fails.
   // The memset runs on the legacy default stream, which the tests' non-blocking streams do not wait for,
   // and it may return before it is done: wait for it here, or a kernel queued next on such a stream can
   // run first and be overwritten (seen as a whole-row mismatch under `ctest -j`, when the GPU is shared).
   void poison() {
-    if (!n_) return;
-    CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T)));
+    if (!this->size()) return;
+    CUDA_CHECK(cudaMemset(this->get(), 0xFF, this->bytes()));
     CUDA_CHECK(cudaDeviceSynchronize());
   }
-  std::vector<T> download() const {
-    std::vector<T> h(n_);
-    if (n_) CUDA_CHECK(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
 };
 
 inline bf16* as_bf16(const DevBuf<bf16_bits>& b) { return reinterpret_cast<bf16*>(b.get()); }

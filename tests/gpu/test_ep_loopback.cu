@@ -12,6 +12,7 @@
 
 #include "cuda_check.hpp"
 #include "ep/ep_moe_gpu.hpp"
+#include "kernel_test_util.cuh"
 #include "loopback_comm.hpp"
 #include "moe/layer_check.hpp"
 #include "moe/placement.hpp"
@@ -47,27 +48,22 @@ EngineRun run_engine(PlacementKind kind, const std::vector<int>& T, const EpMoeG
     EpMoeGpu layer(comm, placement, spec, rc, v.layout);
     layer.set_chunks(v.chunks);
     const std::size_t n = std::size_t(T[r]) * H;
-    __nv_bfloat16 *dx = nullptr, *dy = nullptr;
-    CUDA_CHECK(cudaMalloc(&dx, std::max<std::size_t>(n, 1) * 2));
-    CUDA_CHECK(cudaMalloc(&dy, std::max<std::size_t>(n, 1) * 2));
-    random_tokens_device(spec, r, T[r], dx);
+    test::DevBuf<bf16_bits> d_x(std::max<std::size_t>(n, 1)), d_y(std::max<std::size_t>(n, 1));
+    random_tokens_device(spec, r, T[r], test::as_bf16(d_x));
     std::vector<bf16_bits> first;
     for (int f = 0; f < forwards; ++f) {
       // y poisoned (NaN) before every forward: a token that no combine writes cannot pass on an earlier
       // forward's (or an earlier variant's) leftover output; the memsets are waited for, since the engine's
       // stream does not order itself after the legacy stream
-      CUDA_CHECK(cudaMemset(dy, 0xFF, std::max<std::size_t>(n, 1) * 2));
-      CUDA_CHECK(cudaDeviceSynchronize());
-      layer.forward_device(dx, T[r], dy);
+      d_y.poison();
+      layer.forward_device(test::as_bf16(d_x), T[r], test::as_bf16(d_y));
       comm.sync();
+      y[r] = d_y.download();
       y[r].resize(n);
-      CUDA_CHECK(cudaMemcpy(y[r].data(), dy, n * 2, cudaMemcpyDeviceToHost));
       if (f == 0) first = y[r];
       else if (y[r] != first) same_every_forward[r] = 0;  // the same input: the engine must repeat itself
     }
     routing[r] = layer.routing();
-    CUDA_CHECK(cudaFree(dx));
-    CUDA_CHECK(cudaFree(dy));
   });
   for (int r = 0; r < N; ++r) CHECK_MESSAGE(same_every_forward[r], "rank ", r, ": a later forward changed the output");
   EngineRun out;

@@ -1,6 +1,6 @@
 // experts_decode (kernels/experts_decode.cuh) vs moe_experts_reference, and GpuMoeLayer with every router
-// implementation (cublas, fused, tiled) and every decode-kernel choice (direct, decode, hybrid) vs
-// moe_layer_reference.
+// implementation (cublas, fused, tiled) vs moe_layer_reference, on the decode path's kernels and on
+// experts_direct, the fallback for shapes experts_decode cannot run.
 //
 // Tolerances as in test_moe_layer.cu: y rel-L2 <= 1e-2 against the reference with h rounded to bf16 (what
 // remains is y's own bf16 rounding and fp32 summation order); worst single token <= 2e-2; routing ids
@@ -71,13 +71,12 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
   REQUIRE(gpu::experts_decode_ok(dev.view, as_bf16(d_x), as_bf16(d_y), T, k));
   gpu::GroupedWorkspace ws;
   Stream s;
-  // Every launch mode: both decode kernels with and without PDL, and the hybrid (decode w13 + direct w2).
-  for (auto [pdl, direct_w2] : {std::pair{true, false}, std::pair{false, false}, std::pair{true, true}, std::pair{false, true}}) {
+  // Both launch modes: with programmatic dependent launch (the layer's forwards) and without (timed stages).
+  for (bool pdl : {true, false}) {
     CAPTURE(pdl);
-    CAPTURE(direct_w2);
     d_y.poison();
     device_sync();
-    gpu::experts_decode(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y), ws, s, pdl, direct_w2);
+    gpu::experts_decode(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y), ws, s, pdl);
     s.sync();
     const std::vector<float> got = bf16_to_float(std::span<const bf16_bits>(d_y.download()));
     const double rel = rel_l2(got, want);
@@ -91,7 +90,7 @@ void check_decode(const MoeLayerWeights& w, const DeviceExperts& dev, int T, int
     }
     CHECK_MESSAGE(worst <= 2 * kYTol, "token ", at, " has rel-L2 ", worst);
   }
-  // Same routing through the older experts_direct kernels: the two agree.
+  // Same routing through experts_direct's two kernels (the fallback): the two agree.
   d_y2.poison();
   device_sync();
   gpu::experts_direct(dev.view, as_bf16(d_x), d_ids.get(), d_w.get(), T, k, as_bf16(d_y2), ws, s);
@@ -154,49 +153,50 @@ TEST_CASE("experts_decode: odd shapes (H = 104, I = 48, E = 5; H = 4096, I = 448
   CHECK_FALSE(gpu::experts_decode_ok(wdev.view, as_bf16(x), as_bf16(y), 1, 2));
 }
 
-TEST_CASE("GpuMoeLayer: every router implementation x every decode-kernel choice vs moe_layer_reference (graphs too)") {
-  const MoeLayerWeights w = random_layer(256, 128, 16, 9601);
-  const int H = w.hidden, E = w.num_experts, k = 2;
-  Rng rng(9602);
+namespace {
+
+// Every router implementation on the layer at (H, I): I = 128 takes experts_decode on the decode path
+// (T*k <= 32), I = 520 (> 512) its fallback, experts_direct.
+void check_layer_routers(int H, int I, std::uint64_t seed, std::initializer_list<int> tokens) {
+  const MoeLayerWeights w = random_layer(H, I, 16, seed);
+  const int E = w.num_experts, k = 2;
+  Rng rng(seed + 1);
   for (RouterKind kind : {RouterKind::SparseMixer, RouterKind::SoftmaxTopK}) {
     GpuMoeLayer layer(w, kind, k, 0.01f);
-    for (int T : {1, 3, 16, 17, 33, 100, 513, 2047}) {
+    for (int T : tokens) {
       const Bf16Data x = random_bf16(rng, size_t(T) * H);
       const MoeRefResult ref = moe_layer_reference(w, x.f, T, {kind, k, 0.01f, true});
-      for (RouterImpl ri : {RouterImpl::Tiled, RouterImpl::Fused, RouterImpl::Cublas, RouterImpl::Auto})
-        for (DecodeKernels dk : {DecodeKernels::Decode, DecodeKernels::Hybrid, DecodeKernels::Direct}) {
-          if (dk != DecodeKernels::Decode && T * k > 32) continue;  // the switch only matters on the decode path
-          layer.set_router_impl(ri);
-          layer.set_decode_kernels(dk);
-          for (int rep = 0; rep < 3; ++rep) {  // eager, graph capture, graph replay (sync-free forwards)
-            INFO(router_str(kind) << " T=" << T << " router " << router_impl_name(ri) << " decode kernels "
-                                  << decode_kernels_name(dk) << " call " << rep + 1);
-            const auto got = layer.forward(x.bits, T, MoePath::Grouped);
-            if (ri != RouterImpl::Auto) CHECK(layer.last_router_impl() == ri);
-            REQUIRE(got.logits.size() == size_t(T) * E);
-            CHECK_MESSAGE(max_abs_diff(got.logits, ref.logits) <= 2e-3, "router logits differ from the CPU");
-            int ties = 0, bad = 0;
-            for (int t = 0; t < T; ++t) {
-              if (routing_margin(kind, ref.logits, t, E, 0.01f) < 1e-4f) {
-                ++ties;
-                continue;
-              }
-              for (int j = 0; j < k; ++j)
-                if (got.routing.id(t, j) != ref.routing.id(t, j) ||
-                    !(std::fabs(got.routing.weight(t, j) - ref.routing.weight(t, j)) <= 1e-4f)) {
-                  if (bad++ < 3)
-                    FAIL_CHECK("token ", t, " choice ", j, ": GPU ", got.routing.id(t, j), ":", got.routing.weight(t, j),
-                               " CPU ", ref.routing.id(t, j), ":", ref.routing.weight(t, j));
-                }
+      for (RouterImpl ri : {RouterImpl::Tiled, RouterImpl::Fused, RouterImpl::Cublas, RouterImpl::Auto}) {
+        layer.set_router_impl(ri);
+        for (int rep = 0; rep < 3; ++rep) {  // eager, graph capture, graph replay (sync-free forwards)
+          INFO(router_str(kind) << " H=" << H << " I=" << I << " T=" << T << " router " << router_impl_name(ri)
+                                << " call " << rep + 1);
+          const auto got = layer.forward(x.bits, T, MoePath::Grouped);
+          if (ri != RouterImpl::Auto) CHECK(layer.last_router_impl() == ri);
+          REQUIRE(got.logits.size() == size_t(T) * E);
+          CHECK_MESSAGE(max_abs_diff(got.logits, ref.logits) <= 2e-3, "router logits differ from the CPU");
+          int ties = 0, bad = 0;
+          for (int t = 0; t < T; ++t) {
+            if (routing_margin(kind, ref.logits, t, E, 0.01f) < 1e-4f) {
+              ++ties;
+              continue;
             }
-            CHECK(ties <= std::max(2, T / 10));
-            bool ids_ok = true;
-            for (int id : got.routing.ids) ids_ok &= id >= 0 && id < E;
-            REQUIRE_MESSAGE(ids_ok, "an expert id outside [0, E)");
-            const double rel = rel_l2(got.y, moe_experts_reference(w, x.f, got.routing, true));
-            CHECK_MESSAGE(rel <= kYTol, "rel-L2 of y vs the reference experts (GPU routing) = ", rel);
+            for (int j = 0; j < k; ++j)
+              if (got.routing.id(t, j) != ref.routing.id(t, j) ||
+                  !(std::fabs(got.routing.weight(t, j) - ref.routing.weight(t, j)) <= 1e-4f)) {
+                if (bad++ < 3)
+                  FAIL_CHECK("token ", t, " choice ", j, ": GPU ", got.routing.id(t, j), ":", got.routing.weight(t, j),
+                             " CPU ", ref.routing.id(t, j), ":", ref.routing.weight(t, j));
+              }
           }
+          CHECK(ties <= std::max(2, T / 10));
+          bool ids_ok = true;
+          for (int id : got.routing.ids) ids_ok &= id >= 0 && id < E;
+          REQUIRE_MESSAGE(ids_ok, "an expert id outside [0, E)");
+          const double rel = rel_l2(got.y, moe_experts_reference(w, x.f, got.routing, true));
+          CHECK_MESSAGE(rel <= kYTol, "rel-L2 of y vs the reference experts (GPU routing) = ", rel);
         }
+      }
     }
     // T = 0: an empty result on every router.
     for (RouterImpl ri : {RouterImpl::Tiled, RouterImpl::Fused, RouterImpl::Cublas}) {
@@ -205,9 +205,21 @@ TEST_CASE("GpuMoeLayer: every router implementation x every decode-kernel choice
       CHECK(got.y.empty());
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("GpuMoeLayer: every router implementation vs moe_layer_reference (graphs too)") {
+  check_layer_routers(256, 128, 9601, {1, 3, 16, 17, 33, 100, 513, 2047});
   CHECK(parse_router_impl("tiled") == RouterImpl::Tiled);
   CHECK_THROWS_AS(parse_router_impl("fastest"), Error);
-  for (DecodeKernels dk : {DecodeKernels::Direct, DecodeKernels::Decode, DecodeKernels::Hybrid})
-    CHECK(parse_decode_kernels(decode_kernels_name(dk)) == dk);
-  CHECK_THROWS_AS(parse_decode_kernels("2"), Error);
+}
+
+TEST_CASE("GpuMoeLayer: the decode path falls back to experts_direct where experts_decode cannot run (I > 512)") {
+  DevBuf<bf16_bits> x(size_t(1) * 256), y(size_t(1) * 256);
+  const MoeLayerWeights wide = random_layer(256, 520, 16, 9701);
+  const DeviceExperts dev(wide);
+  REQUIRE_FALSE(gpu::experts_decode_ok(dev.view, as_bf16(x), as_bf16(y), 1, 2));
+  REQUIRE(gpu::experts_direct_ok(dev.view, as_bf16(x), as_bf16(y), 1, 2));
+  check_layer_routers(256, 520, 9702, {1, 5, 16});
 }

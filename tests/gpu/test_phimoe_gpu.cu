@@ -235,10 +235,10 @@ std::vector<int> flipped_layers(const std::vector<Routing>& gpu, int rg, const s
 // every later row of the same sequence: from the first flip on, a sequence's rows are "downstream of a flip"
 // and their logits legitimately differ. They are counted, not compared. The rows before any flip must match
 // tightly: one rel-L2 over all of them, each row within 2x, and the argmax where the reference is not a
-// near-tie. (Session 8 found that a per-row bound fails on rows after an earlier flip: 0.076 > 0.06.)
+// near-tie. (A per-row bound fails on rows after an earlier flip: measured 0.076 > 0.06.)
 // The generated models' routers share a large common direction (generator.cpp, add_shared_router_direction),
 // so their logits sit ~30x their spread and bf16's 0.3 % noise moves them by ~0.1, near sparsemixer's mask:
-// flips are far more common than on the HF fixture (measured in session 8: 19 of 64 last rows), so no
+// flips are far more common than on the HF fixture (measured: 19 of 64 last rows), so no
 // flip-rate bound here; the HF fixture tests above bound it at 1/8. At least 8 clean rows must remain.
 void check_against_cpu_model(int sliding_window) {
   testing::TmpDir dir;

@@ -13,8 +13,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "cuda_check.hpp"
-#include "moe_gpu.hpp"
+#include "device_buffer.hpp"
 #include "random_init.cuh"
 
 namespace eplab {
@@ -23,20 +24,12 @@ namespace {
 
 // Frees what it holds on scope exit, also when a check throws halfway.
 struct Scratch {
-  std::vector<void*> bufs;
+  std::vector<DeviceBuffer<unsigned char>> bufs;
   cudaStream_t stream = nullptr;
   cudaEvent_t a = nullptr, b = nullptr;
   cublasHandle_t blas = nullptr;
-  void* alloc(std::size_t bytes) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, bytes));
-    bufs.push_back(p);
-    return p;
-  }
-  void release() {
-    for (void* p : bufs) cudaFree(p);
-    bufs.clear();
-  }
+  void* alloc(std::size_t bytes) { return bufs.emplace_back(bytes).get(); }
+  void release() { bufs.clear(); }
   ~Scratch() {
     release();
     if (blas) cublasDestroy(blas);
