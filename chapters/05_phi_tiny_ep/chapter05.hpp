@@ -13,7 +13,7 @@
 #include "model/tokenizer.hpp"
 #include "moe/ep_moe_cpu.hpp"
 #include "moe/placement.hpp"
-#include "trace_writer.hpp"
+#include "moe/routing_trace.hpp"
 #include "util/cli.hpp"
 
 namespace eplab {

@@ -28,7 +28,6 @@
 #include "model/phimoe_cpu.hpp"
 #include "moe/ep_moe_cpu.hpp"
 #include "setup.hpp"
-#include "trace_writer.hpp"
 #include "util/check.hpp"
 #include "util/report.hpp"
 #include "util/timer.hpp"
@@ -127,7 +126,7 @@ int run(int argc, char** argv) {
         if (tok) pieces.push_back(safe_piece(*tok, id));
       for (int r = 0; r < N; ++r) rot.insert(rot.end(), rows_of(r, N, int(ids.size())).count, r);
       for (int l = 0; l < L; ++l)
-        trace.write(step, l, N, E, H, ids, pieces, tr.routing[l], rank_of_expert, rot);
+        trace.write({step, l, N, E, H, ids, pieces, tr.routing[l], rank_of_expert, rot, /*probs=*/{}});
     }
     std::vector<int> still;
     std::vector<std::vector<int>> next;

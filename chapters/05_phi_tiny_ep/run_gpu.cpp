@@ -404,7 +404,8 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
           ++counts.expert_rows[l][e];
           ++counts.traffic[l][std::size_t(rank_of_row[t]) * N + rank_of_expert[e]];
         }
-      if (trace.active()) trace.write(step, l, N, E, c.hidden_size, ids, pieces, r, rank_of_expert, rank_of_row);
+      if (trace.active())
+        trace.write({step, l, N, E, c.hidden_size, ids, pieces, r, rank_of_expert, rank_of_row, /*probs=*/{}});
     }
   };
   GpuRun run = generate(*model, prompts, o.max_new_tokens, stop_ids, checking, hook);
