@@ -6,7 +6,7 @@
 BUILD   ?= build
 JOBS    ?= $(shell nproc)
 CMAKE_FLAGS ?=
-MODEL   ?= models/mini
+MODEL   ?= data/mini
 export PATH := /usr/local/cuda/bin:$(PATH)
 
 DEMO_TARGETS = make_model 00_model_tour 01_moe_naive 02_moe_grouped
@@ -42,4 +42,4 @@ test: build model
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:
-	rm -rf $(BUILD) models
+	rm -rf $(BUILD) data/mini

@@ -1,6 +1,6 @@
 // make_model: writes a synthetic PhiMoE checkpoint (random weights, real on-disk format).
 //
-//   make_model --preset mini --out models/mini                 # the default model (~46 MB, 3 shards)
+//   make_model --preset mini --out data/mini                 # the default model (~46 MB, 3 shards)
 //   make_model --preset phi-tiny --out /data/phi-tiny-random   # the full 3.76 B shape (~7.5 GB)
 //   make_model --preset mini --experts 8 --layers 2 --out /tmp/small
 //   make_model --preset phi-tiny --shard-mb 4768 --metadata-only --out /tmp/phi-meta  # config + index only
