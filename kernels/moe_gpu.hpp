@@ -123,7 +123,7 @@ class GpuMoeLayer {
   // by calling once with the largest T first).
   void forward_device(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path, cudaStream_t stream);
 
-  // Forward_device with an observer at every stage boundary (benchmarks). Eager: no CUDA graph, and no
+  // forward_device with an observer at every stage boundary (benchmarks). Eager: no CUDA graph, and no
   // programmatic dependent launch (work queued between two kernels would stop their overlap anyway).
   void forward_device_observed(const __nv_bfloat16* d_x, int T, __nv_bfloat16* d_y, MoePath path,
                                cudaStream_t stream, MoeStageObserver& observer);
