@@ -167,9 +167,9 @@ void experts_decode(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
     smem13_set = kMaxDynSmem;
   }
   launch_pdl(pdl, w13_swiglu_decode, dim3(unsigned((I + k13Idx - 1) / k13Idx), unsigned(std::min(n, rows))),
-             dim3(k13Threads), smem13, s, w.w13, d_x, d_ids, rows, k, n, H, I, ws.h);
+             dim3(k13Threads), smem13, s, w.w13, d_x, d_ids, rows, k, n, H, I, ws.h.get());
   // Its prologue and first weight loads overlap the w1|w3 kernel (PDL); it reads h only after that kernel.
-  w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s, pdl);
+  w2_combine_direct_launch(w, ws.h.get(), d_ids, d_weights, T, k, d_y, s, pdl);
 }
 
 }  // namespace eplab::gpu

@@ -509,15 +509,11 @@ void gemm_w2(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* h,
                             yp + std::size_t(beg) * w.H, CUDA_R_16BF, w.H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// Grows b to `need` elements when it holds fewer (need = 0 allocates nothing); a reallocation bumps the
+// workspace's generation.
 template <typename T>
-void device_grow(T*& p, std::size_t& cap, std::size_t need, unsigned& generation) {
-  if (need <= cap) return;
-  if (p) CUDA_CHECK(cudaFree(p));
-  p = nullptr;
-  cap = 0;
-  CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), need * sizeof(T)));
-  cap = need;
-  ++generation;
+void device_grow(DeviceBuffer<T>& b, std::size_t need, unsigned& generation) {
+  if (need > b.size() && b.grow(need)) ++generation;
 }
 
 }  // namespace
@@ -565,12 +561,6 @@ GroupedWorkspace::GroupedWorkspace() = default;
 GroupedWorkspace::~GroupedWorkspace() {
   // Destructors must not throw: errors here (e.g. a dead context at exit) are ignored.
   delete aux;
-  if (gate_up) cudaFree(gate_up);
-  if (h) cudaFree(h);
-  if (xpad) cudaFree(xpad);
-  if (ypad) cudaFree(ypad);
-  if (ptrs) cudaFree(ptrs);
-  if (h_offsets) cudaFreeHost(h_offsets);
 }
 
 const char* grouped_strategy_name(GroupedStrategy s) {
@@ -623,18 +613,10 @@ void reserve_groups(GroupedWorkspace& ws, const ExpertWeightsDevice& w, int rows
   const bool padded = choose_grouped_strategy(ws, w, rows, nullptr, nullptr) == GroupedStrategy::CublasPadded;
   if (padded && rows > 0)
     act_rows = std::max(act_rows, std::size_t(w.n) * padded_capacity_per_expert(ws.padded_max_ratio, w.n, rows));
-  device_grow(ws.gate_up, ws.gate_up_cap, act_rows * 2 * w.I, ws.generation);
-  device_grow(ws.h, ws.h_cap, act_rows * w.I, ws.generation);
-  std::size_t ptr_cap = std::size_t(ws.ptrs_cap) * 6;
-  device_grow(ws.ptrs, ptr_cap, std::size_t(groups) * 6, ws.generation);
-  ws.ptrs_cap = int(ptr_cap / 6);
-  if (ws.h_offsets_cap < groups + 1) {
-    if (ws.h_offsets) CUDA_CHECK(cudaFreeHost(ws.h_offsets));
-    ws.h_offsets = nullptr;
-    ws.h_offsets_cap = 0;
-    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&ws.h_offsets), std::size_t(groups + 1) * sizeof(int)));
-    ws.h_offsets_cap = groups + 1;
-  }
+  device_grow(ws.gate_up, act_rows * 2 * w.I, ws.generation);
+  device_grow(ws.h, act_rows * w.I, ws.generation);
+  device_grow(ws.ptrs, std::size_t(groups) * 6, ws.generation);
+  if (ws.h_offsets.size() < std::size_t(groups) + 1) ws.h_offsets.grow(std::size_t(groups) + 1);
   const std::size_t n = std::size_t(groups);
   for (auto* v : {&ws.m1, &ws.n1, &ws.k1, &ws.lda1, &ws.ldb1, &ws.ldc1, &ws.m2, &ws.k2, &ws.lda2, &ws.ldb2, &ws.ldc2,
                   &ws.group_size})
@@ -670,8 +652,8 @@ void grouped_experts_padded(cublasHandle_t handle, const ExpertWeightsDevice& w,
   if (e_hi < 0) return;
   const int B = e_hi - e_lo + 1;
   const std::size_t prow = std::size_t(B) * m_pad;
-  device_grow(ws.gate_up, ws.gate_up_cap, prow * 2 * I, ws.generation);  // no-op after reserve_grouped_workspace
-  device_grow(ws.h, ws.h_cap, prow * I, ws.generation);
+  device_grow(ws.gate_up, prow * 2 * I, ws.generation);  // no-op after reserve_grouped_workspace
+  device_grow(ws.h, prow * I, ws.generation);
   CUBLAS_CHECK(cublasSetStream(handle, s));
   const HostPointerMode mode(handle);
   const float one = 1.f, zero = 0.f;
@@ -679,14 +661,14 @@ void grouped_experts_padded(cublasHandle_t handle, const ExpertWeightsDevice& w,
   // gate_up[b] [M_pad, 2I] = xpad[e_lo + b] · w13[e_lo + b]ᵀ  (column-major: m = 2I, n = M_pad, k = H, "TN")
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       handle, CUBLAS_OP_T, CUBLAS_OP_N, 2 * I, m_pad, H, &one, w.w13 + std::size_t(e_lo) * 2 * I * H, CUDA_R_16BF, H,
-      ll(2) * I * H, d_xpad + std::size_t(e_lo) * m_pad * H, CUDA_R_16BF, H, ll(m_pad) * H, &zero, ws.gate_up,
+      ll(2) * I * H, d_xpad + std::size_t(e_lo) * m_pad * H, CUDA_R_16BF, H, ll(m_pad) * H, &zero, ws.gate_up.get(),
       CUDA_R_16BF, 2 * I, ll(m_pad) * 2 * I, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  swiglu(ws.gate_up, int(prow), I, ws.h, s);
+  swiglu(ws.gate_up.get(), int(prow), I, ws.h.get(), s);
   // ypad[e_lo + b] [M_pad, H] = h[b] · w2[e_lo + b]ᵀ  (m = H, n = M_pad, k = I)
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       handle, CUBLAS_OP_T, CUBLAS_OP_N, H, m_pad, I, &one, w.w2 + std::size_t(e_lo) * H * I, CUDA_R_16BF, I,
-      ll(H) * I, ws.h, CUDA_R_16BF, I, ll(m_pad) * I, &zero, d_ypad + std::size_t(e_lo) * m_pad * H, CUDA_R_16BF, H,
-      ll(m_pad) * H, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      ll(H) * I, ws.h.get(), CUDA_R_16BF, I, ll(m_pad) * I, &zero, d_ypad + std::size_t(e_lo) * m_pad * H,
+      CUDA_R_16BF, H, ll(m_pad) * H, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void grouped_experts(cublasHandle_t handle, const ExpertWeightsDevice& w, const bf16* d_xp, const int* d_offsets,
@@ -717,19 +699,20 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
   if (st == GroupedStrategy::WeightStream) {
     const unsigned ny = unsigned(std::min(n, rows));  // at most `rows` groups can have rows
     const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), ny);
-    w13_swiglu_stream<<<g13, k13Warps * 32, 0, s>>>(w.w13, d_xp, d_offsets, n, d_expert_of, H, I, ws.h);
+    w13_swiglu_stream<<<g13, k13Warps * 32, 0, s>>>(w.w13, d_xp, d_offsets, n, d_expert_of, H, I, ws.h.get());
     CUDA_CHECK_LAUNCH();
     const dim3 g2(unsigned((H + k2FeatPerBlock - 1) / k2FeatPerBlock), ny);
-    w2_stream<<<g2, k2Warps * 32, 0, s>>>(w.w2, ws.h, d_offsets, n, d_expert_of, H, I, d_yp);
+    w2_stream<<<g2, k2Warps * 32, 0, s>>>(w.w2, ws.h.get(), d_offsets, n, d_expert_of, H, I, d_yp);
     CUDA_CHECK_LAUNCH();
     return;
   }
 
   // cuBLAS strategies: GEMM sizes come from the host.
   if (!h_offsets) {
-    CUDA_CHECK(cudaMemcpyAsync(ws.h_offsets, d_offsets, std::size_t(n + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(
+        cudaMemcpyAsync(ws.h_offsets.get(), d_offsets, std::size_t(n + 1) * sizeof(int), cudaMemcpyDeviceToHost, s));
     CUDA_CHECK(cudaStreamSynchronize(s));
-    h_offsets = ws.h_offsets;
+    h_offsets = ws.h_offsets.get();
   }
   require(h_offsets[0] == 0 && h_offsets[n] == rows, "grouped_experts: offsets [0]=", h_offsets[0], " [n]=",
           h_offsets[n], " disagree with rows=", rows, " (the dispatch plan and the row count must match)");
@@ -753,17 +736,17 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
     // Shared memory for n + 1 offsets, rounded up to whole 16-byte vectors: the compiler reads s_off in
     // int4 loads, so the last vector may reach past n + 1 ints (memcheck caught it at n = 18 groups).
     const std::size_t smem = (std::size_t(n + 1) + 3) / 4 * 4 * sizeof(int);
-    fill_group_pointers<<<1, 256, smem, s>>>(d_offsets, n, d_expert_of, w.w13, w.w2, d_xp, ws.gate_up, ws.h, d_yp, H,
-                                             I, ws.ptrs);
+    fill_group_pointers<<<1, 256, smem, s>>>(d_offsets, n, d_expert_of, w.w13, w.w2, d_xp, ws.gate_up.get(), ws.h.get(),
+                                             d_yp, H, I, ws.ptrs.get());
     CUDA_CHECK_LAUNCH();
-    void** P = ws.ptrs;
+    void** P = ws.ptrs.get();
     auto cptr = [&](int j) { return const_cast<const void* const*>(P + std::size_t(j) * n); };
     // w13 GEMMs of all non-empty groups: each its own cuBLAS group (n = rows of that group).
     CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m1.data(), ws.n1.data(),
                                             ws.k1.data(), ws.alpha.data(), cptr(0), CUDA_R_16BF, ws.lda1.data(),
                                             cptr(1), CUDA_R_16BF, ws.ldb1.data(), ws.beta.data(), P + 2 * n,
                                             CUDA_R_16BF, ws.ldc1.data(), Gn, ws.group_size.data(), CUBLAS_COMPUTE_32F));
-    swiglu(ws.gate_up, rows, I, ws.h, s);
+    swiglu(ws.gate_up.get(), rows, I, ws.h.get(), s);
     // w2 GEMMs: same groups, n = rows of that group again.
     CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ws.opT.data(), ws.opN.data(), ws.m2.data(), ws.n1.data(),
                                             ws.k2.data(), ws.alpha.data(), cptr(3), CUDA_R_16BF, ws.lda2.data(),
@@ -780,11 +763,11 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
     const int m_pad = padded_rows_per_expert(h_offsets, n);
     if (!d_expert_of && m_pad > 0 && m_pad <= padded_capacity_per_expert(ws.padded_max_ratio, n, rows)) {
       const std::size_t pelems = std::size_t(n) * m_pad * H;
-      device_grow(ws.xpad, ws.xpad_cap, pelems, ws.generation);
-      device_grow(ws.ypad, ws.ypad_cap, pelems, ws.generation);
-      pad_rows(d_xp, d_offsets, n, m_pad, H, ws.xpad, s);
-      grouped_experts_padded(handle, w, ws.xpad, h_offsets, m_pad, ws.ypad, ws, s);
-      unpad_rows(ws.ypad, d_offsets, n, m_pad, rows, H, d_yp, s);
+      device_grow(ws.xpad, pelems, ws.generation);
+      device_grow(ws.ypad, pelems, ws.generation);
+      pad_rows(d_xp, d_offsets, n, m_pad, H, ws.xpad.get(), s);
+      grouped_experts_padded(handle, w, ws.xpad.get(), h_offsets, m_pad, ws.ypad.get(), ws, s);
+      unpad_rows(ws.ypad.get(), d_offsets, n, m_pad, rows, H, d_yp, s);
       return;
     }
     run = GroupedStrategy::CublasStreams;
@@ -814,13 +797,13 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
     // at 8192 rows; the host enqueues 16 more launches and is the bottleneck at these GEMM sizes.)
     A.fork_from(s, S);
     for (int e : A.order)
-      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up, expert(e), h_offsets[e],
+      gemm_w13(A.handle[A.stream_of[std::size_t(e)]], w, d_xp, ws.gate_up.get(), expert(e), h_offsets[e],
                h_offsets[e + 1] - h_offsets[e]);
     A.join_into(s, S);
-    swiglu(ws.gate_up, rows, I, ws.h, s);
+    swiglu(ws.gate_up.get(), rows, I, ws.h.get(), s);
     A.fork_from(s, S);
     for (int e : A.order)
-      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h, d_yp, expert(e), h_offsets[e],
+      gemm_w2(A.handle[A.stream_of[std::size_t(e)]], w, ws.h.get(), d_yp, expert(e), h_offsets[e],
               h_offsets[e + 1] - h_offsets[e]);
     A.join_into(s, S);
     return;
@@ -829,12 +812,12 @@ void grouped_experts_segments(cublasHandle_t handle, const ExpertWeightsDevice& 
   // CublasLoop (and CublasGrouped without the grouped API): per-group GEMMs on s.
   for (int e = 0; e < n; ++e) {
     const int c = h_offsets[e + 1] - h_offsets[e];
-    if (c > 0) gemm_w13(handle, w, d_xp, ws.gate_up, expert(e), h_offsets[e], c);
+    if (c > 0) gemm_w13(handle, w, d_xp, ws.gate_up.get(), expert(e), h_offsets[e], c);
   }
-  swiglu(ws.gate_up, rows, I, ws.h, s);
+  swiglu(ws.gate_up.get(), rows, I, ws.h.get(), s);
   for (int e = 0; e < n; ++e) {
     const int c = h_offsets[e + 1] - h_offsets[e];
-    if (c > 0) gemm_w2(handle, w, ws.h, d_yp, expert(e), h_offsets[e], c);
+    if (c > 0) gemm_w2(handle, w, ws.h.get(), d_yp, expert(e), h_offsets[e], c);
   }
 }
 
@@ -856,9 +839,9 @@ void experts_direct(const ExpertWeightsDevice& w, const bf16* d_x, const int* d_
   ws.last_used = GroupedStrategy::WeightStream;
   const dim3 g13(unsigned((I + k13Warps - 1) / k13Warps), unsigned(std::min(n, rows)));
   w13_swiglu_direct<<<g13, k13Warps * 32, std::size_t(n + rows) * sizeof(int), s>>>(w.w13, d_x, d_ids, rows, k, n, H,
-                                                                                      I, ws.h);
+                                                                                      I, ws.h.get());
   CUDA_CHECK_LAUNCH();
-  w2_combine_direct_launch(w, ws.h, d_ids, d_weights, T, k, d_y, s);
+  w2_combine_direct_launch(w, ws.h.get(), d_ids, d_weights, T, k, d_y, s);
 }
 
 void w2_combine_direct_launch(const ExpertWeightsDevice& w, const bf16* d_h, const int* d_ids, const float* d_weights,

@@ -115,6 +115,8 @@
 #include <cstddef>
 #include <vector>
 
+#include "device_buffer.hpp"
+
 namespace eplab::gpu {
 
 using bf16 = __nv_bfloat16;
@@ -156,16 +158,12 @@ class GroupedWorkspace {
   unsigned generation = 0;
 
   // Internal state (used by grouped_experts.cu).
-  bf16* gate_up = nullptr;  // [rows, 2I]
-  bf16* h = nullptr;        // [rows, I]
-  std::size_t gate_up_cap = 0, h_cap = 0;  // elements
-  bf16* xpad = nullptr;     // CublasPadded on contiguous rows: the padded copies of xp and yp [n * M_pad, H]
-  bf16* ypad = nullptr;
-  std::size_t xpad_cap = 0, ypad_cap = 0;  // elements
-  void** ptrs = nullptr;        // device: 6 arrays of n pointers (A1, B1, C1, A2, B2, C2)
-  int ptrs_cap = 0;             // n
-  int* h_offsets = nullptr;     // pinned host copy of the offsets [n+1]
-  int h_offsets_cap = 0;
+  DeviceBuffer<bf16> gate_up;  // [rows, 2I]
+  DeviceBuffer<bf16> h;        // [rows, I]
+  DeviceBuffer<bf16> xpad;     // CublasPadded on contiguous rows: the padded copies of xp and yp [n * M_pad, H]
+  DeviceBuffer<bf16> ypad;
+  DeviceBuffer<void*> ptrs;    // 6 arrays of n pointers (A1, B1, C1, A2, B2, C2)
+  PinnedBuffer<int> h_offsets;  // host copy of the offsets [n+1]
   struct Aux;                   // extra streams + handles for CublasStreams
   Aux* aux = nullptr;
   // Host-side argument arrays for the grouped cuBLAS call (kept to avoid reallocating them per call).

@@ -200,16 +200,11 @@ void launch_tiled(const __nv_bfloat16* x, const __nv_bfloat16* gate, int T, int 
   constexpr int U = NT >= 4 ? 2 : 4;
   const dim3 grid(unsigned((T + kTile - 1) / kTile), unsigned(splits));
   router_tiled_kernel<NT, U><<<grid, kWarps * 32, 0, s>>>(x, gate, T, H, E, k, kind, eps, splits, logits, ids, w,
-                                                          ws.partials, ws.counters);
+                                                          ws.partials.get(), ws.counters.get());
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
-
-TiledRouterWorkspace::~TiledRouterWorkspace() {
-  if (partials) cudaFree(partials);
-  if (counters) cudaFree(counters);
-}
 
 bool router_route_tiled_ok(const __nv_bfloat16* d_x, const __nv_bfloat16* d_gate, int H, int E) {
   return H >= 8 && H % 8 == 0 && E >= 1 && E <= kTiledRouterMaxExperts && aligned16(d_x) && aligned16(d_gate);
@@ -232,21 +227,13 @@ void reserve_router_tiled(TiledRouterWorkspace& ws, int T, int H, int E, int spl
   if (T == 0 || splits == 1) return;
   const std::size_t tiles = std::size_t((T + kTile - 1) / kTile);
   const std::size_t need_p = tiles * splits * kTile * padded_experts(E);
-  if (need_p > ws.partials_cap) {
-    if (ws.partials) CUDA_CHECK(cudaFree(ws.partials));
-    ws.partials = nullptr;
-    ws.partials_cap = 0;
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ws.partials), need_p * sizeof(float)));
-    ws.partials_cap = need_p;
+  if (need_p > ws.partials.size()) {
+    ws.partials.grow(need_p);
     ++ws.generation;
   }
-  if (tiles > ws.counters_cap) {
-    if (ws.counters) CUDA_CHECK(cudaFree(ws.counters));
-    ws.counters = nullptr;
-    ws.counters_cap = 0;
-    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ws.counters), tiles * sizeof(int)));
-    CUDA_CHECK(cudaMemset(ws.counters, 0, tiles * sizeof(int)));  // synchronous w.r.t. later kernels
-    ws.counters_cap = tiles;
+  if (tiles > ws.counters.size()) {
+    ws.counters.grow(tiles);
+    CUDA_CHECK(cudaMemset(ws.counters.get(), 0, ws.counters.bytes()));  // synchronous w.r.t. later kernels
     ++ws.generation;
   }
 }

@@ -34,6 +34,7 @@
 
 #include <cstddef>
 
+#include "device_buffer.hpp"
 #include "model/config.hpp"
 
 namespace eplab::gpu {
@@ -43,16 +44,10 @@ constexpr int kTiledRouterMaxExperts = 64;
 
 // Partial-sum buffer and per-tile counters for splits > 1. Counters are zeroed when allocated and every
 // launch leaves them zero, so a workspace can be reused (and captured into CUDA graphs) freely.
-class TiledRouterWorkspace {
- public:
-  TiledRouterWorkspace() = default;
-  ~TiledRouterWorkspace();
-  TiledRouterWorkspace(const TiledRouterWorkspace&) = delete;
-  TiledRouterWorkspace& operator=(const TiledRouterWorkspace&) = delete;
-  float* partials = nullptr;
-  int* counters = nullptr;
-  std::size_t partials_cap = 0, counters_cap = 0;  // elements
-  unsigned generation = 0;                         // bumped on every reallocation (graphs must re-capture)
+struct TiledRouterWorkspace {
+  DeviceBuffer<float> partials;
+  DeviceBuffer<int> counters;
+  unsigned generation = 0;  // bumped on every reallocation (graphs must re-capture)
 };
 
 bool router_route_tiled_ok(const __nv_bfloat16* d_x, const __nv_bfloat16* d_gate, int H, int E);
