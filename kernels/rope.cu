@@ -46,15 +46,8 @@ RopeTable::RopeTable(int len, int head_dim, float theta) : len_(len), d_(head_di
       s[std::size_t(p) * half + i] = sf[i];
     }
   }
-  CUDA_CHECK(cudaMalloc(&cos_, c.size() * sizeof(float)));
-  CUDA_CHECK(cudaMalloc(&sin_, s.size() * sizeof(float)));
-  CUDA_CHECK(cudaMemcpy(cos_, c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(sin_, s.data(), s.size() * sizeof(float), cudaMemcpyHostToDevice));
-}
-
-RopeTable::~RopeTable() {
-  cudaFree(cos_);
-  cudaFree(sin_);
+  cos_ = DeviceBuffer<float>(c);
+  sin_ = DeviceBuffer<float>(s);
 }
 
 void rope_inplace(bf16* d_q, int heads, bf16* d_k, int kv_heads, int T, int pos0, const RopeTable& table,

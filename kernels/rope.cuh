@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "device_buffer.hpp"
+
 namespace eplab::gpu {
 
 using bf16 = __nv_bfloat16;
@@ -25,18 +27,14 @@ using bf16 = __nv_bfloat16;
 class RopeTable {
  public:
   RopeTable(int len, int head_dim, float theta);
-  ~RopeTable();
-  RopeTable(const RopeTable&) = delete;
-  RopeTable& operator=(const RopeTable&) = delete;
   int len() const { return len_; }
   int head_dim() const { return d_; }
-  const float* cos() const { return cos_; }  // [len, D/2]
-  const float* sin() const { return sin_; }  // [len, D/2]
+  const float* cos() const { return cos_.get(); }  // [len, D/2]
+  const float* sin() const { return sin_.get(); }  // [len, D/2]
 
  private:
   int len_ = 0, d_ = 0;
-  float* cos_ = nullptr;
-  float* sin_ = nullptr;
+  DeviceBuffer<float> cos_, sin_;
 };
 
 // d_q: [T, heads, D], d_k: [T, kv_heads, D] (either may be null with its head count 0), token t at position

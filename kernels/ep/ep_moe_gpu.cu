@@ -946,24 +946,18 @@ MoeLayerWeights random_layer_weights(const EpMoeGpu::RandomSpec& spec) {
   w.inter = I;
   w.num_experts = E;
   for (int e = 0; e < E; ++e) w.expert_ids.push_back(e);
-  bf16 *gate = nullptr, *w13 = nullptr, *w2 = nullptr;
-  CUDA_CHECK(cudaMalloc(&gate, std::size_t(E) * H * 2));
-  CUDA_CHECK(cudaMalloc(&w13, 2 * IH * 2));
-  CUDA_CHECK(cudaMalloc(&w2, IH * 2));
+  DeviceBuffer<bf16> gate(std::size_t(E) * H), w13(2 * IH), w2(IH);
   w.gate.resize(std::size_t(E) * H);
   w.w1.resize(E * IH);
   w.w3.resize(E * IH);
   w.w2.resize(E * IH);
   for (int e = 0; e < E; ++e) {  // one expert at a time: little extra GPU memory
-    fill_layer(gate, w13, w2, {e}, H, I, E, spec.seed, nullptr);
-    CUDA_CHECK(cudaMemcpy(&w.w1[e * IH], w13, IH * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(&w.w3[e * IH], w13 + IH, IH * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(&w.w2[e * IH], w2, IH * 2, cudaMemcpyDeviceToHost));
+    fill_layer(gate.get(), w13.get(), w2.get(), {e}, H, I, E, spec.seed, nullptr);
+    CUDA_CHECK(cudaMemcpy(&w.w1[e * IH], w13.get(), IH * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&w.w3[e * IH], w13.get() + IH, IH * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&w.w2[e * IH], w2.get(), IH * 2, cudaMemcpyDeviceToHost));
   }
-  CUDA_CHECK(cudaMemcpy(w.gate.data(), gate, w.gate.size() * 2, cudaMemcpyDeviceToHost));
-  cudaFree(gate);
-  cudaFree(w13);
-  cudaFree(w2);
+  CUDA_CHECK(cudaMemcpy(w.gate.data(), gate.get(), w.gate.size() * 2, cudaMemcpyDeviceToHost));
   return w;
 }
 
@@ -974,11 +968,9 @@ void random_tokens_device(const EpMoeGpu::RandomSpec& spec, int rank, int T, __n
 
 std::vector<bf16_bits> random_tokens(const EpMoeGpu::RandomSpec& spec, int rank, int T) {
   std::vector<bf16_bits> x(std::size_t(T) * spec.hidden);
-  bf16* d = nullptr;
-  CUDA_CHECK(cudaMalloc(&d, std::max<std::size_t>(x.size(), 1) * 2));
-  random_tokens_device(spec, rank, T, d);
-  CUDA_CHECK(cudaMemcpy(x.data(), d, x.size() * 2, cudaMemcpyDeviceToHost));
-  cudaFree(d);
+  DeviceBuffer<bf16> d(std::max<std::size_t>(x.size(), 1));
+  random_tokens_device(spec, rank, T, d.get());
+  CUDA_CHECK(cudaMemcpy(x.data(), d.get(), x.size() * 2, cudaMemcpyDeviceToHost));
   return x;
 }
 
