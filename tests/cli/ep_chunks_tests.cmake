@@ -10,6 +10,7 @@ if(NOT TARGET 04_expert_parallel OR NOT MPIEXEC_EXECUTABLE)
 endif()
 
 set(_ep $<TARGET_FILE:04_expert_parallel>)
+set(_epc $<TARGET_FILE:ep_engine_checks>)
 include(${EPLAB_SOURCE_DIR}/tests/cli/mpi_launch.cmake)  # _mpirun, _ep_env, _ep_props
 set(_m --model ${EPLAB_TEST_MODEL})
 
@@ -56,10 +57,10 @@ _ep_gpu(ep_gpu_np1_inplace_chunks3_softmax_top4 1 "CHECK PASS 04_expert_parallel
                --layout inplace --chunks 3)
 # the engine with T changing every call and per rank (0 on one rank and on all), two layers sharing one
 # workspace (and its piece events); then the most pieces allowed, so that most calls have empty pieces
-_ep_gpu(ep_gpu_np2_vary_inplace_chunks4 2 "CHECK PASS 04_expert_parallel --vary: N=2 round-robin inplace, chunks 4,"
-               ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement round-robin --layout inplace --chunks 4)
-_ep_gpu(ep_gpu_np2_vary_inplace_chunks_max 2 "CHECK PASS 04_expert_parallel --vary: N=2 linear inplace, chunks 1024,"
-               ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement linear --layout inplace --chunks 1024)
+_ep_gpu(ep_gpu_np2_vary_inplace_chunks4 2 "CHECK PASS ep_engine_checks --vary: N=2 round-robin inplace, chunks 4,"
+               ${_mpirun} -np 2 ${_epc} ${_m} --device gpu --vary --placement round-robin --layout inplace --chunks 4)
+_ep_gpu(ep_gpu_np2_vary_inplace_chunks_max 2 "CHECK PASS ep_engine_checks --vary: N=2 linear inplace, chunks 1024,"
+               ${_mpirun} -np 2 ${_epc} ${_m} --device gpu --vary --placement linear --layout inplace --chunks 1024)
 # the same output bits as --chunks 1 (checksums of the gathered output; two --chunks 1 runs first prove
 # that the GPU output is reproducible at all)
 _ep_gpu(ep_gpu_np2_chunks_same_bits 2 ""

@@ -9,6 +9,7 @@ if(NOT TARGET 04_expert_parallel OR NOT MPIEXEC_EXECUTABLE)
 endif()
 
 set(_ep $<TARGET_FILE:04_expert_parallel>)
+set(_epc $<TARGET_FILE:ep_engine_checks>)  # tests/mpi: --vary, --fail-rank, --stall-rank
 include(${EPLAB_SOURCE_DIR}/tests/cli/mpi_launch.cmake)  # _mpirun, _ep_env, _ep_props
 set(_m --model ${EPLAB_TEST_MODEL})
 set(EPLAB_TEST_MODEL_ARG "--model ${EPLAB_TEST_MODEL}")
@@ -25,8 +26,9 @@ foreach(np 1 2 3 4)
                             --layout direct)
   _ep_props(ep_cpu_np${np}_direct TIMEOUT 120)
 endforeach()
-# uneven split (16 experts on 3 ranks) is accepted the vLLM way and says so
-eplab_expect_pass(NAME ep_cpu_uneven_map REGEX "uneven: rank 0 holds 6, the others 5"
+# uneven split (16 experts on 3 ranks) is accepted the vLLM way, says so, prints the map, and passes its check
+eplab_expect_pass(NAME ep_cpu_uneven_map
+                  REGEX "uneven: rank 0 holds 6, the others 5\\)\n  rank 0: experts 0 1 2 3 4 5\n  rank 1: experts 6 7 8 9 10\n  rank 2: experts 11 12 13 14 15\n.*CHECK PASS 04_expert_parallel: N=3 linear permute, T=4 per rank"
                   COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --tokens 4)
 _ep_props(ep_cpu_uneven_map TIMEOUT 120)
 # empty batches and another layer, softmax top-4 routing
@@ -58,7 +60,7 @@ eplab_expect_error(NAME ep_cpu_unknown_flag REGEX "--frobnicate"
 eplab_expect_error(NAME ep_cpu_bad_placement REGEX "--placement"
                    COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --placement random)
 eplab_expect_error(NAME ep_cpu_rank_exits_early REGEX "exiting early on purpose"
-                   COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --fail-rank 1)
+                   COMMAND ${_mpirun} -np 3 ${_epc} ${_m} --device cpu --fail-rank 1)
 eplab_expect_error(NAME ep_cpu_ranks_disagree REGEX "tokens is 5 but rank 0's is 4"
                    COMMAND ${_mpirun} -np 1 ${_ep} ${_m} --device cpu --tokens 4 : -np 1 ${_ep} ${_m} --device cpu
                            --tokens 5)
@@ -92,11 +94,11 @@ _ep_gpu(ep_gpu_np1_inplace_softmax_top4 1 "CHECK PASS 04_expert_parallel: N=1 li
 # the engine EpMoeGpu with T changing every call, different per rank, 0 on one rank and on all, growing
 # past 4096 rows and shrinking again, two layers sharing one workspace: every token vs the CPU reference
 foreach(lay inplace permute direct)
-  _ep_gpu(ep_gpu_np2_vary_${lay} 2 "CHECK PASS 04_expert_parallel --vary: N=2 round-robin ${lay}"
-          ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --vary --placement round-robin --layout ${lay})
+  _ep_gpu(ep_gpu_np2_vary_${lay} 2 "CHECK PASS ep_engine_checks --vary: N=2 round-robin ${lay}"
+          ${_mpirun} -np 2 ${_epc} ${_m} --device gpu --vary --placement round-robin --layout ${lay})
 endforeach()
-_ep_gpu(ep_gpu_np1_vary 1 "CHECK PASS 04_expert_parallel --vary: N=1 linear inplace"
-        ${_mpirun} -np 1 ${_ep} ${_m} --device gpu --vary --layout inplace)
+_ep_gpu(ep_gpu_np1_vary 1 "CHECK PASS ep_engine_checks --vary: N=1 linear inplace"
+        ${_mpirun} -np 1 ${_epc} ${_m} --device gpu --vary --layout inplace)
 _ep_gpu(ep_gpu_np2_small 2 "CHECK PASS 04_expert_parallel: N=2"
         ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --tokens 3 --placement round-robin)
 _ep_gpu(ep_gpu_np2_zero_tokens 2 "CHECK PASS 04_expert_parallel: N=2"
@@ -106,7 +108,7 @@ _ep_gpu(ep_gpu_np2_softmax_top4 2 "CHECK PASS 04_expert_parallel: N=2"
 # a dying rank under NCCL: every rank ends, non-zero, well inside the timeout
 _ep_gpu(ep_gpu_np2_rank_exits_early 2 ""
         ${CMAKE_COMMAND} -DREGEX=exiting.early.on.purpose -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake --
-        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --fail-rank 1)
+        ${_mpirun} -np 2 ${_epc} ${_m} --device gpu --fail-rank 1)
 set_tests_properties(ep_gpu_np2_rank_exits_early PROPERTIES TIMEOUT 60)
 # one rank more than this node has GPUs: a clear error (on every rank), no hang
 _ep_gpu(ep_gpu_more_ranks_than_gpus 1 ""
@@ -118,5 +120,5 @@ _ep_gpu(ep_gpu_np2_bench 2 "CHECK PASS 04_expert_parallel --bench"
 # a rank that hangs (not dies) under NCCL: the host-side watchdog ends every rank within the timeout
 _ep_gpu(ep_gpu_np2_rank_stalls 2 ""
         ${CMAKE_COMMAND} -DREGEX=watchdog -P ${EPLAB_SOURCE_DIR}/tests/cli/expect_error.cmake --
-        ${_mpirun} -np 2 ${_ep} ${_m} --device gpu --stall-rank 1)
+        ${_mpirun} -np 2 ${_epc} ${_m} --device gpu --stall-rank 1)
 set_tests_properties(ep_gpu_np2_rank_stalls PROPERTIES TIMEOUT 90)

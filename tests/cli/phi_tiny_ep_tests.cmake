@@ -55,7 +55,9 @@ function(_p5_error name regex)
   _p5_props(phi_tiny_ep_${name})
 endfunction()
 _p5_error(missing_model "does not exist" -np 2 ${_p5} --model ${_p5_dir}/no-such-model --prompt-ids 1,2)
-_p5_error(missing_tokenizer "has no tokenizer.json" -np 2 ${_p5} ${_p5_m} --prompt Hello)
+_p5_error(missing_tokenizer "has no tokenizer.json" -np 2 ${_p5} --model ${CMAKE_BINARY_DIR}/test-models/no-tokenizer
+          --prompt Hello)
+set_tests_properties(phi_tiny_ep_missing_tokenizer PROPERTIES FIXTURES_REQUIRED "eplab_mini_model;model_no_tokenizer")
 _p5_error(bad_tokenizer_file "no-such-tok.json" -np 2 ${_p5} ${_p5_m} --tokenizer ${_p5_dir}/no-such-tok.json
           --prompt Hello)
 _p5_error(prompt_too_long "max_position_embeddings 4096" -np 2 ${_p5} ${_p5_m} --prompt-ids ${_p5_long})
@@ -84,9 +86,9 @@ endforeach()
 #     NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
 set(_p5_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
 function(_p5_gpu name np)
-  add_test(NAME phi_tiny_ep_gpu_${name} COMMAND ${_p5_skip} ${np} ${_mpirun} -np ${np} ${ARGN})
-  set_tests_properties(phi_tiny_ep_gpu_${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON
-                       PASS_REGULAR_EXPRESSION "CHECK PASS 05_phi_tiny_ep: N=${np} gpu")
+  eplab_pass_wrapper(wrap "CHECK PASS 05_phi_tiny_ep: N=${np} gpu" 0)
+  add_test(NAME phi_tiny_ep_gpu_${name} COMMAND ${_p5_skip} ${np} ${wrap} ${_mpirun} -np ${np} ${ARGN})
+  set_tests_properties(phi_tiny_ep_gpu_${name} PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
   _p5_props(phi_tiny_ep_gpu_${name} TIMEOUT 300)
 endfunction()
 _p5_gpu(one_prompt 1 ${_p5} ${_p5_m} --device gpu --prompt-ids 1,450,4996,17354 --max-new-tokens 16)
