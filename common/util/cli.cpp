@@ -3,9 +3,10 @@
 #include <iostream>
 
 #include "util/check.hpp"
+#include "util/report.hpp"
 
 #ifndef EPLAB_DEFAULT_MODEL_DIR
-#define EPLAB_DEFAULT_MODEL_DIR "models/mini"
+#define EPLAB_DEFAULT_MODEL_DIR "data/mini"
 #endif
 
 namespace eplab {
@@ -40,6 +41,9 @@ std::optional<int> parse_cli(CLI::App& app, int argc, char** argv) {
     if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
     fail(msg, " (see --help)");
   }
+  // --json FILE (add_common_options): a file that cannot be written fails now, not after the run.
+  if (const CLI::Option* json = app.get_option_no_throw("--json"); json && json->count() > 0)
+    require_writable_file("--json", json->results().back());
   return std::nullopt;
 }
 

@@ -24,7 +24,8 @@ std::string default_model_dir();
 void add_common_options(CLI::App& app, CommonOptions& opt);
 
 // Parses argv. Returns an exit code when the program should stop now (0 after --help), nothing when it
-// should go on. Bad flags throw eplab::Error with a one-line message.
+// should go on. Bad flags throw eplab::Error with a one-line message, and so does a --json FILE that
+// cannot be written (its folder missing or read-only), before any work is done.
 std::optional<int> parse_cli(CLI::App& app, int argc, char** argv);
 
 }  // namespace eplab

@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+
+#include <unistd.h>
 
 #include "util/check.hpp"
 
@@ -71,6 +74,22 @@ void write_json(const std::string& path, const nlohmann::json& j) {
   require(bool(f), "cannot write JSON to ", path);
   f << j.dump(2) << '\n';
   require(bool(f), "failed while writing JSON to ", path);
+}
+
+void require_writable_file(const std::string& flag, const std::string& path) {
+  namespace fs = std::filesystem;
+  require(!path.empty(), flag, " needs a file name");
+  std::error_code ec;
+  const fs::path p(path);
+  require(!fs::is_directory(p, ec), flag, " ", path, ": is a folder, not a file");
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  require(fs::exists(dir, ec), flag, " ", path, ": folder '", dir.string(), "' does not exist (create it first)");
+  require(fs::is_directory(dir, ec), flag, " ", path, ": '", dir.string(), "' is not a folder");
+  if (fs::exists(p, ec))
+    require(::access(path.c_str(), W_OK) == 0, flag, " ", path, ": the file is not writable");
+  else
+    require(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", path, ": folder '", dir.string(),
+            "' is not writable");
 }
 
 }  // namespace eplab

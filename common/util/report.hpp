@@ -30,4 +30,9 @@ std::string human_count(double n);
 // Writes json to path (pretty-printed); throws eplab::Error if the file cannot be written.
 void write_json(const std::string& path, const nlohmann::json& j);
 
+// Throws eplab::Error (one line naming `flag` and the path) unless a file can be written at path: its folder
+// exists and is writable, and path is not a folder or a read-only file. Checked before a run, so that a
+// typo in --json FILE fails at once, not after minutes of work.
+void require_writable_file(const std::string& flag, const std::string& path);
+
 }  // namespace eplab
