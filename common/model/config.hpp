@@ -35,11 +35,17 @@ struct ModelConfig {
   std::string torch_dtype = "bfloat16";
   RouterKind router = RouterKind::SparseMixer;  // PhiMoE always routes with sparsemixer
 
-  // Reads <dir>/config.json. Missing required fields, wrong types, or values that make no sense
-  // (top-k > experts, heads not dividing, ...) throw eplab::Error naming the field.
+  // Reads <dir>/config.json. Every field EP Lab reads is checked as the type it is: an integer field must be
+  // a JSON integer in its range (4096.5 or 2^32 + 4096 is refused, never truncated or wrapped), sizes are
+  // positive and bounded (config.cpp says why each bound), rms_norm_eps and rope_theta positive and finite,
+  // router_jitter_noise in [0, 1), booleans and strings of their type, RoPE plain (no rope_scaling). Then
+  // the fields together (top-k <= experts, heads a multiple of KV heads, ...). Anything else throws
+  // eplab::Error with one line naming the file, the field and the value as the file writes it.
   static ModelConfig load(const std::string& dir);
+  // The same checks on parsed JSON (a float's text is then nlohmann's: 1E-5 is quoted as 1e-05).
   static ModelConfig from_json(const nlohmann::json& j, const std::string& where = "config.json");
   nlohmann::json to_json() const;
+  // The ranges and the cross-field checks on the struct itself (for configs built in code).
   void validate(const std::string& where = "config.json") const;
 };
 

@@ -6,10 +6,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
 #include "model/config.hpp"
+#include "tmp_dir.hpp"
 #include "util/check.hpp"
 
 using namespace eplab;
@@ -78,7 +80,7 @@ TEST_CASE("config: bad fields give one clear error naming the field") {
   }
   SUBCASE("wrong type") {
     j["hidden_size"] = "big";
-    CHECK(error_of(j).find("field 'hidden_size' has the wrong type") != std::string::npos);
+    CHECK(error_of(j).find("field 'hidden_size' must be an integer in [1, 65536], got \"big\"") != std::string::npos);
   }
   SUBCASE("top-k larger than the experts") {
     j["num_experts_per_tok"] = 17;
@@ -90,11 +92,11 @@ TEST_CASE("config: bad fields give one clear error naming the field") {
   }
   SUBCASE("zero experts") {
     j["num_local_experts"] = 0;
-    CHECK(error_of(j).find("'num_local_experts' must be > 0") != std::string::npos);
+    CHECK(error_of(j).find("field 'num_local_experts' must be an integer in [1, 4096], got 0") != std::string::npos);
   }
   SUBCASE("unsupported model type") {
     j["model_type"] = "llama";
-    CHECK(error_of(j).find("model_type 'llama' is not supported") != std::string::npos);
+    CHECK(error_of(j).find("field 'model_type' = \"llama\" is not supported") != std::string::npos);
   }
   SUBCASE("not an object") { CHECK(error_of(nlohmann::json::array()).find("expected a JSON object") != std::string::npos); }
 }
@@ -131,4 +133,122 @@ TEST_CASE("config: load() from a directory") {
     CHECK(ModelConfig::load(d.string()).num_local_experts == 16);
   }
   fs::remove_all(d);
+}
+
+namespace {
+
+// The error of loading a config.json whose field `key` is written as `text` (spliced in as raw JSON, so the
+// file holds exactly that text: "4096.5", "1E-5", "18446744073709551616"); "" when it loads.
+std::string error_with(const std::string& key, const std::string& text, nlohmann::json j = phi_tiny_json()) {
+  const eplab::testing::TmpDir d;
+  j[key] = "@VALUE@";
+  std::string s = j.dump(2);
+  s.replace(s.find("\"@VALUE@\""), 9, text);
+  d.write("config.json", s);
+  try {
+    ModelConfig::load(d.path.string());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The message for field `key` written as `text`, with the file name cut off ("<tmp>/config.json: ...").
+std::string message_with(const std::string& key, const std::string& text) {
+  const std::string e = error_with(key, text);
+  const auto p = e.find("config.json: ");
+  return p == std::string::npos ? e : e.substr(p + 13);
+}
+
+}  // namespace
+
+TEST_CASE("config: integer fields must be JSON integers that fit, never truncated or wrapped") {
+  // Before these checks nlohmann's get<int>() truncated 4096.5 to 4096 and wrapped 2^32 + 4096 to 4096.
+  CHECK(message_with("hidden_size", "4096.5") == "field 'hidden_size' must be an integer in [1, 65536], got 4096.5");
+  CHECK(message_with("hidden_size", "4096.0") == "field 'hidden_size' must be an integer in [1, 65536], got 4096.0");
+  CHECK(message_with("hidden_size", "4294971392") ==  // 2^32 + 4096: 4096 once wrapped to 32 bits
+        "field 'hidden_size' must be an integer in [1, 65536], got 4294971392");
+  CHECK(message_with("num_hidden_layers", "3567587328") ==  // wrapped: -727379968
+        "field 'num_hidden_layers' must be an integer in [1, 1024], got 3567587328");
+  CHECK(message_with("vocab_size", "18446744073709551616") ==  // 2^64: beyond 64 bits, quoted as written
+        "field 'vocab_size' must be an integer in [1, 2097152], got 18446744073709551616");
+  CHECK(message_with("num_local_experts", "-16") == "field 'num_local_experts' must be an integer in [1, 4096], got -16");
+  CHECK(message_with("intermediate_size", "1e3") == "field 'intermediate_size' must be an integer in [1, 262144], got 1e3");
+  CHECK(message_with("num_key_value_heads", "true") == "field 'num_key_value_heads' must be an integer in [1, 1024], got true");
+  CHECK(message_with("head_dim", "0") == "field 'head_dim' must be an integer in [1, 1024], got 0");
+  CHECK(message_with("sliding_window", "-1") == "field 'sliding_window' must be an integer in [0, 16777216], got -1");
+  CHECK(message_with("max_position_embeddings", "0") ==
+        "field 'max_position_embeddings' must be an integer in [1, 16777216], got 0");
+  CHECK(message_with("num_experts_per_tok", "2.5") ==
+        "field 'num_experts_per_tok' must be an integer in [1, 4096], got 2.5");
+  // Sizes are bounded (config.cpp says why): a layer count no model has is a broken file, not a model.
+  CHECK(message_with("num_hidden_layers", "100000") == "field 'num_hidden_layers' must be an integer in [1, 1024], got 100000");
+  CHECK(message_with("hidden_size", "131072") == "field 'hidden_size' must be an integer in [1, 65536], got 131072");
+  // The bounds themselves and null (= not set) are accepted.
+  CHECK(error_with("hidden_size", "65536") == "");
+  CHECK(error_with("sliding_window", "null") == "");
+  CHECK(error_with("sliding_window", "0") == "");
+}
+
+TEST_CASE("config: eps, theta and jitter are positive (or in [0, 1)) and finite, quoted as written") {
+  CHECK(message_with("rms_norm_eps", "0") == "field 'rms_norm_eps' must be a number in (0, 1), got 0");
+  CHECK(message_with("rms_norm_eps", "-1E-5") == "field 'rms_norm_eps' must be a number in (0, 1), got -1E-5");
+  CHECK(message_with("rms_norm_eps", "1.5") == "field 'rms_norm_eps' must be a number in (0, 1), got 1.5");
+  CHECK(message_with("rms_norm_eps", "\"1e-5\"") == "field 'rms_norm_eps' must be a number in (0, 1), got \"1e-5\"");
+  CHECK(message_with("rms_norm_eps", "1e-50") ==  // positive as a double, 0 as the float the model uses
+        "field 'rms_norm_eps' = 1e-50 does not fit in a 32-bit float (it would become 0)");
+  CHECK(message_with("rope_theta", "0") == "field 'rope_theta' must be a number in (0, inf), got 0");
+  CHECK(message_with("rope_theta", "-10000.0") == "field 'rope_theta' must be a number in (0, inf), got -10000.0");
+  CHECK(message_with("rope_theta", "1e39") == "field 'rope_theta' = 1e39 does not fit in a 32-bit float (it would become inf)");
+  CHECK(message_with("rope_theta", "1e400").find("field 'rope_theta' is not a finite number") == 0);  // overflows a double
+  CHECK(message_with("router_jitter_noise", "1") == "field 'router_jitter_noise' must be a number in [0, 1), got 1");
+  CHECK(message_with("router_jitter_noise", "-0.01") == "field 'router_jitter_noise' must be a number in [0, 1), got -0.01");
+  CHECK(message_with("input_jitter_noise", "2") == "field 'input_jitter_noise' must be a number in [0, 1), got 2");
+  CHECK(error_with("router_jitter_noise", "0") == "");
+  CHECK(error_with("rope_theta", "10000") == "");  // an integer is a fine number
+  SUBCASE("transformers 5 files rope_theta under rope_parameters") {
+    auto j = phi_tiny_json();
+    j.erase("rope_theta");
+    j["rope_parameters"] = {{"rope_theta", 0.0}, {"rope_type", "default"}};
+    CHECK(error_of(j).find("cfg.json: field 'rope_parameters.rope_theta' must be a number in (0, inf), got 0.0") !=
+          std::string::npos);
+    j["rope_parameters"]["rope_theta"] = 500000.0;
+    CHECK(ModelConfig::from_json(j).rope_theta == 500000.f);
+  }
+}
+
+TEST_CASE("config: booleans, strings and RoPE variants are checked as what they are") {
+  CHECK(message_with("attention_bias", "1") == "field 'attention_bias' must be true or false, got 1");
+  CHECK(message_with("tie_word_embeddings", "\"false\"") == "field 'tie_word_embeddings' must be true or false, got \"false\"");
+  CHECK(message_with("hidden_act", "\"gelu\"").find("field 'hidden_act' = \"gelu\" is not supported") == 0);
+  CHECK(message_with("torch_dtype", "\"int8\"") ==
+        "field 'torch_dtype' = \"int8\" is not supported (expected bfloat16, float16, float32)");
+  CHECK(message_with("model_type", "7") == "field 'model_type' must be a string, got 7");
+  // A control character in a string stays escaped: the error is one line.
+  CHECK(message_with("model_type", "\"phi\\nmoe\"") ==
+        "field 'model_type' = \"phi\\nmoe\" is not supported (expected phimoe, mixtral)");
+  CHECK(message_with("rope_scaling", "{\"type\": \"longrope\"}").find("field 'rope_scaling' = {\"type\":\"longrope\"} is "
+                                                                   "not supported (EP Lab implements plain RoPE") == 0);
+  CHECK(error_with("rope_scaling", "{\"rope_type\": \"default\"}") == "");
+}
+
+TEST_CASE("config: configs built in code get the same ranges (validate)") {
+  ModelConfig c = ModelConfig::from_json(phi_tiny_json());
+  auto error_of_validate = [&] {
+    try {
+      c.validate("gen");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(error_of_validate() == "");
+  c.num_hidden_layers = 5000;
+  CHECK(error_of_validate() == "gen: 'num_hidden_layers' must be in [1, 1024], got 5000");
+  c.num_hidden_layers = 32;
+  c.rms_norm_eps = -1e-5f;
+  CHECK(error_of_validate() == "gen: 'rms_norm_eps' must be a number in (0, 1), got -1e-05");
+  c.rms_norm_eps = 1e-5f;
+  c.rope_theta = std::numeric_limits<float>::infinity();
+  CHECK(error_of_validate() == "gen: 'rope_theta' must be a number in (0, inf), got inf");
 }
