@@ -1,3 +1,11 @@
+// Check first (llm.c's rule: validate, then time): at every size, before anything is timed, the grouped
+// path, the naive path and every --bench-experts strategy run the size's first input batch, and kCheckRows
+// of its rows (spread over the batch, first and last included) are compared with the fp32 CPU reference on
+// the same bf16 weights: expert ids (near-ties excepted), multipliers and rel-L2 of y <= 1e-2, the
+// tolerance of the chapter's own check (bf16 output, fp32 sums in another order). The weights are made
+// on the GPU (random_init.cuh), copied to the host once for the reference, and uploaded into the layer.
+// A failed check is reported at its size, the timing goes on, and the run ends with CHECK FAIL (exit 1).
+//
 // Timing method (see the chapter README): weights are random bf16 of Phi-tiny-MoE's layer shape; each
 // measured forward starts with a cold L2 (a buffer twice the L2 size is touched before it, outside the
 // timed region), because in a real model the next layer's weights are never in cache. Each point is the
@@ -33,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -41,7 +50,9 @@
 #include "bench_support.hpp"
 #include "cuda_check.hpp"
 #include "moe/layer_check.hpp"
+#include "moe/reference.hpp"
 #include "moe_gpu.hpp"
+#include "random_init.cuh"
 #include "util/report.hpp"
 #include "util/timer.hpp"
 
@@ -70,6 +81,42 @@ PeerTimes load_peer(const std::string& path) {
   for (auto& [t, v] : j["best"].items()) p.ms[std::stoi(t)] = v.is_object() ? v.value("ms", 0.0) : v.get<double>();
   p.label = j.value("label", std::string("HF transformers"));
   return p;
+}
+
+constexpr int kCheckRows = 16;       // rows per size compared with the CPU reference
+constexpr double kCheckTol = 1e-2;   // rel-L2 of y (bf16 output, fp32 sums in another order)
+
+// A layer of random bf16 weights of the given shape, made on the GPU (std 1/sqrt(fan_in), so logits and
+// expert activations keep unit scale for unit-scale x) and copied to the host: the layer uploads it, the
+// CPU reference of the check reads it.
+MoeLayerWeights random_weights(int H, int I, int E, unsigned long long seed) {
+  MoeLayerWeights w;
+  w.hidden = H;
+  w.inter = I;
+  w.num_experts = E;
+  for (int e = 0; e < E; ++e) w.expert_ids.push_back(e);
+  const std::size_t EIH = std::size_t(E) * I * H;
+  __nv_bfloat16* d = nullptr;
+  CUDA_CHECK(cudaMalloc(&d, EIH * sizeof(__nv_bfloat16)));
+  auto make = [&](std::vector<bf16_bits>& out, std::size_t n, float stddev, unsigned long long s) {
+    gpu::fill_random_bf16(d, n, stddev, s, nullptr);
+    out.resize(n);
+    CUDA_CHECK(cudaMemcpy(out.data(), d, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+  };
+  make(w.gate, std::size_t(E) * H, 1.f / std::sqrt(float(H)), seed * 4 + 0);
+  make(w.w1, EIH, 1.f / std::sqrt(float(H)), seed * 4 + 1);
+  make(w.w3, EIH, 1.f / std::sqrt(float(H)), seed * 4 + 2);
+  make(w.w2, EIH, 1.f / std::sqrt(float(I)), seed * 4 + 3);
+  CUDA_CHECK(cudaFree(d));
+  return w;
+}
+
+// Up to kCheckRows row indices spread over [0, T), the first and the last included.
+std::vector<int> check_rows(int T) {
+  const int n = std::min(T, kCheckRows);
+  std::vector<int> rows;
+  for (int i = 0; i < n; ++i) rows.push_back(n == 1 ? 0 : int((long long)i * (T - 1) / (n - 1)));
+  return rows;
 }
 
 // Times fn() n times, each after an L2 flush, and returns the median in ms.
@@ -102,7 +149,11 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   std::printf("measured ceilings: HBM copy %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", ceil.hbm_gbps, ceil.bf16_tflops);
 
   const int H = opt.hidden, I = opt.inter, E = opt.experts, k = opt.top_k;
-  GpuMoeLayer layer(H, I, E, RouterKind::SparseMixer, k, 0.01f, opt.seed);
+  constexpr float kJitterEps = 0.01f;
+  const MoeLayerWeights weights = random_weights(H, I, E, opt.seed);
+  GpuMoeLayer layer(weights, RouterKind::SparseMixer, k, kJitterEps);
+  bool all_pass = true;
+  int checks = 0;
   const int T_max = *std::max_element(opt.tokens.begin(), opt.tokens.end());
   constexpr int kBatches = 8;
 
@@ -147,6 +198,39 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
     layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);  // warm-up and workspace growth
     layer.forward_device(d_x, T, d_y, MoePath::Naive, s);
     CUDA_CHECK(cudaStreamSynchronize(s));
+
+    // --- check before timing: sampled rows of batch 0 against the CPU reference (see the file header)
+    const std::vector<int> pick = check_rows(T);
+    const int n = int(pick.size());
+    std::vector<float> xs(std::size_t(n) * H);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < H; ++c) xs[std::size_t(i) * H + c] = bf16_to_float(x0[std::size_t(pick[i]) * H + c]);
+    const MoeRefResult ref = moe_layer_reference(weights, xs, n, {RouterKind::SparseMixer, k, kJitterEps, true});
+    nlohmann::json check_rows_json = nlohmann::json::array();
+    auto check_path = [&](MoePath path, const std::string& what) {
+      const GpuMoeLayer::Result res = layer.forward(x0, T, path);
+      Routing r;
+      r.tokens = n;
+      r.k = k;
+      std::vector<float> ys(std::size_t(n) * H);
+      for (int i = 0; i < n; ++i) {
+        std::copy_n(&res.y[std::size_t(pick[i]) * H], H, &ys[std::size_t(i) * H]);
+        for (int j = 0; j < k; ++j) {
+          r.ids.push_back(res.routing.id(pick[i], j));
+          r.weights.push_back(res.routing.weight(pick[i], j));
+        }
+      }
+      const LayerCheck c = check_layer(ref, r, ys, H, RouterKind::SparseMixer, kJitterEps, kCheckTol);
+      const std::string via =
+          path == MoePath::Naive ? "" : std::string(" via ") + expert_strategy_name(layer.last_expert_strategy());
+      std::printf("check T=%d %s%s (%d sampled rows): %s %s\n", T, what.c_str(), via.c_str(), n,
+                  c.pass ? "PASS" : "FAIL", c.summary().c_str());
+      all_pass = all_pass && c.pass;
+      ++checks;
+      check_rows_json.push_back({{"path", what}, {"rows", n}, {"rel_l2", c.rel_l2}, {"pass", c.pass}});
+    };
+    check_path(MoePath::Grouped, "grouped");
+    check_path(MoePath::Naive, "naive");
     const int iters = T <= 512 ? 200 : T <= 4096 ? 50 : 20;
     const double g_ms = time_cold(iters, s, flush, run(MoePath::Grouped));
     const double n_ms = time_cold(T <= 512 ? 50 : 5, s, flush, run(MoePath::Naive));
@@ -193,8 +277,9 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
       const ExpertStrategy saved = layer.expert_strategy();
       const int small = layer.small_rows_max();
       const int V = int(variant_list.size());
-      for (ExpertStrategy v : variant_list) {  // warm-up: every buffer grown, cuBLAS heuristics cached
+      for (ExpertStrategy v : variant_list) {  // checked, then warm-up: every buffer grown, cuBLAS heuristics cached
         layer.set_expert_strategy(v, small);
+        check_path(MoePath::Grouped, std::string("grouped, --bench-experts ") + expert_strategy_name(v));
         layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);
         layer.forward_device(d_x, T, d_y, MoePath::Grouped, s);
       }
@@ -271,7 +356,7 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
                                                                        {"combine", qm[4]}, {"sum", qm[5]},
                                                                        {"misses", misses}}
                                                       : nlohmann::json(nullptr)},
-                    {"experts_variants", variant_rows},
+                    {"experts_variants", variant_rows}, {"check", check_rows_json},
                     {"peer_ms", p != peer.ms.end() ? nlohmann::json(p->second) : nlohmann::json(nullptr)}});
   }
   std::printf("\n%s", table.str().c_str());
@@ -299,7 +384,8 @@ nlohmann::json run_gpu_bench(const BenchOptions& opt) {
   CUDA_CHECK(cudaStreamDestroy(s));
   CUDA_CHECK(cudaFree(d_x));
   CUDA_CHECK(cudaFree(d_y));
-  return {{"ceilings", {{"hbm_gbps", ceil.hbm_gbps}, {"bf16_tflops", ceil.bf16_tflops}}},
+  return {{"pass", all_pass}, {"checks", checks}, {"check_rows", kCheckRows}, {"check_tolerance", kCheckTol},
+          {"ceilings", {{"hbm_gbps", ceil.hbm_gbps}, {"bf16_tflops", ceil.bf16_tflops}}},
           {"method", {{"l2_flush", l2_flush_name(flush.kind())}, {"split", opt.split}, {"spin_us", opt.spin_us}}},
           {"shape", {{"hidden", H}, {"inter", I}, {"experts", E}, {"top_k", k}}}, {"rows", rows}};
 }
