@@ -1,5 +1,6 @@
 // The benchmark support library (kernels/bench/bench_support.hpp): the queued stage split of GpuMoeLayer
-// times the same forward as forward_device, the L2 flushes and the busy-wait run, the ceilings are plausible.
+// times the same forward as forward_device, the L2 flushes and the busy-wait run. (No assertion on how fast
+// anything runs: times are the benchmarks' business.)
 #include <doctest/doctest.h>
 
 #include <span>
@@ -65,8 +66,6 @@ TEST_CASE("time_stages_queued: same output as forward_device, stages add up, bus
     CHECK(t.total_ms == doctest::Approx(t.router_ms + t.routing_ms + t.permute_ms + t.experts_ms + t.combine_ms));
     // 2 ms of busy-wait is far more than the host needs to queue one forward of this size.
     CHECK_MESSAGE(t.queue_misses == 0, "a 2 ms busy-wait ended before the host had queued the forward");
-    // No busy-wait in the stages: the whole queued forward is far shorter than one busy-wait.
-    CHECK_MESSAGE(t.total_ms < 1.5f, "queued split total ", t.total_ms, " ms: did a busy-wait land in a stage?");
     MESSAGE("T=", T, " via ", ran, ": queued split router ", t.router_ms, " routing ", t.routing_ms, " permute ",
             t.permute_ms, " experts ", t.experts_ms, " combine ", t.combine_ms, " ms");
     // The eager split of the cuBLAS paths reports the offsets wait inside the experts stage.
@@ -90,13 +89,4 @@ TEST_CASE("L2Flusher: every kind runs, and parse_l2_flush names them") {
     CHECK(parse_l2_flush(l2_flush_name(kind)) == kind);
   }
   CHECK_THROWS_AS(parse_l2_flush("memset"), Error);
-}
-
-TEST_CASE("measure_ceilings: plausible numbers for a datacenter GPU") {
-  const Ceilings c = measure_ceilings();
-  MESSAGE("HBM copy ", c.hbm_gbps, " GB/s, bf16 GEMM ", c.bf16_tflops, " TFLOP/s");
-  CHECK(c.hbm_gbps > 100);
-  CHECK(c.hbm_gbps < 20000);
-  CHECK(c.bf16_tflops > 10);
-  CHECK(c.bf16_tflops < 5000);
 }
