@@ -79,6 +79,23 @@ double rss_bytes() {
   return 0;
 }
 
+std::string printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
+      out += strf("\\x%02x", c);
+    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {  // U+0080..U+009F, the C1 controls
+      out += strf("\\u%04x", static_cast<unsigned char>(s[++i]));
+    } else {
+      out += char(c);
+    }
+  }
+  return out;
+}
+
 nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
                                const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out) {
   nlohmann::json texts = nlohmann::json::array();
@@ -86,8 +103,8 @@ nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>&
     if (tok) {
       const std::string prompt_text = b < int(o.prompts.size()) ? o.prompts[b] : safe_decode(*tok, prompts[b]);
       const std::string text = safe_decode(*tok, out[b]);
-      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, prompt_text.c_str(), b, text.c_str());
-      texts.push_back(text);
+      std::printf("[%d] prompt: %s\n[%d] output: %s\n", b, printable(prompt_text).c_str(), b, printable(text).c_str());
+      texts.push_back(text);  // as decoded: JSON escapes control characters itself (\u0000)
     }
     std::printf("[%d] prompt ids: %s\n[%d] output ids: %s\n", b, id_list(prompts[b]).c_str(), b,
                 id_list(out[b], 64).c_str());

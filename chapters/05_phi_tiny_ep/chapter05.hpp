@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -42,8 +43,15 @@ std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids);
 std::string safe_piece(const Tokenizer& t, int id);
 double rss_bytes();  // resident memory of this process (VmRSS); 0 where /proc is not there
 
-// Prints each prompt and its generated continuation (text when there is a tokenizer, ids always) and
-// returns the generated texts for --json.
+// Text made safe to print: control bytes a model (or a hostile prompt) can decode to are shown escaped, so a
+// NUL cannot cut the line short and an ESC cannot drive the terminal. Bytes below 0x20 other than newline and
+// tab, and DEL, become \xNN (NUL -> \x00, ESC -> \x1b, CR -> \x0d); the C1 controls U+0080..U+009F become
+// \uNNNN. Newline and tab stay as they are (generated text has lines), and so does every other character,
+// the backslash included: the escapes are for the reader, not a reversible encoding.
+std::string printable(std::string_view s);
+
+// Prints each prompt and its generated continuation (text when there is a tokenizer, through printable();
+// ids always) and returns the generated texts for --json as decoded (JSON escapes control characters itself).
 nlohmann::json print_generated(const Options& o, const std::optional<Tokenizer>& tok,
                                const std::vector<std::vector<int>>& prompts, const std::vector<std::vector<int>>& out);
 
