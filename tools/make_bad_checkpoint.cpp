@@ -15,6 +15,13 @@
 //   wrong-expert-count  config.json says 8 experts (the tensors hold 16)
 //   topk-too-big        config.json's num_experts_per_tok larger than num_local_experts
 //   wrong-shape         expert 3's w2 stored transposed ([I, H] instead of [H, I])
+//   too-many-layers     config.json says one layer more than the checkpoint holds
+//   config-value        config.json's field KEY written as TEXT, byte for byte (--set KEY=TEXT, e.g.
+//                       --set hidden_size=4096.5 or --set rope_theta=1E400): a value the loader must refuse
+//                       and quote as written
+//
+// --metadata-only copies config.json and the index but no shard (enough for the config checks: chapter 00
+// runs on metadata alone).
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -75,19 +82,37 @@ void edit_config(const fs::path& dir, const char* key, int value) {
   write_all(dir / "config.json", c.dump(2) + "\n");
 }
 
+// Writes config.json's field `key` as `text` exactly (not through a JSON number, which would reformat it).
+void edit_config_text(const fs::path& dir, const std::string& key, const std::string& text) {
+  nlohmann::json c = nlohmann::json::parse(read_all(dir / "config.json"));
+  const std::string mark = "@make_bad_checkpoint@";
+  c[key] = mark;
+  std::string s = c.dump(2) + "\n";
+  const std::string quoted = "\"" + mark + "\"";
+  s.replace(s.find(quoted), quoted.size(), text);
+  write_all(dir / "config.json", s);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   return run_main([&] {
     CLI::App app{"make_bad_checkpoint: copy a good checkpoint and break it in one way (for the CLI tests)"};
-    std::string from, out, kind;
+    std::string from, out, kind, set;
+    bool metadata_only = false;
     const std::vector<std::string> kinds = {"truncated",    "lying-header",  "lying-offsets",      "header-too-long",
                                             "bad-json",     "bad-dtype",     "overlap",            "missing-shard",
-                                            "wrong-expert-count", "topk-too-big", "wrong-shape"};
+                                            "wrong-expert-count", "topk-too-big", "wrong-shape", "too-many-layers",
+                                            "config-value"};
     app.add_option("--from", from, "a good checkpoint directory (e.g. written by make_model)")->required();
     app.add_option("--out", out, "where to write the broken copy")->required();
     app.add_option("--kind", kind, "what to break")->required()->check(CLI::IsMember(kinds));
+    app.add_option("--set", set, "for --kind config-value: KEY=TEXT, the field and its text as the file will hold it");
+    app.add_flag("--metadata-only", metadata_only, "copy config.json and the index only, no shard");
     if (auto rc = parse_cli(app, argc, argv)) return *rc;
+    require((kind == "config-value") == !set.empty(), "--set KEY=TEXT goes with --kind config-value (and only with it)");
+    const std::size_t eq = set.find('=');
+    require(set.empty() || (eq != std::string::npos && eq > 0), "--set: expected KEY=TEXT, got '", set, "'");
 
     // Load the good checkpoint first: it must itself be valid, or the test would prove nothing.
     const Checkpoint good = Checkpoint::open(from);
@@ -102,7 +127,7 @@ int main(int argc, char** argv) {
       if (f == "config.json" || (f.rfind("model", 0) == 0 && (f.ends_with(".safetensors") || f.ends_with(".json"))))
         fs::remove(e.path());
     }
-    std::vector<std::string> files = good.shard_files();
+    std::vector<std::string> files = metadata_only ? std::vector<std::string>{} : good.shard_files();
     files.push_back("config.json");
     if (fs::exists(fs::path(from) / "model.safetensors.index.json")) files.push_back("model.safetensors.index.json");
     for (const auto& f : files) fs::copy_file(fs::path(from) / f, fs::path(out) / f, fs::copy_options::overwrite_existing);
@@ -116,6 +141,10 @@ int main(int argc, char** argv) {
     }
     const fs::path shard = fs::path(out) / target;
 
+    if (metadata_only)
+      require(kind == "config-value" || kind == "too-many-layers" || kind == "wrong-expert-count" ||
+                  kind == "topk-too-big",
+              "--metadata-only goes with the kinds that edit config.json only");
     if (kind == "truncated") {
       fs::resize_file(shard, fs::file_size(shard) * 6 / 10);
     } else if (kind == "lying-header") {
@@ -150,6 +179,10 @@ int main(int argc, char** argv) {
       edit_config(out, "num_local_experts", 8);
     } else if (kind == "topk-too-big") {
       edit_config(out, "num_experts_per_tok", c.num_local_experts + 1);
+    } else if (kind == "too-many-layers") {
+      edit_config(out, "num_hidden_layers", c.num_hidden_layers + 1);
+    } else if (kind == "config-value") {
+      edit_config_text(out, set.substr(0, eq), set.substr(eq + 1));
     } else if (kind == "wrong-shape") {
       const std::string w2 = names::expert_w(0, 3, 2);
       const std::string f = nlohmann::json::parse(read_all(fs::path(out) / "model.safetensors.index.json"))

@@ -74,6 +74,46 @@ std::vector<TensorSpec> phimoe_tensor_specs(const ModelConfig& c) {
 
 // ---------------------------------------------------------------------------------------------- Checkpoint
 
+namespace {
+
+// Parses "model.layers.<l>." and "...experts.<e>." out of a tensor name; -1 where absent.
+int number_after(const std::string& name, const std::string& prefix) {
+  const auto p = name.find(prefix);
+  if (p == std::string::npos) return -1;
+  std::size_t i = p + prefix.size();
+  if (i >= name.size() || !std::isdigit(static_cast<unsigned char>(name[i]))) return -1;
+  long v = 0;
+  while (i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])) && v < 1000000000) v = v * 10 + (name[i++] - '0');
+  return int(v);
+}
+
+// The highest layer and expert numbers among the tensor names, with a tensor that has each.
+struct NameCounts {
+  int max_layer = -1, max_expert = -1;
+  std::string layer_example, expert_example;
+};
+NameCounts name_counts(const std::map<std::string, std::string>& weight_map) {
+  NameCounts n;
+  for (const auto& [name, file] : weight_map) {
+    if (int l = number_after(name, "model.layers."); l > n.max_layer) { n.max_layer = l; n.layer_example = name; }
+    if (int e = number_after(name, ".experts."); e > n.max_expert) { n.max_expert = e; n.expert_example = name; }
+  }
+  return n;
+}
+
+// A config that says the model has a layer the checkpoint does not hold; the message of the reverse case
+// (a layer the config does not have) is validate_names_against_config's.
+void check_layer_count(const NameCounts& n, const ModelConfig& c, const std::string& cfg) {
+  require(n.max_layer < c.num_hidden_layers, cfg, ": num_hidden_layers = ", c.num_hidden_layers,
+          " but the checkpoint holds layer ", n.max_layer, " (tensor '", n.layer_example,
+          "'): config.json does not match the weights");
+  require(n.max_layer + 1 >= c.num_hidden_layers, cfg, ": num_hidden_layers = ", c.num_hidden_layers,
+          " but the checkpoint holds ", n.max_layer + 1, " layers (it lacks tensor '",
+          names::router_gate(c.num_hidden_layers - 1), "'): config.json does not match the weights");
+}
+
+}  // namespace
+
 struct Checkpoint::Impl {
   std::string dir;
   ModelConfig config;
@@ -176,6 +216,15 @@ Checkpoint Checkpoint::open(const std::string& dir, Shards shards) {
   } else {
     fail("model directory '", dir, "' has config.json but neither model.safetensors.index.json nor model.safetensors");
   }
+  // The config against the names (no shard is opened, so a metadata-only checkpoint is checked too): every
+  // layer and expert config.json gives the model must be in the checkpoint, and no layer beyond them (no later
+  // check would see that one; a config with fewer experts fails on the router's [E, H] shape when read).
+  const NameCounts n = name_counts(m.weight_map);
+  const std::string cfg = (fs::path(dir) / "config.json").string();
+  check_layer_count(n, m.config, cfg);
+  require(n.max_expert + 1 >= m.config.num_local_experts, cfg, ": num_local_experts = ", m.config.num_local_experts,
+          " but the checkpoint holds ", n.max_expert + 1, " experts per layer (it lacks tensor '",
+          names::expert_w(0, m.config.num_local_experts - 1, 1), "'): config.json does not match the weights");
   return ck;
 }
 
@@ -257,39 +306,17 @@ void Checkpoint::open_all_shards() const {
   for (const auto& s : impl_->shards) impl_->shard(s);
 }
 
-namespace {
-
-// Parses "model.layers.<l>." and "...experts.<e>." out of a tensor name; -1 where absent.
-int number_after(const std::string& name, const std::string& prefix) {
-  const auto p = name.find(prefix);
-  if (p == std::string::npos) return -1;
-  std::size_t i = p + prefix.size();
-  if (i >= name.size() || !std::isdigit(static_cast<unsigned char>(name[i]))) return -1;
-  long v = 0;
-  while (i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])) && v < 1000000000) v = v * 10 + (name[i++] - '0');
-  return int(v);
-}
-
-}  // namespace
-
 void Checkpoint::validate_names_against_config() const {
   const ModelConfig& c = impl_->config;
   const std::string cfg = (fs::path(impl_->dir) / "config.json").string();
 
   // First, tensors for layers or experts the config does not have: the clearest sign of a config that
   // does not belong to these weights (e.g. num_local_experts = 8 over a 16-expert checkpoint).
-  int max_layer = -1, max_expert = -1;
-  std::string layer_example, expert_example;
-  for (const auto& [name, file] : impl_->weight_map) {
-    if (int l = number_after(name, "model.layers."); l > max_layer) { max_layer = l; layer_example = name; }
-    if (int e = number_after(name, ".experts."); e > max_expert) { max_expert = e; expert_example = name; }
-  }
-  require(max_expert < c.num_local_experts, cfg, ": num_local_experts = ", c.num_local_experts,
-          " but the checkpoint holds expert ", max_expert, " (tensor '", expert_example,
+  const NameCounts n = name_counts(impl_->weight_map);
+  require(n.max_expert < c.num_local_experts, cfg, ": num_local_experts = ", c.num_local_experts,
+          " but the checkpoint holds expert ", n.max_expert, " (tensor '", n.expert_example,
           "'): config.json does not match the weights");
-  require(max_layer < c.num_hidden_layers, cfg, ": num_hidden_layers = ", c.num_hidden_layers,
-          " but the checkpoint holds layer ", max_layer, " (tensor '", layer_example,
-          "'): config.json does not match the weights");
+  check_layer_count(n, c, cfg);
 
   // Then every tensor PhiMoE needs exists (a missing expert says more than the router's shape would).
   for (const TensorSpec& s : phimoe_tensor_specs(c)) {

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "model/checkpoint.hpp"
 #include "model/config.hpp"
 #include "tmp_dir.hpp"
 #include "util/check.hpp"
@@ -251,4 +252,39 @@ TEST_CASE("config: configs built in code get the same ranges (validate)") {
   c.rms_norm_eps = 1e-5f;
   c.rope_theta = std::numeric_limits<float>::infinity();
   CHECK(error_of_validate() == "gen: 'rope_theta' must be a number in (0, inf), got inf");
+}
+
+TEST_CASE("config against the checkpoint: layers and experts the index does not hold are refused on open") {
+  // A metadata-only checkpoint (config.json + index, no shard): what open() checks needs only the names.
+  ModelConfig c = ModelConfig::from_json(phi_tiny_json());
+  c.num_hidden_layers = 2;
+  const eplab::testing::TmpDir d;
+  nlohmann::json wm = nlohmann::json::object();
+  for (const TensorSpec& s : phimoe_tensor_specs(c)) wm[s.name] = "model-00001-of-00001.safetensors";
+  d.write("model.safetensors.index.json", nlohmann::json{{"weight_map", wm}}.dump());
+  auto open_with = [&](const char* key, int v) {
+    nlohmann::json j = c.to_json();
+    j[key] = v;
+    d.write("config.json", j.dump());
+    try {
+      Checkpoint::open(d.path.string(), Checkpoint::Shards::AllOrNone);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(open_with("num_hidden_layers", 2) == "");
+  // Before this check a config with more layers than the checkpoint opened, and chapter 01 ran on it.
+  CHECK(open_with("num_hidden_layers", 3).find("config.json: num_hidden_layers = 3 but the checkpoint holds 2 layers "
+                                               "(it lacks tensor 'model.layers.2.block_sparse_moe.gate.weight')") !=
+        std::string::npos);
+  CHECK(open_with("num_hidden_layers", 1).find("config.json: num_hidden_layers = 1 but the checkpoint holds layer 1") !=
+        std::string::npos);
+  CHECK(open_with("num_local_experts", 20).find("config.json: num_local_experts = 20 but the checkpoint holds 16 "
+                                                "experts per layer (it lacks tensor "
+                                                "'model.layers.0.block_sparse_moe.experts.19.w1.weight')") !=
+        std::string::npos);
+  // Fewer experts than the checkpoint holds opens (the router's [E, H] shape refuses it when read);
+  // validate_names_against_config names it without reading.
+  CHECK(open_with("num_local_experts", 8) == "");
 }
