@@ -61,6 +61,7 @@
 #include "padded_layout.cuh"
 #include "permute.cuh"
 #include "random_init.cuh"
+#include "moe_router.cuh"
 #include "router.cuh"
 #include "router_tiled.cuh"
 #include "routing.cuh"
@@ -98,11 +99,6 @@ ExpertStrategy from_gpu(gpu::GroupedStrategy s) {
 
 constexpr int kMaxGraphs = 16;  // e.g. the benchmark rotates over 8 input batches
 
-// RouterImpl::Auto where the tiled router cannot run: the fused per-token kernel up to this T, cuBLAS +
-// route_topk above. Measured on an H200 (Phi-tiny gate, 16 x 4096), whole layer: T = 512 0.1435 ms fused vs
-// 0.1486 ms with cuBLAS + route_topk; T = 4096 0.442 vs 0.383 ms (the fused kernel re-reads the 128 KB gate
-// from L2 per token, 512 MB at T = 4096).
-constexpr int kFusedRouterMaxT = 512;
 
 }  // namespace
 
@@ -290,7 +286,7 @@ struct GpuMoeLayer::Impl {
         if (xp.grow(need) | yp.grow(need)) ++generation;
       }
     }
-    if (gpu::router_route_tiled_ok(gate.get(), gate.get(), H, E)) gpu::reserve_router_tiled(rws, T, H, E);
+    gpu::reserve_router(rws, gate.get(), T, H, E);
     const unsigned long long g = (static_cast<unsigned long long>(generation) << 40) ^
                                  (static_cast<unsigned long long>(ws.generation) << 20) ^ rws.generation;
     if (g != graphs_gen) {  // some buffer moved: every captured graph points at freed memory
@@ -393,39 +389,12 @@ struct GpuMoeLayer::Impl {
     mark(kMoeCombined);
   }
 
-  RouterImpl resolve_router(const bf16* d_x, int T) const {
-    const bool tiled_ok = gpu::router_route_tiled_ok(d_x, gate.get(), H, E);
-    const bool fused_ok = gpu::router_route_fused_ok(d_x, gate.get(), H);
-    switch (router_impl) {
-      case RouterImpl::Cublas: return RouterImpl::Cublas;
-      case RouterImpl::Fused: return fused_ok ? RouterImpl::Fused : RouterImpl::Cublas;
-      case RouterImpl::Tiled: return tiled_ok ? RouterImpl::Tiled : RouterImpl::Cublas;
-      case RouterImpl::Auto: break;
-    }
-    if (tiled_ok) return RouterImpl::Tiled;
-    return fused_ok && T <= kFusedRouterMaxT ? RouterImpl::Fused : RouterImpl::Cublas;
-  }
-
-  // Router GEMM + routing into logits / ids / weights. mark(kMoeRouted) after the logits (the routing is part
-  // of the router stage for the fused and tiled kernels).
+  // Router GEMM + routing into logits / ids / weights (moe_router.cuh: the same stage the EP engine runs).
+  // mark(kMoeRouted) after the logits (the routing is part of the router stage for the fused and tiled kernels).
   template <typename Mark>
   void route(const bf16* d_x, int T, cudaStream_t s, Mark&& mark) {
-    last_router = resolve_router(d_x, T);
-    switch (last_router) {
-      case RouterImpl::Tiled:
-        gpu::router_route_tiled(d_x, gate.get(), T, H, E, k, router, eps, logits.get(), ids.get(), weights.get(), rws,
-                                s);
-        mark(kMoeRouted);
-        break;
-      case RouterImpl::Fused:
-        gpu::router_route_fused(d_x, gate.get(), T, H, E, k, router, eps, logits.get(), ids.get(), weights.get(), s);
-        mark(kMoeRouted);
-        break;
-      default:
-        gpu::router_logits(blas, d_x, gate.get(), T, H, E, logits.get(), s);
-        mark(kMoeRouted);
-        gpu::route_topk(logits.get(), T, E, k, router, eps, ids.get(), weights.get(), s);
-    }
+    last_router = gpu::route_tokens(router_impl, blas, d_x, gate.get(), T, H, E, k, router, eps, logits.get(),
+                                    ids.get(), weights.get(), rws, s, [&] { mark(kMoeRouted); });
   }
   RouterImpl last_router = RouterImpl::Auto;
 

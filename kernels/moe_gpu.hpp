@@ -39,7 +39,7 @@ enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, Cubla
 const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
 ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
 
-// How the router GEMM + routing runs (moe_gpu.cu, router_tiled.cuh, routing.cuh):
+// How the router GEMM + routing runs (moe_router.cuh, the same stage in the EP engine; router_tiled.cuh, routing.cuh):
 //   Auto    Tiled wherever it can run the shape (E <= 64, H % 8 == 0), else Fused up to T = 512, else Cublas
 //   Cublas  router_logits (cuBLAS) + route_topk: two kernels
 //   Fused   router_route_fused: one block per token, GEMM + routing in one kernel (re-reads the gate per token)

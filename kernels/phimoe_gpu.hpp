@@ -7,7 +7,7 @@
 //                 RoPE(q, k); append k, v to each row's sequence cache     rope.cuh, attention.cuh (*_rows)
 //                 a = attention; x += linear_o(a);  h = LN_post(x)         add_layer_norm
 //                 y = MoE_l(h)             a GpuMoeStep (below): every expert on this GPU (GpuMoeLayer), or
-//                                          expert parallel over ranks (chapters/05_phi_tiny_ep/gpu_ep_moe_step.hpp)
+//                                          expert parallel over ranks (kernels/ep/ep_moe_step.hpp)
 //   logits = lm_head(LN_final(x + y_{L-1})) for the LAST new row of each sequence only, fp32
 //
 // Rows: one forward takes new tokens for sequences 0 .. nb-1 (each at least one), concatenated; row r belongs

@@ -70,6 +70,7 @@
 #include "nvtx_range.hpp"
 #include "permute.cuh"
 #include "random_init.cuh"
+#include "moe_router.cuh"
 #include "router.cuh"
 #include "routing.cuh"
 #include "util/check.hpp"
@@ -334,6 +335,7 @@ struct EpWorkspace {
   cudaStream_t s2 = nullptr;  // side stream (own)
   cublasHandle_t blas = nullptr;
   gpu::GroupedWorkspace gws;
+  gpu::TiledRouterWorkspace rws;  // the tiled router's split-K partials (moe_router.cuh)
   cudaEvent_t ev_plan = nullptr, ev_remote = nullptr, ev_side = nullptr, ev_experts = nullptr;
   std::vector<cudaEvent_t> ev_piece;     // chunked pipeline: piece c of the remote rows is in the send buffer
   std::vector<cudaEvent_t> ev_returned;  // chunked pipeline: return piece c has arrived
@@ -670,9 +672,10 @@ struct EpMoeGpu::Impl {
 
     // --- route
     stage.next("route");
-    if (T > 0) {
-      gpu::router_logits(w.blas, d_x, gate.get(), T, H, E, w.logits.get(), s);
-      gpu::route_topk(w.logits.get(), T, E, k, router.kind, router.jitter_eps, ids.get(), weights.get(), s);
+    if (T > 0) {  // the single-GPU layer's route stage (moe_router.cuh): the same kernels at every EP size
+      gpu::reserve_router(w.rws, gate.get(), T, H, E);
+      gpu::route_tokens(RouterImpl::Auto, w.blas, d_x, gate.get(), T, H, E, k, router.kind, router.jitter_eps,
+                        w.logits.get(), ids.get(), weights.get(), w.rws, s);
     }
     mark(kRouted, s);
     lap(t.route_ms);
