@@ -16,9 +16,16 @@
 //  * NCCL: the host-side collectives (barrier, allgather, bcast, gather, max, sum, over MPI) are watched
 //    by the same thread with the same limit: ranks that call different collectives (a bug: a branch
 //    taken on some ranks only) would otherwise wait in MPI forever with no NCCL work to time out.
-//    A wait that is long on purpose (rank 0 checking against the CPU reference while the others wait
-//    for its verdict) is bracketed by set_long_wait(true) / set_long_wait(false).
-//  * A rank that dies (crash, exit) makes mpirun kill the others ("mpirun noticed that process rank ...").
+//  * MPI: every wait (collectives, exchange, and mpi_main's barrier before MPI_Finalize) is posted
+//    non-blocking and polled on the main thread with the same limit, EPLAB_COMM_TIMEOUT_S (default 60).
+//    Past it the rank asks the others, over a private communicator, which wait they are in: the ranks
+//    that do not answer are dead or stuck outside MPI. One line names them and MPI_Abort ends the job:
+//      error: rank 0/3 (host): watchdog: waited 60 s in allgather (MPI) for rank 1, which does not answer: ...
+//    (or, when every rank answers, which different collectives they wait in). mpi_communicator.cpp.
+//  * A wait that is long on purpose (rank 0 checking against the CPU reference while the others wait
+//    for its verdict) is bracketed by set_long_wait(true) / set_long_wait(false): no limit meanwhile.
+//  * A rank that dies (crash, exit) makes mpirun kill the others ("mpirun noticed that process rank ...");
+//    where it does not, the watchdog names it after the limit.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -87,7 +94,7 @@ class Communicator {
   virtual void sync() {}                            // wait for every exchange issued so far
   virtual CUstream_st* stream() const { return nullptr; }  // NCCL: the stream exchanges run on
   virtual int device() const { return -1; }         // NCCL: the CUDA device of this rank
-  // While on, host-side collectives are not timed out (see the top of this file). MPI backend: no-op.
+  // While on, host-side collectives are not timed out (see the top of this file).
   virtual void set_long_wait(bool on) { (void)on; }
 
   // Prints "error: <who>: <message>" and takes every rank down (MPI_Abort). Never returns.
@@ -117,7 +124,8 @@ void all_or_none(Communicator& comm, const std::function<void()>& step);
 void require_same_on_all_ranks(Communicator& comm,
                                const std::vector<std::pair<const char*, std::int64_t>>& fingerprint);
 
-// main() of an MPI program: MPI_Init_thread, body(), MPI_Finalize. Error handling as described above:
+// main() of an MPI program: MPI_Init_thread, body(), a watched barrier, MPI_Finalize. Error handling as
+// described above:
 // CollectiveError -> message, exit 2 on every rank; any other exception -> message and MPI_Abort(2).
 // (Communicators living in body() are destroyed while the exception unwinds; the NCCL one then aborts
 // its communicator instead of destroying it, so that nothing waits for a peer.)

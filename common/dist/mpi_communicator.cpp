@@ -1,14 +1,30 @@
-// The MPI backend (host buffers), the all-or-none agreement, and mpi_main.
+// The MPI backend (host buffers), its watchdog, the all-or-none agreement, and mpi_main.
 // The C API only: the deprecated C++ bindings header does not compile warning-free.
+//
+// The watchdog. MPI's blocking collectives wait forever for a rank that never joins, so this backend
+// never blocks inside MPI: every collective is posted non-blocking (MPI_Iallgather, MPI_Ialltoallv, ...)
+// and completed by watched_wait(), which polls MPI_Testall on the calling thread (the main one: MPI runs
+// FUNNELED) with a deadline of EPLAB_COMM_TIMEOUT_S seconds (default 60, as the NCCL backend). Past it,
+// the rank finds out whom it waits for: it asks every other rank over a private communicator, and ranks
+// that are themselves in a watched wait answer at once (which wait they are in); the ranks that stay
+// silent for a second are dead, or stuck outside MPI. One line names them, and MPI_Abort takes the job
+// down:
+//   error: rank 0/3 (host): watchdog: waited 60 s in allgather (MPI) for rank 1, which does not answer: ...
+// If every rank answers, they wait in different collectives (a bug: a branch taken on some ranks only),
+// and the line says which. set_long_wait(true) lifts the deadline for a wait that is long on purpose.
 #define OMPI_SKIP_MPICXX 1
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include <array>
+#include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <new>
+#include <thread>
 
 #include "dist/communicator.hpp"
 #include "util/check.hpp"
@@ -32,12 +48,145 @@ int to_int(std::size_t v, const char* what) {
   return int(v);
 }
 
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// ---- The watchdog (see the top of this file) ----------------------------------------------------------
+
+// The waits it watches, by name: a number travels in the answers.
+enum Op : std::int64_t { kNoOp, kBarrier, kAllgather, kBcast, kGather, kMax, kSum, kAlltoallv, kExchange, kFinal };
+constexpr const char* kOpNames[] = {"no wait",    "barrier",        "allgather", "bcast",
+                                    "gather",     "allreduce(max)", "allreduce(sum)", "alltoallv",
+                                    "exchange",   "the final barrier before MPI_Finalize"};
+const char* op_name(std::int64_t op) {
+  return op >= 0 && op < std::int64_t(std::size(kOpNames)) ? kOpNames[op] : "an unknown wait";
+}
+constexpr int kAsk = 1, kAnswer = 2;  // message tags on Watch::ctl
+constexpr double kAnswerGraceS = 1;   // how long a rank past its deadline waits for the others' answers
+
+// One per process: the ranks' questions and answers travel on ctl, so that every watched wait of the
+// process (any communicator, and mpi_main's final barrier) answers them.
+struct Watch {
+  MPI_Comm ctl = MPI_COMM_NULL;  // a private copy of the world: only the watchdog's messages
+  double timeout_s = 60;
+  std::int64_t op = kNoOp, seq = 0;  // the wait in progress, and the number of watched waits so far
+} g_watch;
+
+// Collective over MPI_COMM_WORLD (MPI_Comm_dup): mpi_main calls it right after MPI_Init_thread.
+void watch_start() {
+  if (g_watch.ctl != MPI_COMM_NULL) return;
+  if (const char* t = std::getenv("EPLAB_COMM_TIMEOUT_S"); t && std::atof(t) > 0) g_watch.timeout_s = std::atof(t);
+  mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &g_watch.ctl), "MPI_Comm_dup", "MPI");
+  MPI_Comm_set_errhandler(g_watch.ctl, MPI_ERRORS_RETURN);
+}
+
+// Answers every question waiting on ctl with the wait this rank is in. Errors are ignored: the asker
+// is about to abort the job anyway.
+void answer_questions() {
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kAsk, g_watch.ctl, &flag, &st) != MPI_SUCCESS || !flag) return;
+    std::int64_t q = 0;
+    MPI_Recv(&q, 1, MPI_INT64_T, st.MPI_SOURCE, kAsk, g_watch.ctl, MPI_STATUS_IGNORE);
+    const std::array<std::int64_t, 2> a = {g_watch.op, g_watch.seq};
+    MPI_Send(a.data(), 2, MPI_INT64_T, st.MPI_SOURCE, kAnswer, g_watch.ctl);  // 16 bytes: sent eagerly
+  }
+}
+
+std::string rank_list(const std::vector<int>& r) {
+  std::string s = r.size() == 1 ? "rank " : "ranks ";
+  for (std::size_t i = 0; i < r.size(); ++i)
+    s += (i == 0 ? "" : i + 1 == r.size() ? " and " : ", ") + std::to_string(r[i]);
+  return s;
+}
+
+// Past the deadline: ask the others which wait they are in, name the ranks that do not answer (or the
+// collectives the answering ones wait in), and take the job down. Never returns.
+[[noreturn]] void watchdog_fires(const std::string& who, double waited_s) {
+  int me = 0, n = 1;
+  MPI_Comm_rank(g_watch.ctl, &me);
+  MPI_Comm_size(g_watch.ctl, &n);
+  std::vector<std::array<std::int64_t, 2>> ans(n);
+  std::vector<MPI_Request> req(n, MPI_REQUEST_NULL);
+  for (int p = 0; p < n; ++p)
+    if (p != me) MPI_Irecv(ans[p].data(), 2, MPI_INT64_T, p, kAnswer, g_watch.ctl, &req[p]);
+  for (int p = 0; p < n; ++p)
+    if (p != me) MPI_Send(&g_watch.seq, 1, MPI_INT64_T, p, kAsk, g_watch.ctl);  // eager: a silent rank cannot block it
+  std::vector<bool> answered(n, false);
+  answered[me] = true;
+  const std::int64_t until = now_ns() + std::int64_t(kAnswerGraceS * 1e9);
+  int pending = n - 1;
+  while (pending > 0 && now_ns() < until) {
+    for (int p = 0; p < n; ++p) {
+      int done = 0;
+      if (answered[p] || MPI_Test(&req[p], &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || !done) continue;
+      answered[p] = true;
+      --pending;
+    }
+    answer_questions();  // the others past their deadline ask us too
+    std::this_thread::yield();
+  }
+  std::vector<int> silent;
+  std::string elsewhere;
+  for (int p = 0; p < n; ++p) {
+    if (!answered[p]) {
+      silent.push_back(p);
+    } else if (p != me && (ans[p][0] != g_watch.op || ans[p][1] != g_watch.seq)) {
+      elsewhere += strf("%srank %d in %s #%lld", elsewhere.empty() ? "" : ", ", p, op_name(ans[p][0]),
+                        (long long)ans[p][1]);
+    }
+  }
+  const char* op = op_name(g_watch.op);
+  std::string why;
+  if (!silent.empty())
+    why = strf("waited %.0f s in %s (MPI) for %s, which %s not answer: dead, or stuck outside MPI", waited_s, op,
+               rank_list(silent).c_str(), silent.size() == 1 ? "does" : "do");
+  else if (!elsewhere.empty())
+    why = strf("waited %.0f s in %s #%lld (MPI); every rank answers, but %s: the ranks do not call the same "
+               "collectives in the same order",
+               waited_s, op, (long long)g_watch.seq, elsewhere.c_str());
+  else
+    why = strf("waited %.0f s in %s (MPI); every rank answers from the same wait, but MPI made no progress",
+               waited_s, op);
+  std::fflush(stdout);
+  std::fprintf(stderr, "error: %s: watchdog: %s (EPLAB_COMM_TIMEOUT_S sets the limit)\n", who.c_str(), why.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, 3);
+  std::_Exit(3);
+}
+
+// Completes n requests, polling on this thread; past the deadline (unless long_wait) the watchdog fires.
+// who() is called only for a message.
+template <typename Who>
+void watched_wait(MPI_Request* req, int n, Op op, bool long_wait, const Who& who) {
+  g_watch.op = op;
+  ++g_watch.seq;
+  const std::int64_t start = now_ns();
+  for (;;) {
+    int done = 0;
+    if (const int rc = MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE); rc != MPI_SUCCESS)
+      mpi_check(rc, "MPI_Testall", who());
+    if (done) break;
+    if (g_watch.ctl != MPI_COMM_NULL) {
+      answer_questions();
+      const double waited_s = double(now_ns() - start) * 1e-9;
+      if (!long_wait && waited_s > g_watch.timeout_s) watchdog_fires(who(), waited_s);
+    }
+    std::this_thread::yield();  // as Open MPI's own blocking waits do when ranks share cores
+  }
+  g_watch.op = kNoOp;
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator() {
     int inited = 0;
     MPI_Initialized(&inited);
     require(inited, "MPI is not initialised (the program must run its body through eplab::dist::mpi_main)");
+    watch_start();  // mpi_main started it already; a program without mpi_main gets it here
     // A private copy of the world: our collectives cannot match anybody else's messages.
     mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &comm_), "MPI_Comm_dup", "MPI");
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
@@ -72,31 +221,35 @@ class MpiCommunicator final : public Communicator {
     return "MPI (" + s + "), host buffers";
   }
 
-  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+  // Each collective is posted non-blocking and completed by wait() (the watchdog: top of this file).
+  void barrier() override {
+    MPI_Request r;
+    MPI_CHECK(MPI_Ibarrier(comm_, &r));
+    wait(&r, 1, kBarrier);
+  }
 
   std::vector<std::int64_t> allgather(std::span<const std::int64_t> mine) override {
     std::vector<std::int64_t> all(mine.size() * size_);
-    MPI_CHECK(MPI_Allgather(mine.data(), to_int(mine.size(), "allgather count"), MPI_INT64_T, all.data(),
-                            int(mine.size()), MPI_INT64_T, comm_));
+    MPI_Request r;
+    MPI_CHECK(MPI_Iallgather(mine.data(), to_int(mine.size(), "allgather count"), MPI_INT64_T, all.data(),
+                             int(mine.size()), MPI_INT64_T, comm_, &r));
+    wait(&r, 1, kAllgather);
     return all;
   }
 
   void bcast(void* buf, std::size_t bytes, int root) override {
-    MPI_CHECK(MPI_Bcast(buf, to_int(bytes, "bcast bytes"), MPI_BYTE, root, comm_));
+    MPI_Request r;
+    MPI_CHECK(MPI_Ibcast(buf, to_int(bytes, "bcast bytes"), MPI_BYTE, root, comm_, &r));
+    wait(&r, 1, kBcast);
   }
   void gather(const void* send, std::size_t bytes, void* recv, int root) override {
-    MPI_CHECK(MPI_Gather(send, to_int(bytes, "gather bytes"), MPI_BYTE, recv, int(bytes), MPI_BYTE, root, comm_));
+    MPI_Request r;
+    MPI_CHECK(MPI_Igather(send, to_int(bytes, "gather bytes"), MPI_BYTE, recv, int(bytes), MPI_BYTE, root, comm_, &r));
+    wait(&r, 1, kGather);
   }
-  double max(double v) override {
-    double r = 0;
-    MPI_CHECK(MPI_Allreduce(&v, &r, 1, MPI_DOUBLE, MPI_MAX, comm_));
-    return r;
-  }
-  double sum(double v) override {
-    double r = 0;
-    MPI_CHECK(MPI_Allreduce(&v, &r, 1, MPI_DOUBLE, MPI_SUM, comm_));
-    return r;
-  }
+  double max(double v) override { return allreduce(v, MPI_MAX, kMax); }
+  double sum(double v) override { return allreduce(v, MPI_SUM, kSum); }
+  void set_long_wait(bool on) override { long_wait_ = on; }
 
   void alltoallv(const void* send, std::span<const std::size_t> sc, void* recv, std::span<const std::size_t> rc,
                  std::size_t row_bytes) override {
@@ -115,7 +268,9 @@ class MpiCommunicator final : public Communicator {
       so += sc[p];
       ro += rc[p];
     }
-    MPI_CHECK(MPI_Alltoallv(send, scount.data(), sdisp.data(), row, recv, rcount.data(), rdisp.data(), row, comm_));
+    MPI_Request r;
+    MPI_CHECK(MPI_Ialltoallv(send, scount.data(), sdisp.data(), row, recv, rcount.data(), rdisp.data(), row, comm_, &r));
+    wait(&r, 1, kAlltoallv);
   }
 
   void exchange(const void* send, std::span<const Transfer> sends, void* recv, std::span<const Transfer> recvs,
@@ -138,7 +293,7 @@ class MpiCommunicator final : public Communicator {
       MPI_CHECK(MPI_Isend(static_cast<const char*>(send) + t.offset * row_bytes, to_int(t.rows, "send rows"), row,
                           t.peer, 0, comm_, &req.back()));
     }
-    MPI_CHECK(MPI_Waitall(int(req.size()), req.data(), MPI_STATUSES_IGNORE));
+    wait(req.data(), int(req.size()), kExchange);
   }
 
   [[noreturn]] void abort(const std::string& message, int code) override {
@@ -150,6 +305,15 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  void wait(MPI_Request* req, int n, Op op) { watched_wait(req, n, op, long_wait_, [this] { return who(); }); }
+  double allreduce(double v, MPI_Op mop, Op op) {
+    double r = 0;
+    MPI_Request q;
+    MPI_CHECK(MPI_Iallreduce(&v, &r, 1, MPI_DOUBLE, mop, comm_, &q));
+    wait(&q, 1, op);
+    return r;
+  }
+
   MPI_Datatype row_type(std::size_t bytes) {
     auto it = row_types_.find(bytes);
     if (it != row_types_.end()) return it->second;
@@ -162,6 +326,7 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL;
   std::map<std::size_t, MPI_Datatype> row_types_;
+  bool long_wait_ = false;  // set_long_wait: this communicator's waits have no deadline
 };
 
 }  // namespace
@@ -229,6 +394,7 @@ int mpi_main(int argc, char** argv, const std::function<int()>& body) {
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   int code = 0;
   try {
+    watch_start();
     code = body();
   } catch (const CollectiveError& e) {
     if (e.print) std::fprintf(stderr, "error: %s\n", e.what());
@@ -244,6 +410,22 @@ int mpi_main(int argc, char** argv, const std::function<int()>& body) {
     code = 2;
   }
   std::fflush(stdout);
+  // MPI_Finalize waits for every rank, without a limit: meet in a watched barrier first, so that a rank
+  // that stalls after its last collective is named instead of hanging the others here.
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1 && g_watch.ctl != MPI_COMM_NULL) {
+    MPI_Request r;
+    if (MPI_Ibarrier(MPI_COMM_WORLD, &r) == MPI_SUCCESS)
+      watched_wait(&r, 1, kFinal, false, [size] {
+        int rank = 0, len = 0;
+        char host[MPI_MAX_PROCESSOR_NAME] = {};
+        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+        MPI_Get_processor_name(host, &len);
+        return strf("rank %d/%d (%s)", rank, size, host);
+      });
+  }
+  if (g_watch.ctl != MPI_COMM_NULL) MPI_Comm_free(&g_watch.ctl);
   MPI_Finalize();
   return code;
 }
