@@ -1,5 +1,7 @@
 // ModelConfig: a config.json laid out like Phi-tiny-MoE's (written out here by hand), required and
-// optional fields, the checks that reject nonsense, and the to_json -> from_json round trip.
+// optional fields, the checks that reject nonsense, and the to_json -> from_json round trip. Then every
+// field checked by value (files written byte for byte: errors quote the value as written), and the config
+// against the layers and experts a checkpoint's index holds.
 #include <doctest/doctest.h>
 
 #include <unistd.h>
