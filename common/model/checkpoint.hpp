@@ -59,7 +59,9 @@ class Checkpoint {
   };
   // Reads config.json and the index (or the single file). A missing shard named by the index is
   // reported when the checkpoint is opened, not later (with AllOrNone: unless every shard is missing).
-  // `dir` must be a directory; a file or a missing path is reported as such.
+  // `dir` must be a directory; a file or a missing path is reported as such. The config is checked against
+  // the tensor names (no shard opened): a layer count or an expert count the checkpoint does not hold is
+  // refused here, with one line.
   static Checkpoint open(const std::string& dir, Shards shards = Shards::All);
   Checkpoint(Checkpoint&&) noexcept;
   Checkpoint& operator=(Checkpoint&&) noexcept;
