@@ -1,16 +1,6 @@
 # Runs the command after "--"; passes only if it exits non-zero, does not crash (no signal), and its
 # stderr has exactly one line matching REGEX that starts with "error:".
-set(cmd)
-set(seen_dashes FALSE)
-math(EXPR last "${CMAKE_ARGC} - 1")
-foreach(i RANGE 0 ${last})
-  if(seen_dashes)
-    string(REPLACE ";" "\\;" arg "${CMAKE_ARGV${i}}")  # an argument with ';' (bash -c "a; b") stays one
-    list(APPEND cmd "${arg}")
-  elseif("${CMAKE_ARGV${i}}" STREQUAL "--")
-    set(seen_dashes TRUE)
-  endif()
-endforeach()
+include(${CMAKE_CURRENT_LIST_DIR}/command_after_dashes.cmake)  # -> cmd
 execute_process(COMMAND ${cmd} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 100)
 if(rc EQUAL 0)
   message(FATAL_ERROR "expected a non-zero exit, got 0\nstdout:\n${out}\nstderr:\n${err}")

@@ -2,17 +2,7 @@
 # REGEX is given, its output (stdout, then stderr) matches REGEX. The output is echoed as it comes.
 #   cmake [-DREGEX=<regex>] [-DEXIT=<code>] [-DTIMEOUT=<s>] -P expect_pass.cmake -- <command...>
 # (CMake's PASS_REGULAR_EXPRESSION alone would ignore the exit code.)
-set(cmd)
-set(seen_dashes FALSE)
-math(EXPR last "${CMAKE_ARGC} - 1")
-foreach(i RANGE 0 ${last})
-  if(seen_dashes)
-    string(REPLACE ";" "\\;" arg "${CMAKE_ARGV${i}}")  # an argument with ';' (bash -c "a; b") stays one
-    list(APPEND cmd "${arg}")
-  elseif("${CMAKE_ARGV${i}}" STREQUAL "--")
-    set(seen_dashes TRUE)
-  endif()
-endforeach()
+include(${CMAKE_CURRENT_LIST_DIR}/command_after_dashes.cmake)  # -> cmd
 if(NOT cmd)
   message(FATAL_ERROR "expect_pass.cmake: no command after --")
 endif()
