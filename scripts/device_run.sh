@@ -17,6 +17,7 @@
 #   bench04c   chapter 04 --bench with --chunks 1 2 4 8 at 4096 and 16384 tokens per rank, with timelines
 #   bench04np1 chapter 04 --bench on ONE rank (no peer traffic): the bookkeeping's own cost, with its timeline
 #   sanitizer04 compute-sanitizer memcheck of chapter 04's engine on one rank (top-2 and top-4, chunked or not)
+#   racecheck  compute-sanitizer racecheck of chapters 01, 02 and 04 (one rank)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
@@ -132,12 +133,23 @@ if has sanitizer04; then
   log sanitizer04; X=$B/chapters/04_expert_parallel/04_expert_parallel; M="--model $B/test-models/mini"
   i=0; for a in "--tokens 300 --layout inplace" "--tokens 300 --layout inplace --chunks 3" \
                "--tokens 77 --router softmax --top-k 4 --layer 2 --layout inplace" \
-               "--tokens 77 --router softmax --top-k 4 --layer 2 --layout inplace --chunks 2" "--vary --layout inplace"; do
+               "--tokens 77 --router softmax --top-k 4 --layer 2 --layout inplace --chunks 2" "VARY --layout inplace"; do
     # --report-api-errors no: NCCL's init probes kernels built for other GPUs (cudaFuncGetAttributes ->
     # cudaErrorNoKernelImageForDevice, handled inside NCCL); our own API errors end the run through CUDA_CHECK.
-    i=$((i + 1)); "${mpirun_[@]}" -np 1 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 $X $M --device gpu $a \
+    # VARY: the engine under changing batch sizes (tests/mpi/ep_engine_checks --vary)
+    bin=$X; [[ "$a" == VARY* ]] && { bin=$B/tests/mpi/ep_engine_checks; a="--vary${a#VARY}"; }
+    i=$((i + 1)); "${mpirun_[@]}" -np 1 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 $bin $M --device gpu $a \
       > "$OUT/memcheck04_$i.log" 2>&1
     echo "memcheck 04 $a: rc $?"; grep -E "ERROR SUMMARY|CHECK (PASS|FAIL)" "$OUT/memcheck04_$i.log" | head -3
+  done
+fi
+if has racecheck; then  # shared-memory races in the kernels of chapters 01, 02 and 04 (one rank)
+  log racecheck; M="--model $B/test-models/mini"
+  i=0; for ch in "01_moe_naive/01_moe_naive --tokens 37" "02_moe_grouped/02_moe_grouped --tokens 5" \
+                 "02_moe_grouped/02_moe_grouped --tokens 300" "04_expert_parallel/04_expert_parallel --tokens 300 --layout inplace"; do
+    i=$((i + 1)); "${mpirun_[@]}" -np 1 compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 1 \
+      $B/chapters/${ch%% *} $M --device gpu ${ch#* } > "$OUT/racecheck$i.log" 2>&1
+    echo "racecheck $ch: rc $?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|CHECK (PASS|FAIL)" "$OUT/racecheck$i.log" | head -3
   done
 fi
 if has bench03; then
