@@ -92,7 +92,7 @@ void answer_questions() {
     std::int64_t q = 0;
     MPI_Recv(&q, 1, MPI_INT64_T, st.MPI_SOURCE, kAsk, g_watch.ctl, MPI_STATUS_IGNORE);
     const std::array<std::int64_t, 2> a = {g_watch.op, g_watch.seq};
-    MPI_Send(a.data(), 2, MPI_INT64_T, st.MPI_SOURCE, kAnswer, g_watch.ctl);  // 16 bytes: sent eagerly
+    MPI_Send(a.data(), 2, MPI_INT64_T, st.MPI_SOURCE, kAnswer, g_watch.ctl);  // the asker runs MPI: it receives
   }
 }
 
@@ -113,8 +113,12 @@ std::string rank_list(const std::vector<int>& r) {
   std::vector<MPI_Request> req(n, MPI_REQUEST_NULL);
   for (int p = 0; p < n; ++p)
     if (p != me) MPI_Irecv(ans[p].data(), 2, MPI_INT64_T, p, kAnswer, g_watch.ctl, &req[p]);
-  for (int p = 0; p < n; ++p)
-    if (p != me) MPI_Send(&g_watch.seq, 1, MPI_INT64_T, p, kAsk, g_watch.ctl);  // eager: a silent rank cannot block it
+  // Non-blocking sends, never waited for: a rank that does not run MPI must not hold this one up.
+  for (int p = 0; p < n; ++p) {
+    if (p == me) continue;
+    MPI_Request ask = MPI_REQUEST_NULL;
+    if (MPI_Isend(&g_watch.seq, 1, MPI_INT64_T, p, kAsk, g_watch.ctl, &ask) == MPI_SUCCESS) MPI_Request_free(&ask);
+  }
   std::vector<bool> answered(n, false);
   answered[me] = true;
   const std::int64_t until = now_ns() + std::int64_t(kAnswerGraceS * 1e9);
@@ -165,10 +169,22 @@ void watched_wait(MPI_Request* req, int n, Op op, bool long_wait, const Who& who
   g_watch.op = op;
   ++g_watch.seq;
   const std::int64_t start = now_ns();
+  std::vector<MPI_Status> st(n);
   for (;;) {
     int done = 0;
-    if (const int rc = MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE); rc != MPI_SUCCESS)
-      mpi_check(rc, "MPI_Testall", who());
+    if (int rc = MPI_Testall(n, req, &done, st.data()); rc != MPI_SUCCESS) {
+      if (rc == MPI_ERR_IN_STATUS)  // the first failed request says why
+        for (const MPI_Status& s : st)
+          if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) {
+            rc = s.MPI_ERROR;
+            break;
+          }
+      char msg[MPI_MAX_ERROR_STRING] = {};
+      int len = 0;
+      MPI_Error_string(rc, msg, &len);
+      fail(who(), ": MPI failed to complete the ", op_name(op), ": ", msg,
+           " (do all ranks call the same collectives, with matching counts, in the same order?)");
+    }
     if (done) break;
     if (g_watch.ctl != MPI_COMM_NULL) {
       answer_questions();
