@@ -159,7 +159,10 @@ class NcclCommunicator final : public Communicator {
     HostWait w(*this, "allreduce(sum)");
     return host_comm_->sum(v);
   }
-  void set_long_wait(bool on) override { long_wait_ = on; }
+  void set_long_wait(bool on) override {  // the MPI communicator under the host collectives watches them too
+    long_wait_ = on;
+    host_comm_->set_long_wait(on);
+  }
 
   void alltoallv(const void* send, std::span<const std::size_t> sc, void* recv, std::span<const std::size_t> rc,
                  std::size_t row_bytes) override {
