@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -115,13 +116,18 @@ struct DecodeStep {
   Prepend scheme = Prepend::Always;
 };
 
+// A string from the file (or from the text being encoded) as a JSON string literal: quoted, with control characters
+// escaped and bytes that are not UTF-8 replaced, so an error message stays on one line. (Not named "quoted": for a
+// non-const string, argument-dependent lookup prefers std::quoted, which escapes nothing but quotes.)
+std::string escaped(const std::string& s) { return json(s).dump(-1, ' ', false, json::error_handler_t::replace); }
+
 Prepend parse_scheme(const json& j, const std::string& where) {
   if (j.contains("prepend_scheme")) {
     const std::string s = j.at("prepend_scheme").get<std::string>();
     if (s == "always") return Prepend::Always;
     if (s == "first") return Prepend::First;
     if (s == "never") return Prepend::Never;
-    fail(where, ": Metaspace prepend_scheme \"", s, "\" is not always|first|never");
+    fail(where, ": Metaspace prepend_scheme ", escaped(s), " is not always|first|never");
   }
   // Files from tokenizers < 0.14 have add_prefix_space instead.
   return j.value("add_prefix_space", true) ? Prepend::Always : Prepend::Never;
@@ -131,6 +137,32 @@ std::string string_pattern(const json& j, const std::string& where, const char* 
   const json& p = j.at("pattern");
   if (p.is_object() && p.contains("String")) return p.at("String").get<std::string>();
   fail(where, ": ", what, " with a ", p.dump(), " pattern is not supported (only {\"String\": ...} patterns)");
+}
+
+// Token ids and decoder counts are integers that fit: nlohmann's get<int>() truncates a fraction, wraps a large
+// integer and is undefined for a float beyond int's range. The largest real vocabularies hold ~256k tokens; an id
+// past 2^20 is a corrupt file (and would make the id table allocate gigabytes).
+constexpr std::int64_t kMaxTokenId = std::int64_t(1) << 20;
+int checked_int(const json& v, std::int64_t lo, std::int64_t hi, const std::string& where, const std::string& what) {
+  require(v.is_number_integer() && v.get<std::int64_t>() >= lo && v.get<std::int64_t>() < hi &&
+              (!v.is_number_unsigned() || v.get<std::uint64_t>() < std::uint64_t(hi)),
+          where, ": ", what, " must be an integer in [", lo, ", ", hi, "), got ", v.dump());
+  return static_cast<int>(v.get<std::int64_t>());
+}
+int file_token_id(const json& v, const std::string& where, const std::string& what) {
+  return checked_int(v, 0, kMaxTokenId, where, what);
+}
+// How many times replacing `from` by `to` everywhere can grow a text, at most.
+double replace_growth(const std::string& from, const std::string& to) {
+  return from.empty() || to.size() <= from.size() ? 1.0 : double(to.size()) / double(from.size());
+}
+constexpr double kMaxReplaceGrowth = 64;  // Phi-3's normalizer: 3 (" " -> "▁")
+
+// HF: Metaspace's replacement and Strip's content are one character (a Rust char); empty, they never advance.
+std::string one_char(const json& v, const std::string& where, const char* what) {
+  const std::string c = v.get<std::string>();
+  require(!c.empty(), where, ": ", what, " must be one character, got \"\"");
+  return c;
 }
 
 }  // namespace
@@ -157,6 +189,9 @@ struct Tokenizer::Impl {
   Metaspace metaspace;
   std::vector<DecodeStep> decoder;
   bool has_decoder = false;
+  // How many times the normalizer's and the decoder's Replace steps can grow a text, at most (bounded at load:
+  // Replace steps that feed each other would otherwise grow a prompt without limit).
+  double normalizer_growth = 1, decoder_growth = 1;
   int bos = -1, eos = -1;
 
   static std::uint64_t key(int a, int b) {
@@ -176,8 +211,8 @@ struct Tokenizer::Impl {
 
 void Tokenizer::Impl::load_model(const json& m) {
   const std::string type = m.value("type", std::string("BPE"));
-  require(type == "BPE", path, ": tokenizer model type \"", type,
-          "\" is not supported (EP Lab reads Llama/Phi-3 style BPE with byte_fallback only)");
+  require(type == "BPE", path, ": tokenizer model type ", escaped(type),
+          " is not supported (EP Lab reads Llama/Phi-3 style BPE with byte_fallback only)");
   require(m.value("byte_fallback", false), path,
           ": BPE without \"byte_fallback\": true is not supported (Llama/Phi-3 tokenizers have it)");
   for (const char* k : {"dropout", "continuing_subword_prefix", "end_of_word_suffix"})
@@ -188,8 +223,7 @@ void Tokenizer::Impl::load_model(const json& m) {
   ignore_merges = m.value("ignore_merges", false);
 
   for (const auto& [tok, id] : m.at("vocab").items()) {
-    const int i = id.get<int>();
-    require(i >= 0, path, ": vocab id ", i, " of \"", tok, "\" is negative");
+    const int i = file_token_id(id, path, "vocab id of " + escaped(tok));
     vocab[tok] = i;
     if (static_cast<size_t>(i) >= id_to_token.size()) id_to_token.resize(i + 1);
     id_to_token[i] = tok;
@@ -213,16 +247,16 @@ void Tokenizer::Impl::load_model(const json& m) {
     if (ms[r].is_string()) {  // older files: "a b"
       const std::string s = ms[r].get<std::string>();
       const size_t sp = s.find(' ');
-      require(sp != std::string::npos && s.find(' ', sp + 1) == std::string::npos, path, ": merge ", r, " \"", s,
-              "\" is not two tokens separated by one space");
+      require(sp != std::string::npos && s.find(' ', sp + 1) == std::string::npos, path, ": merge ", r, " ", escaped(s),
+              " is not two tokens separated by one space");
       a = s.substr(0, sp), b = s.substr(sp + 1);
     } else {  // tokenizers >= 0.20: ["a", "b"]
       require(ms[r].is_array() && ms[r].size() == 2, path, ": merge ", r, " is not a pair");
       a = ms[r][0].get<std::string>(), b = ms[r][1].get<std::string>();
     }
     const auto ia = vocab.find(a), ib = vocab.find(b), iab = vocab.find(a + b);
-    require(ia != vocab.end() && ib != vocab.end() && iab != vocab.end(), path, ": merge ", r, " (\"", a, "\", \"",
-            b, "\") uses a token that is not in the vocab");
+    require(ia != vocab.end() && ib != vocab.end() && iab != vocab.end(), path, ": merge ", r, " (", escaped(a), ", ",
+            escaped(b), ") uses a token that is not in the vocab");
     merges.emplace(key(ia->second, ib->second), MergeInfo{static_cast<int>(r), iab->second});  // HF: first wins
   }
 }
@@ -231,7 +265,7 @@ void Tokenizer::Impl::load_added(const json& a) {
   for (const json& t : a) {
     AddedToken tok;
     tok.content = t.at("content").get<std::string>();
-    tok.id = t.at("id").get<int>();
+    tok.id = file_token_id(t.at("id"), path, "added token id");
     tok.special = t.value("special", false);
     tok.lstrip = t.value("lstrip", false);
     tok.rstrip = t.value("rstrip", false);
@@ -257,8 +291,9 @@ void Tokenizer::Impl::load_normalizer(const json& n) {
     normalizer.push_back({true, n.at("prepend").get<std::string>(), ""});
   } else if (type == "Replace") {
     normalizer.push_back({false, string_pattern(n, path, "Replace normalizer"), n.at("content").get<std::string>()});
+    normalizer_growth *= replace_growth(normalizer.back().a, normalizer.back().b);
   } else {
-    fail(path, ": normalizer \"", type, "\" is not supported (Llama/Phi-3 use Prepend + Replace)");
+    fail(path, ": normalizer ", escaped(type), " is not supported (Llama/Phi-3 use Prepend + Replace)");
   }
 }
 
@@ -266,10 +301,10 @@ void Tokenizer::Impl::load_pre_tokenizer(const json& p) {
   if (p.is_null()) return;
   const std::string type = p.at("type").get<std::string>();
   if (type == "Sequence" && p.at("pretokenizers").size() == 1) return load_pre_tokenizer(p.at("pretokenizers")[0]);
-  require(type == "Metaspace", path, ": pre_tokenizer \"", type,
-          "\" is not supported (Llama/Phi-3 use none or Metaspace)");
+  require(type == "Metaspace", path, ": pre_tokenizer ", escaped(type),
+          " is not supported (Llama/Phi-3 use none or Metaspace)");
   has_metaspace = true;
-  metaspace.replacement = p.value("replacement", metaspace.replacement);
+  if (p.contains("replacement")) metaspace.replacement = one_char(p.at("replacement"), path, "Metaspace replacement");
   metaspace.scheme = parse_scheme(p, path);
   metaspace.split = p.value("split", true);
 }
@@ -282,21 +317,23 @@ void Tokenizer::Impl::load_decoder_step(const json& d) {
     return;
   } else if (type == "Replace") {
     s = {DecodeStep::Replace, string_pattern(d, path, "Replace decoder"), d.at("content").get<std::string>()};
+    decoder_growth *= replace_growth(s.a, s.b);
   } else if (type == "ByteFallback") {
     s.kind = DecodeStep::ByteFallback;
   } else if (type == "Fuse") {
     s.kind = DecodeStep::Fuse;
   } else if (type == "Strip") {
     s.kind = DecodeStep::Strip;
-    s.a = d.at("content").get<std::string>();
-    s.start = d.value("start", 0);
-    s.stop = d.value("stop", 0);
+    s.a = one_char(d.at("content"), path, "Strip decoder content");
+    if (d.contains("start")) s.start = checked_int(d.at("start"), 0, INT32_MAX, path, "Strip decoder start");
+    if (d.contains("stop")) s.stop = checked_int(d.at("stop"), 0, INT32_MAX, path, "Strip decoder stop");
   } else if (type == "Metaspace") {
     s.kind = DecodeStep::MetaspaceDec;
-    s.a = d.value("replacement", std::string("\xE2\x96\x81"));
+    s.a = d.contains("replacement") ? one_char(d.at("replacement"), path, "Metaspace decoder replacement")
+                                    : std::string("\xE2\x96\x81");
     s.scheme = parse_scheme(d, path);
   } else {
-    fail(path, ": decoder \"", type, "\" is not supported (Llama/Phi-3 use Replace, ByteFallback, Fuse, Strip)");
+    fail(path, ": decoder ", escaped(type), " is not supported (Llama/Phi-3 use Replace, ByteFallback, Fuse, Strip)");
   }
   decoder.push_back(s);
 }
@@ -328,8 +365,8 @@ void Tokenizer::Impl::load_names(const fs::path& file, const json& /*root*/) {
   };
   bos = find(bos_name);
   eos = find(eos_name);
-  require(bos >= 0, path, ": BOS token \"", bos_name, "\" is not in the vocabulary");
-  require(eos >= 0, path, ": EOS token \"", eos_name, "\" is not in the vocabulary");
+  require(bos >= 0, path, ": BOS token ", escaped(bos_name), " is not in the vocabulary");
+  require(eos >= 0, path, ": EOS token ", escaped(eos_name), " is not in the vocabulary");
 }
 
 // HF: BPE::merge_word + Word::merge_all. Characters become vocab ids (or their <0xNN> bytes, or <unk>), then the
@@ -362,7 +399,7 @@ void Tokenizer::Impl::bpe(const std::string& word, std::vector<int>& out) const 
       for (unsigned char c : ch) add(byte_ids[c]);
       continue;
     }
-    require(unk_id >= 0, path, ": character \"", ch, "\" has no token, no byte token and there is no unk_token");
+    require(unk_id >= 0, path, ": character ", escaped(ch), " has no token, no byte token and there is no unk_token");
     if (pending_unk && !fuse_unk) add(unk_id);
     pending_unk = true;
   }
@@ -463,10 +500,14 @@ Tokenizer Tokenizer::load(const std::string& path_in) {
     if (root.contains("added_tokens")) m.load_added(root.at("added_tokens"));
     m.special.resize(m.id_to_token.size(), 0);
     m.load_normalizer(root.value("normalizer", json()));
+    require(m.normalizer_growth <= kMaxReplaceGrowth, m.path, ": the normalizer's Replace steps can grow a text ",
+            m.normalizer_growth, " times (EP Lab allows ", kMaxReplaceGrowth, ")");
     m.load_pre_tokenizer(root.value("pre_tokenizer", json()));
     const json dec = root.value("decoder", json());
     m.has_decoder = !dec.is_null();
     if (m.has_decoder) m.load_decoder_step(dec);
+    require(m.decoder_growth <= kMaxReplaceGrowth, m.path, ": the decoder's Replace steps can grow a text ",
+            m.decoder_growth, " times (EP Lab allows ", kMaxReplaceGrowth, ")");
     m.load_names(file, root);
   } catch (const json::exception& e) {  // a field of the wrong type or missing
     fail(m.path, ": unexpected tokenizer.json layout (", e.what(), ")");

@@ -138,9 +138,10 @@ TraceRecord parse_trace_line(const std::string& line, int fallback_experts, int 
   json j;
   try {
     j = json::parse(line);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number too large for a double
     std::string what = e.what();  // "[json.exception.parse_error.101] parse error at line 1, column 12: ..."
-    if (auto p = what.find("parse error"); p != std::string::npos) what.erase(0, p);
+    if (auto p = what.find("] "); what.rfind("[json.exception.", 0) == 0 && p != std::string::npos)
+      what.erase(0, p + 2);
     fail("not valid JSON (", what, ")");
   }
   require(j.is_object(), "a trace line must be a JSON object");
@@ -180,11 +181,16 @@ TraceRecord parse_trace_line(const std::string& line, int fallback_experts, int 
   if (auto it = j.find("rank_of_token"); it != j.end())
     r.rank_of_token = int_array(*it, "rank_of_token", "rank_of_token[]");
   if (auto it = j.find("ep_size"); it != j.end()) r.ep_size = as_int(*it, "ep_size");
+  // num_experts and hidden of 0 mean "not given", as when the field is absent (the writer leaves a 0 out), so a
+  // line reads the same before and after a write.
   if (auto it = j.find("num_experts"); it != j.end()) r.num_experts = as_int(*it, "num_experts");
-  else if (!r.rank_of_expert.empty()) r.num_experts = int(r.rank_of_expert.size());
-  else r.num_experts = fallback_experts > 0 ? fallback_experts : max_id + 1;
-  r.hidden = fallback_hidden;
+  if (r.num_experts == 0) {
+    require(max_id < INT_MAX, "expert id ", max_id, " is out of range");
+    if (!r.rank_of_expert.empty()) r.num_experts = int(r.rank_of_expert.size());
+    else r.num_experts = fallback_experts > 0 ? fallback_experts : max_id + 1;
+  }
   if (auto it = j.find("hidden"); it != j.end()) r.hidden = as_int(*it, "hidden");
+  if (r.hidden == 0) r.hidden = fallback_hidden;
   if (auto it = j.find("probs"); it != j.end()) {
     require(it->is_array() && int(it->size()) == T, "\"probs\" must have one row per token");
     for (const auto& row : *it) {

@@ -46,8 +46,8 @@ void check_trace_record(const TraceRecord& r);
 // Fields that are 0 / empty are left out.
 std::string to_trace_line(const TraceRecord& r);
 
-// fallback_experts / fallback_hidden: what num_experts / hidden are when the line does not say (the loaded
-// model's shape; 0 = unknown). num_experts is otherwise rank_of_expert's length, else the largest id + 1.
+// fallback_experts / fallback_hidden: what num_experts / hidden are when the line does not say, or says 0 (the
+// loaded model's shape; 0 = unknown). num_experts is otherwise rank_of_expert's length, else the largest id + 1.
 // Missing pieces stay empty.
 TraceRecord parse_trace_line(const std::string& line, int fallback_experts = 0, int fallback_hidden = 0);
 

@@ -209,6 +209,26 @@ TEST_CASE("routing trace: a bad line gives one line naming what is wrong") {
   }
 }
 
+// Inputs fuzz/trace_line_fuzz.cpp found (fuzz/regressions/trace_line/ holds them as files).
+TEST_CASE("routing trace: lines the fuzzer found") {
+  // A number too large for a double: nlohmann throws out_of_range, not parse_error; still one line.
+  const std::string overflow = error_of_line(R"({"s":[6666666666666666666666666666666666E66666666666]})");
+  CHECK(overflow.find("not valid JSON (number overflow") == 0);
+  CHECK(overflow.find("[json.exception") == std::string::npos);
+  // The largest int as an expert id: E = id + 1 overflowed (undefined behaviour); now an error.
+  const std::string int_max = R"({"step":0,"layer":0,"tokens":[1],"experts":[[2147483647]],"weights":[[1]]})";
+  CHECK(error_of([&] { parse_trace_line(int_max); }).find("expert id 2147483647 is out of range") != std::string::npos);
+  // "num_experts": 0 and "hidden": 0 mean "not given", like the writer's omitted fields: the line reads the same
+  // before and after a write.
+  const std::string zeros =
+      R"({"step":0,"layer":0,"num_experts":0,"hidden":0,"tokens":[1],"experts":[[3]],"weights":[[1]]})";
+  const TraceRecord r = parse_trace_line(zeros, 16, 64);
+  CHECK(r.num_experts == 16);
+  CHECK(r.hidden == 64);
+  check_same(parse_trace_line(to_trace_line(r), 16, 64), r);
+  CHECK(parse_trace_line(zeros).num_experts == 4);  // no fallback: the largest id + 1
+}
+
 TEST_CASE("routing trace: the writer refuses what the reader would refuse, naming file, step and layer") {
   TraceRecord r = full_record();
   r.routing.weights[1] = std::nanf("");

@@ -149,3 +149,51 @@ TEST_CASE("tokenizer: bad files give one-line errors") {
   for (const std::string& m : {msg, error_of(d.write("list2.json", "[1, 2]"))})
     CHECK(m.find('\n') == std::string::npos);
 }
+
+// Files fuzz/tokenizer_load_fuzz.cpp runs (fuzz/regressions/tokenizer_load/ holds them): each used to hang, run
+// out of memory, reach undefined behaviour or print a name with a line break; now each is refused at load with one
+// line naming the field.
+TEST_CASE("tokenizer: hostile files are refused at load, not when encoding") {
+  TmpDir d;
+  json base;
+  std::ifstream(kDir + "/tokenizer.json") >> base;
+  const auto refused = [&](const char* name, const json& j, const std::string& want) {
+    const std::string msg = error_of(d.write(name, j.dump()));
+    CHECK_MESSAGE(msg.find(want) != std::string::npos, name, ": '", msg, "', expected '", want, "'");
+    CHECK(msg.find(name) != std::string::npos);
+    CHECK(msg.find('\n') == std::string::npos);
+  };
+  json j = base;  // id + 1 overflowed int
+  j["model"]["vocab"]["zz"] = 2147483647;
+  refused("vocab_int_max.json", j, "vocab id of \"zz\" must be an integer in [0, 1048576), got 2147483647");
+  j = base;  // get<int>() of 1e300 is undefined behaviour
+  j["model"]["vocab"]["zz"] = 1e300;
+  refused("vocab_float.json", j, "vocab id of \"zz\" must be an integer");
+  j = base;  // the id table would take 64 GB
+  j["added_tokens"].push_back({{"id", 2000000000}, {"content", "<big>"}, {"special", true}});
+  refused("added_huge.json", j, "added token id must be an integer in [0, 1048576), got 2000000000");
+  j = base;  // an empty replacement never advances the word split: encode() hung
+  j["normalizer"] = nullptr;
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", ""}, {"prepend_scheme", "always"}, {"split", true}};
+  refused("metaspace_empty.json", j, "Metaspace replacement must be one character");
+  j = base;  // Strip of "" 2^31 - 1 times per token: decode() hung
+  j["decoder"] = {{"type", "Strip"}, {"content", ""}, {"start", 2147483647}, {"stop", 0}};
+  refused("strip_empty.json", j, "Strip decoder content must be one character");
+  j["decoder"] = {{"type", "Strip"}, {"content", " "}, {"start", -1}, {"stop", 0}};
+  refused("strip_negative.json", j, "Strip decoder start must be an integer in [0, 2147483647), got -1");
+  j = base;  // 16 Replace steps of a -> aaaa: 4^16 times the text
+  const json a_to_aaaa = {{"type", "Replace"}, {"pattern", {{"String", "a"}}}, {"content", "aaaa"}};
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array()}};
+  for (int i = 0; i < 16; ++i) j["normalizer"]["normalizers"].push_back(a_to_aaaa);
+  refused("replace_blowup.json", j, "the normalizer's Replace steps can grow a text 4.29497e+09 times");
+  j = base;
+  j["decoder"] = {{"type", "Sequence"}, {"decoders", json::array()}};
+  for (int i = 0; i < 4; ++i) j["decoder"]["decoders"].push_back(a_to_aaaa);
+  refused("decoder_blowup.json", j, "the decoder's Replace steps can grow a text 256 times");
+  j = base;  // a line break in a name from the file stays escaped: the error is one line
+  j["model"]["merges"].push_back("a\nb c");
+  refused("merge_newline.json", j, R"(merge 439 ("a\nb", "c") uses a token that is not in the vocab)");
+  j = base;
+  j["decoder"] = {{"type", "Odd\nDecoder"}};
+  refused("decoder_newline.json", j, R"(decoder "Odd\nDecoder" is not supported)");
+}
