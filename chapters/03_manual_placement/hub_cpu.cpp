@@ -55,8 +55,10 @@ HubRun HubCpu::forward(std::span<const float> x, int T) {
     // Device 0's own experts read and write the hub's buffers directly: its rows never travel.
     xp_[g].resize(size_t(s.rows()) * H);
     yp_[g].resize(size_t(s.rows()) * H);
-    float* gathered = g == 0 ? xp_[g].data() : &send_[size_t(s.base) * H];
-    float* result = g == 0 ? &recv_[size_t(s.base) * H] : yp_[g].data();
+    // data() + offset, not &v[offset]: with no tokens the buffers are empty, and v[0] of an empty vector is
+    // undefined behaviour (the sanitizer build's 03_manual_placement_cpu_n3_T0 test).
+    float* gathered = g == 0 ? xp_[g].data() : send_.data() + size_t(s.base) * H;
+    float* result = g == 0 ? recv_.data() + size_t(s.base) * H : yp_[g].data();
 
     WallTimer st;
     for (int r = 0; r < s.rows(); ++r) std::memcpy(&gathered[size_t(r) * H], &x[size_t(s.assignment[r] / k) * H], H * 4);
