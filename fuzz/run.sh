@@ -45,23 +45,27 @@ case "$mode" in
       rm -rf "$work"
       how=(-seed=1 -runs="$amount")
     else
-      how=(-max_total_time="$amount")
+      # Fork mode goes on after a finding, so one run collects every distinct finding it meets.
+      how=(-max_total_time="$amount" -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
     fi
     mkdir -p "$work/corpus"
+    touch "$work/.started"
     start=$(date +%s)
     "$bin" "${common[@]}" "${how[@]}" -artifact_prefix="$work/" "$work/corpus" "$corpus" >"$work/log.txt" 2>&1
     rc=$?
     secs=$(( $(date +%s) - start ))
-    stats=$(grep -E '^stat::number_of_executed_units' "$work/log.txt" | awk '{print $2}')
-    if [ $rc -ne 0 ]; then
-      tail -n 60 "$work/log.txt"
-      found=$(ls "$work"/crash-* "$work"/leak-* "$work"/timeout-* "$work"/oom-* "$work"/slow-unit-* 2>/dev/null | head -1)
-      echo "fuzz $name: FINDING after ${secs} s (exit $rc): ${found:-see $work/log.txt}"
-      [ -n "$found" ] && echo "  replay: $bin $found" &&
-        echo "  once fixed, commit it: cp $found $here/regressions/$name/<what-it-was>"
+    inputs=$(grep -E '^stat::number_of_executed_units' "$work/log.txt" | awk '{print $2}' | tail -1)
+    [ -n "$inputs" ] || inputs=$(grep -oE '^#[0-9]+' "$work/log.txt" | tail -1 | tr -d '#')
+    mapfile -t found < <(find "$work" -maxdepth 1 -newer "$work/.started" \
+                           \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | sort)
+    if [ $rc -ne 0 ] || [ ${#found[@]} -gt 0 ]; then
+      [ "$mode" = runs ] && tail -n 60 "$work/log.txt"
+      echo "fuzz $name: ${#found[@]} FINDING(S) in ${secs} s (exit $rc; log: $work/log.txt)"
+      for f in "${found[@]}"; do echo "  replay: $bin $f"; done
+      echo "  once fixed, commit each input: cp <input> $here/regressions/$name/<what-it-was>"
       exit 1
     fi
-    echo "fuzz $name: ${stats:-?} inputs in ${secs} s, no finding ($(ls "$work/corpus" | wc -l) new corpus entries in $work/corpus)"
+    echo "fuzz $name: ${inputs:-?} inputs in ${secs} s, no finding ($(ls "$work/corpus" | wc -l) inputs in $work/corpus)"
     ;;
   *) echo "run.sh: unknown mode '$mode' (replay, runs or time)" >&2; exit 2 ;;
 esac
