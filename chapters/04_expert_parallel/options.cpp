@@ -1,6 +1,8 @@
 #include "options.hpp"
 
+#include <cstdint>
 #include <iostream>
+#include <limits>
 
 #include "device.hpp"
 #include "ep/ep_moe_gpu.hpp"
@@ -43,6 +45,8 @@ std::optional<int> parse_ep04_options(dist::Communicator& mpi, int argc, char** 
     require(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
     require(o.bench_iters >= 1, "--bench-iters must be >= 1, got ", o.bench_iters);
     require(o.layer.tokens >= 0, "--tokens must be >= 0, got ", o.layer.tokens);
+    require(std::int64_t(o.layer.tokens) * mpi.size() <= std::numeric_limits<int>::max(), "--tokens ", o.layer.tokens,
+            " x ", mpi.size(), " ranks is more tokens than one batch can index (try fewer tokens)");
     for (int c : o.chunks)
       require(c >= 1 && c <= EpMoeGpu::kMaxChunks, "--chunks must be between 1 and ", EpMoeGpu::kMaxChunks, ", got ",
               c, " (1 = one message per peer)");

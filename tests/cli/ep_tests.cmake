@@ -64,9 +64,15 @@ eplab_expect_error(NAME ep_cpu_rank_exits_early REGEX "exiting early on purpose"
 eplab_expect_error(NAME ep_cpu_ranks_disagree REGEX "tokens is 5 but rank 0's is 4"
                    COMMAND ${_mpirun} -np 1 ${_ep} ${_m} --device cpu --tokens 4 : -np 1 ${_ep} ${_m} --device cpu
                            --tokens 5)
+# a batch the host cannot hold: one line, not std::bad_alloc (1e9 tokens x 256 values, far beyond any RAM)
+eplab_expect_error(NAME ep_cpu_out_of_host_memory REGEX "out of host memory"
+                   COMMAND ${_mpirun} -np 2 ${_ep} ${_m} --device cpu --tokens 1000000000)
+eplab_expect_error(NAME ep_cpu_tokens_overflow REGEX "more tokens than one batch can index"
+                   COMMAND ${_mpirun} -np 3 ${_ep} ${_m} --device cpu --tokens 1000000000)
 eplab_expect_error(NAME ep_cpu_missing_model REGEX "does not exist"
                    COMMAND ${_mpirun} -np 2 ${_ep} --model ${CMAKE_CURRENT_BINARY_DIR}/no-such-model --device cpu)
-foreach(t more_ranks_than_experts unknown_flag bad_placement rank_exits_early ranks_disagree missing_model)
+foreach(t more_ranks_than_experts unknown_flag bad_placement rank_exits_early ranks_disagree missing_model
+        out_of_host_memory tokens_overflow)
   _ep_props(ep_cpu_${t} TIMEOUT 60)
 endforeach()
 
