@@ -18,6 +18,23 @@ namespace eplab {
 
 namespace fs = std::filesystem;
 
+namespace {
+// The filesystem queries without exceptions: a path the system refuses (too long, no permission) counts as
+// absent, so it ends as the usual one-line "missing" error instead of an escaped std::filesystem_error.
+bool exists_(const fs::path& p) {
+  std::error_code ec;
+  return fs::exists(p, ec);
+}
+bool is_dir_(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec);
+}
+bool is_file_(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_regular_file(p, ec);
+}
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------- names
 
 namespace names {
@@ -161,13 +178,13 @@ Checkpoint Checkpoint::open(const std::string& dir, Shards shards) {
   Checkpoint ck;
   Impl& m = *ck.impl_;
   m.dir = dir;
-  require(!fs::exists(dir) || fs::is_directory(dir), "model directory '", dir,
+  require(!exists_(dir) || is_dir_(dir), "model directory '", dir,
           "' is a file, not a directory (pass the directory that holds config.json)");
   m.config = ModelConfig::load(dir);  // also reports a missing directory
 
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   const fs::path single = fs::path(dir) / "model.safetensors";
-  if (fs::exists(index)) {
+  if (exists_(index)) {
     m.index_path = index.string();
     std::ifstream f(index);
     require(bool(f), m.index_path, ": cannot open");
@@ -200,16 +217,16 @@ Checkpoint Checkpoint::open(const std::string& dir, Shards shards) {
       }
     }
     std::size_t present = 0;
-    for (const auto& s : m.shards) present += fs::is_regular_file(fs::path(dir) / s) ? 1 : 0;
+    for (const auto& s : m.shards) present += is_file_(fs::path(dir) / s) ? 1 : 0;
     if (present == 0 && shards == Shards::AllOrNone) {
       m.weights_present = false;
     } else {
       for (const auto& s : m.shards)
-        require(fs::is_regular_file(fs::path(dir) / s), m.where(s), ": shard named by ", m.index_path,
+        require(is_file_(fs::path(dir) / s), m.where(s), ": shard named by ", m.index_path,
                 " is missing (", present, " of ", m.shards.size(),
                 " shards present: incomplete download? re-fetch or regenerate the model)");
     }
-  } else if (fs::exists(single)) {
+  } else if (exists_(single)) {
     m.shards = {"model.safetensors"};
     const SafetensorsFile& f = m.shard("model.safetensors");
     for (const auto& [name, t] : f.tensors()) m.weight_map[name] = "model.safetensors";
@@ -249,7 +266,9 @@ std::vector<bf16_bits> Checkpoint::read_bf16(const std::string& name, const std:
   const std::size_t n = std::size_t(t.numel());
   std::vector<bf16_bits> out(n);
   switch (t.dtype) {
-    case Dtype::BF16: std::memcpy(out.data(), bytes.data(), n * 2); break;
+    case Dtype::BF16:
+      if (n) std::memcpy(out.data(), bytes.data(), n * 2);  // an empty tensor has no data pointer
+      break;
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i) {
         std::uint16_t h;
@@ -288,7 +307,9 @@ std::vector<float> Checkpoint::read_f32(const std::string& name, const std::vect
         out[i] = f16_to_float(h);
       }
       break;
-    case Dtype::F32: std::memcpy(out.data(), bytes.data(), n * 4); break;
+    case Dtype::F32:
+      if (n) std::memcpy(out.data(), bytes.data(), n * 4);  // an empty tensor has no data pointer
+      break;
   }
   return out;
 }

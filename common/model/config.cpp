@@ -322,7 +322,7 @@ void ModelConfig::validate(const std::string& where) const {
 }
 
 nlohmann::json ModelConfig::to_json() const {
-  return {
+  nlohmann::json j = {
       {"architectures", {"PhimoeForCausalLM"}},
       {"model_type", model_type},
       {"hidden_size", hidden_size},
@@ -334,7 +334,6 @@ nlohmann::json ModelConfig::to_json() const {
       {"num_local_experts", num_local_experts},
       {"num_experts_per_tok", num_experts_per_tok},
       {"vocab_size", vocab_size},
-      {"max_position_embeddings", max_position_embeddings},
       {"sliding_window", sliding_window},
       {"rms_norm_eps", json_float(rms_norm_eps)},
       {"rope_theta", json_float(rope_theta)},
@@ -347,11 +346,15 @@ nlohmann::json ModelConfig::to_json() const {
       {"hidden_act", hidden_act},
       {"torch_dtype", torch_dtype},
   };
+  // 0 means the file named no context length: leave the field out (0 is not a valid value to read back).
+  if (max_position_embeddings != 0) j["max_position_embeddings"] = max_position_embeddings;
+  return j;
 }
 
 ModelConfig ModelConfig::load(const std::string& dir) {
   const auto path = std::filesystem::path(dir) / "config.json";
-  require(std::filesystem::is_directory(dir), "model directory '", dir,
+  std::error_code ec;  // a path the system refuses (e.g. too long) is reported like a missing one
+  require(std::filesystem::is_directory(dir, ec), "model directory '", dir,
           "' does not exist (run `make model` to generate the default model, or pass --model DIR)");
   std::ifstream f(path, std::ios::binary);
   require(bool(f), "cannot open ", path.string());

@@ -11,8 +11,12 @@
 
 namespace eplab {
 
+// The message on one line whatever it quotes: control bytes (a newline inside a tensor name read from a file)
+// become \n, \r, \t or \xNN.
+std::string single_line(const std::string& message);
+
 struct Error : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& message) : std::runtime_error(single_line(message)) {}
 };
 
 // Builds a message from any streamable pieces: fail("tensor ", name, " has shape ", n).
