@@ -81,6 +81,10 @@ int run(int argc, char** argv) {
     placement.emplace(pkind, ckpt->config().num_local_experts, N);
     LayerOptions global = o.layer;
     global.tokens = N * T;  // every rank makes the same global batch and keeps its slice
+    // Say so before allocating what cannot fit (the batch as fp32 + bf16 on every rank).
+    const double need = double(N) * T * ckpt->config().hidden_size * 6, have = host_memory_bytes();
+    require(have <= 0 || need <= have, "out of host memory: the global batch of ", std::int64_t(N) * T, " tokens needs ",
+            human_bytes(need), " on every rank, more than this machine's ", human_bytes(have), " (try fewer tokens)");
     p = make_layer_problem(*ckpt, global, o.common.seed, placement->experts_of(rank));
   });
   const int H = p.weights.hidden, I = p.weights.inter, E = p.weights.num_experts, k = p.top_k;
