@@ -73,36 +73,12 @@ static_assert(sizeof(bf16) == sizeof(bf16_bits), "bf16_bits and __nv_bfloat16 mu
 
 namespace {
 
-gpu::GroupedStrategy to_gpu(ExpertStrategy s) {
-  switch (s) {
-    case ExpertStrategy::Auto: return gpu::GroupedStrategy::Auto;
-    case ExpertStrategy::WeightStream: return gpu::GroupedStrategy::WeightStream;
-    case ExpertStrategy::CublasGrouped: return gpu::GroupedStrategy::CublasGrouped;
-    case ExpertStrategy::CublasLoop: return gpu::GroupedStrategy::CublasLoop;
-    case ExpertStrategy::CublasStreams: return gpu::GroupedStrategy::CublasStreams;
-    case ExpertStrategy::CublasPadded: return gpu::GroupedStrategy::CublasPadded;
-  }
-  return gpu::GroupedStrategy::Auto;
-}
-
-ExpertStrategy from_gpu(gpu::GroupedStrategy s) {
-  switch (s) {
-    case gpu::GroupedStrategy::Auto: return ExpertStrategy::Auto;
-    case gpu::GroupedStrategy::WeightStream: return ExpertStrategy::WeightStream;
-    case gpu::GroupedStrategy::CublasGrouped: return ExpertStrategy::CublasGrouped;
-    case gpu::GroupedStrategy::CublasLoop: return ExpertStrategy::CublasLoop;
-    case gpu::GroupedStrategy::CublasStreams: return ExpertStrategy::CublasStreams;
-    case gpu::GroupedStrategy::CublasPadded: return ExpertStrategy::CublasPadded;
-  }
-  return ExpertStrategy::Auto;
-}
-
 constexpr int kMaxGraphs = 16;  // e.g. the benchmark rotates over 8 input batches
 
 
 }  // namespace
 
-const char* expert_strategy_name(ExpertStrategy s) { return gpu::grouped_strategy_name(to_gpu(s)); }
+const char* expert_strategy_name(ExpertStrategy s) { return gpu::grouped_strategy_name(s); }
 
 const char* router_impl_name(RouterImpl r) {
   switch (r) {
@@ -526,14 +502,21 @@ GpuMoeLayer::GpuMoeLayer(const MoeLayerWeights& w, RouterKind router, int top_k,
 }
 
 GpuMoeLayer::GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
-                         unsigned long long seed) {
+                         unsigned long long seed)
+    : GpuMoeLayer(hidden, inter, num_experts, router, top_k, jitter_eps,
+                  [&](bf16* gate, bf16* w13, bf16* w2, cudaStream_t s) {
+                    const std::size_t E = std::size_t(num_experts), H = std::size_t(hidden), I = std::size_t(inter);
+                    // std 1/sqrt(fan_in): logits and expert activations keep unit scale for unit-scale x.
+                    gpu::fill_random_bf16(gate, E * H, 1.f / std::sqrt(float(H)), seed * 3 + 0, s);
+                    gpu::fill_random_bf16(w13, E * 2 * I * H, 1.f / std::sqrt(float(H)), seed * 3 + 1, s);
+                    gpu::fill_random_bf16(w2, E * H * I, 1.f / std::sqrt(float(I)), seed * 3 + 2, s);
+                  }) {}
+
+GpuMoeLayer::GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
+                         const DeviceFill& fill) {
   impl_ = std::make_unique<Impl>(hidden, inter, num_experts, router, top_k, jitter_eps);
   Impl& m = *impl_;
-  const std::size_t E = std::size_t(num_experts), H = std::size_t(hidden), I = std::size_t(inter);
-  // std 1/sqrt(fan_in): logits and expert activations keep unit scale for unit-scale x.
-  gpu::fill_random_bf16(m.gate.get(), E * H, 1.f / std::sqrt(float(H)), seed * 3 + 0, m.stream);
-  gpu::fill_random_bf16(m.w13.get(), E * 2 * I * H, 1.f / std::sqrt(float(H)), seed * 3 + 1, m.stream);
-  gpu::fill_random_bf16(m.w2.get(), E * H * I, 1.f / std::sqrt(float(I)), seed * 3 + 2, m.stream);
+  fill(m.gate.get(), m.w13.get(), m.w2.get(), m.stream);
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
 }
 
@@ -589,13 +572,13 @@ void GpuMoeLayer::forward_device_observed(const __nv_bfloat16* d_x, int T, __nv_
 
 void GpuMoeLayer::set_expert_strategy(ExpertStrategy s, int small_rows_max) {
   require(small_rows_max >= 0, "set_expert_strategy: small_rows_max must be >= 0, got ", small_rows_max);
-  impl_->ws.strategy = to_gpu(s);
+  impl_->ws.strategy = s;
   impl_->ws.small_rows_max = small_rows_max;
   impl_->forget_graphs();
 }
 
-ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return from_gpu(impl_->ws.last_used); }
-ExpertStrategy GpuMoeLayer::expert_strategy() const { return from_gpu(impl_->ws.strategy); }
+ExpertStrategy GpuMoeLayer::last_expert_strategy() const { return impl_->ws.last_used; }
+ExpertStrategy GpuMoeLayer::expert_strategy() const { return impl_->ws.strategy; }
 int GpuMoeLayer::small_rows_max() const { return impl_->ws.small_rows_max; }
 
 void GpuMoeLayer::set_router_impl(RouterImpl r) {

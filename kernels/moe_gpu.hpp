@@ -9,11 +9,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "grouped_experts.cuh"
 #include "model/checkpoint.hpp"
 #include "moe/routing.hpp"
 
@@ -35,7 +37,7 @@ enum class MoePath {
 //                 experts, combine from the padded layout (falls back to CublasStreams when M_pad would exceed
 //                 2 x the mean rows per expert)
 // Chapter 02's `--bench-experts` compares them on the whole layer (set_expert_strategy).
-enum class ExpertStrategy { Auto, WeightStream, CublasGrouped, CublasLoop, CublasStreams, CublasPadded };
+using ExpertStrategy = gpu::GroupedStrategy;  // the experts stage's own enum (grouped_experts.cuh)
 const char* expert_strategy_name(ExpertStrategy s);  // "auto", "weight-stream", "cublas-grouped", ...
 ExpertStrategy parse_expert_strategy(const std::string& name);  // the names above; throws on anything else
 
@@ -105,6 +107,11 @@ class GpuMoeLayer {
   // Random weights of the given shape generated on the GPU (for --bench at Phi-tiny size without a checkpoint).
   GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
               unsigned long long seed);
+  // Weights written on the GPU by fill(gate [E, H], w13 [E, 2I, H] (w1 then w3 per expert), w2 [E, H, I],
+  // stream): the EP engine's random layer at one rank, whose values every EP size must share.
+  using DeviceFill = std::function<void(__nv_bfloat16* gate, __nv_bfloat16* w13, __nv_bfloat16* w2, cudaStream_t)>;
+  GpuMoeLayer(int hidden, int inter, int num_experts, RouterKind router, int top_k, float jitter_eps,
+              const DeviceFill& fill);
   ~GpuMoeLayer();
   GpuMoeLayer(const GpuMoeLayer&) = delete;
   GpuMoeLayer& operator=(const GpuMoeLayer&) = delete;

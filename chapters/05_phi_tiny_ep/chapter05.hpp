@@ -28,10 +28,6 @@ struct Options {
   bool chat = false, ignore_eos = false;
   int max_new_tokens = 32;
   bool bench = false;  // GPU: the speed table (prefill 2048 tokens, decode at batch 1 and 16)
-  // GPU, -np 1: "local" = chapter 02's layer with every expert, decode steps as CUDA graphs (the fast path);
-  // "ep" = the EP engine of chapter 04 with one rank: the same kernels as -np 2. (Bit-identical rows are
-  // still not guaranteed: cuBLAS may pick another algorithm for another row count; measured identical tokens.)
-  std::string moe_path = "local";
 };
 
 std::uint64_t fnv1a(const std::vector<std::vector<int>>& seqs);   // checksum of generated tokens

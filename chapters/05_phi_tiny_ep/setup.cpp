@@ -30,10 +30,6 @@ std::optional<int> setup_ch05(dist::Communicator& comm, int argc, char** argv, O
       ->capture_default_str();
   app.add_option("--trace", o.trace, "write the routing of every step and layer as JSON lines (for the visualizer)");
   app.add_flag("--ignore-eos", o.ignore_eos, "do not stop at the tokenizer's end tokens");
-  app.add_option("--moe-path", o.moe_path, "GPU, one rank: local (every expert, CUDA graphs: fastest) or ep (the EP "
-                 "engine with one rank: the same arithmetic as -np 2, hence the same tokens)")
-      ->check(CLI::IsMember({"local", "ep"}))
-      ->capture_default_str();
   app.add_flag("--bench", o.bench, "GPU speed table: prefill of 2048 tokens, decode tokens/s at batch 1 and 16 "
                "(random token ids; no prompt needed)");
 

@@ -86,6 +86,10 @@ class NcclCommunicator final : public Communicator {
       gpu_name_ = prop.name;
     });
 
+    // One rank has no peer to talk to: no NCCL communicator (it would only hold NCCL's buffers, ~0.5 GiB),
+    // no watchdog; its messages to itself are device copies on the stream (self_copy).
+    if (size_ == 1) return;
+
     // 2. The unique id: made by rank 0, broadcast over MPI.
     ncclUniqueId id{};
     all_or_none(*host_comm_, [&] {
@@ -124,6 +128,8 @@ class NcclCommunicator final : public Communicator {
   const char* backend() const override { return "nccl"; }
   Memory memory() const override { return Memory::Device; }
   std::string describe() const override {
+    if (!comm_)
+      return strf("one rank, no peers (device copies, NCCL not needed), GPU %d (%s)", device_, gpu_name_.c_str());
     int v = 0;
     ncclGetVersion(&v);
     const char* nvls = std::getenv("NCCL_NVLS_ENABLE");
@@ -171,6 +177,11 @@ class NcclCommunicator final : public Communicator {
     if (busy_since_ns_ == 0) busy_since_ns_ = now_ns();
     auto* s = static_cast<const char*>(send);
     auto* r = static_cast<char*>(recv);
+    if (!comm_) {  // one rank: its rows to itself
+      require(sc[0] == rc[0], who(), ": alltoallv sends ", sc[0], " rows to itself but expects ", rc[0]);
+      self_copy(r, s, sc[0] * row_bytes);
+      return;
+    }
     std::size_t so = 0, ro = 0;
     // One group: NCCL schedules all sends and receives together, so no pair of ranks can deadlock on
     // the order of their point-to-point calls. Empty pairs are skipped on both sides (counts agree).
@@ -188,6 +199,17 @@ class NcclCommunicator final : public Communicator {
                 std::size_t row_bytes) override {
     for (const Transfer& t : sends) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
     for (const Transfer& t : recvs) require(t.peer >= 0 && t.peer < size_, who(), ": exchange names rank ", t.peer);
+    if (!comm_) {  // one rank: the i-th message to itself is the i-th one it receives
+      require(sends.size() == recvs.size(), who(), ": exchange posts ", sends.size(), " messages to itself but ",
+              recvs.size(), " receives");
+      for (std::size_t i = 0; i < sends.size(); ++i) {
+        require(sends[i].rows == recvs[i].rows, who(), ": exchange message ", i, " sends ", sends[i].rows,
+                " rows to itself but receives ", recvs[i].rows);
+        self_copy(static_cast<char*>(recv) + recvs[i].offset * row_bytes,
+                  static_cast<const char*>(send) + sends[i].offset * row_bytes, sends[i].rows * row_bytes);
+      }
+      return;
+    }
     if (busy_since_ns_ == 0) busy_since_ns_ = now_ns();
     in_group([&] {
       for (const Transfer& t : sends)
@@ -224,7 +246,7 @@ class NcclCommunicator final : public Communicator {
       if (st == cudaSuccess) break;
       if (st != cudaErrorNotReady) die(strf("CUDA error while waiting for the stream: %s", cudaGetErrorString(st)), false);
       ncclResult_t async = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async);
+      if (comm_) ncclCommGetAsyncError(comm_, &async);
       if (async != ncclSuccess && async != ncclInProgress)
         die(strf("NCCL asynchronous error: %s%s", ncclGetErrorString(async), nccl_hint(async)), false);
       const std::int64_t since = busy_since_ns_;
@@ -319,6 +341,10 @@ class NcclCommunicator final : public Communicator {
             true);
     }
   }
+  void self_copy(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpyAsync");
+  }
+
   void stop_watchdog() {
     stop_ = true;
     if (watchdog_.joinable() && watchdog_.get_id() != std::this_thread::get_id()) watchdog_.join();

@@ -428,6 +428,17 @@ struct EpMoeGpu::Impl {
   std::vector<int> h_goff, h_gexp;  // InPlace: the segment table on the host
   int chunks = 1;                   // the chunked pipeline (InPlace): pieces per peer message
   DeviceBuffer<int> rank_slot;      // [N+1] placement.first_slot(p): where each rank's block starts
+  // The kernels' choices (the lesson's --bench options and the tests set them; Auto otherwise).
+  RouterImpl router_impl = RouterImpl::Auto;
+  ExpertStrategy strategy = ExpertStrategy::Auto;
+  int small_rows = 32;
+
+  // N = 1: the single-GPU layer runs the forward (forward_local); nothing above is allocated then.
+  std::unique_ptr<GpuMoeLayer> local;
+  std::unique_ptr<MoeStageEvents> local_events;  // its stage boundaries, for time_stages and the timeline
+  bool local_timeline = false;                   // the last forward recorded local_events' boundaries
+  bool plan_stale = false;                       // plan() must be rebuilt from the last routing
+  DeviceBuffer<bf16> raw_a, raw_b;               // N = 1: raw_exchange_ms's copy of the same bytes
 
   // ------------------------------------------------------------ timeline
   // The marks of one forward, in the order the table prints them. Each is a CUDA event recorded on the
@@ -468,6 +479,15 @@ struct EpMoeGpu::Impl {
   // before a forward ends).
   EpTimeline read_timeline() {
     EpTimeline out;
+    if (local) {  // N = 1: the single-GPU layer's stage boundaries
+      if (!local_timeline) return out;
+      const std::pair<MoeBoundary, const char*> marks[] = {
+          {kMoeRoutingDone, "routed"}, {kMoePermuted, "rows permuted by expert"},
+          {kMoeExpertsDone, "experts done"}, {kMoeCombined, "combine done"}};
+      out.emplace_back("start", 0.0);
+      for (const auto& [b, name] : marks) out.emplace_back(name, double(local_events->ms(kMoeStart, b)));
+      return out;
+    }
     if (!tl_set[kStart]) return out;
     comm.sync();
     for (int m = 0; m < kMarks; ++m) {
@@ -487,6 +507,10 @@ struct EpMoeGpu::Impl {
             "EpMoeGpu needs a device-memory (NCCL) communicator; the MPI one is the CPU path's");
     require(N == comm.size(), "EpMoeGpu: the placement is for ", N, " ranks but the communicator has ", comm.size());
     require(H > 0 && I > 0 && k >= 1 && k <= E, "EpMoeGpu: bad layer shape H=", H, " I=", I, " top-k=", k, " E=", E);
+    if (N == 1) {  // the single-GPU layer holds the weights and runs the forward (forward_local)
+      s = reinterpret_cast<cudaStream_t>(comm.stream());
+      return;
+    }
     ws = shared_workspace(comm);
     s = ws->s;
     lo_slot = placement.first_slot(me);
@@ -518,6 +542,10 @@ struct EpMoeGpu::Impl {
             " I=", mine.inter, " E=", mine.num_experts, " do not match the layer (H=", H, " I=", I, " E=", E, ")");
     require(mine.expert_ids == placement.experts_of(me), "EpMoeGpu: rank ", me,
             " was given the wrong experts (load exactly placement.experts_of(rank), in that order)");
+    if (N == 1) {
+      local = std::make_unique<GpuMoeLayer>(mine, router.kind, k, router.jitter_eps);
+      return;
+    }
     const std::size_t IH = std::size_t(I) * H;
     require(mine.gate.size() == std::size_t(E) * H && mine.w1.size() == n * IH && mine.w3.size() == n * IH &&
                 mine.w2.size() == n * IH,
@@ -633,26 +661,60 @@ struct EpMoeGpu::Impl {
       if (const dist::Transfer q = piece_of(b, c, C); q.rows) out.push_back(q);
   }
 
+  // ------------------------------------------------------------ one forward: route -> dispatch -> experts -> combine
+  //
+  // dispatch() returns the forward's layout handle (EpDispatch): what the exchange put where. experts() runs
+  // on the rows it names and combine() sends them back by it, so the two directions cannot disagree.
+  struct EpDispatch {
+    int T = 0, TK = 0;
+    int R = 0;                               // rows this rank's experts run on (the arrival buffer)
+    bool piped = false;                      // the chunked pipeline (InPlace, chunks > 1)
+    std::vector<dist::Transfer> arrived;     // InPlace: the other ranks' blocks of the arrival buffer
+    std::vector<dist::Transfer> sent;        // InPlace: this rank's blocks of the send buffer, per peer
+  };
+
+  // Stage clock of a timed forward (time_stages): each lap drains the stream and takes the wall time.
+  bool timing = false;
+  WallTimer stage_clock;
+  void lap(double& ms) {
+    if (!timing) return;
+    comm.sync();  // polls the stream and NCCL's async error state (watchdog)
+    ms = stage_clock.ms();
+    stage_clock.reset();
+  }
+
   EpTimes forward(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
     require(T >= 0, "EpMoeGpu::forward_device: T must be >= 0, got ", T);
     require(T == 0 || (d_x && d_y && d_x != d_y), "EpMoeGpu::forward_device: d_x and d_y must be distinct device buffers");
+    std::fill(std::begin(tl_set), std::end(tl_set), false);
+    last_T = T;
+    if (local) return forward_local(d_x, T, d_y, time_stages);
     NvtxRange whole("EpMoeGpu::forward");
     NvtxStages stage;  // route, plan, dispatch, experts, combine (nvtx_range.hpp)
-    EpWorkspace& w = *ws;
     EpTimes t;
-    const int TK = T * k;
-    // Chunked pipeline (InPlace, chunks > 1); chunks == 1 takes exactly the unchunked path.
-    const bool piped = layout == EpLayout::InPlace && chunks > 1;
-    WallTimer clk;
-    auto lap = [&](double& ms) {
-      if (!time_stages) return;
-      comm.sync();  // polls the stream and NCCL's async error state (watchdog)
-      ms = clk.ms();
-      clk.reset();
-    };
-    std::fill(std::begin(tl_set), std::end(tl_set), false);
+    timing = time_stages;
+    stage_clock.reset();
+    grow_buffers(T);
+    mark(kStart, s);
+    stage.next("route");
+    route(d_x, T);
+    lap(t.route_ms);
+    const EpDispatch h = dispatch(d_x, T, stage);
+    lap(t.dispatch_ms);
+    stage.next("experts");
+    run_experts(h);
+    lap(t.experts_ms);
+    stage.next("combine");
+    combine_back(h, d_y);
+    lap(t.combine_ms);
+    if (time_stages && timeline_on) t.timeline = read_timeline();  // the stream has drained: no extra wait
+    return t;
+  }
 
-    // --- buffers that depend on T only (grow to the largest T seen)
+  // Buffers that depend on T only (grow to the largest T seen).
+  void grow_buffers(int T) {
+    EpWorkspace& w = *ws;
+    const int TK = T * k;
     ids.grow(std::size_t(TK));
     weights.grow(std::size_t(TK));
     w.logits.grow(std::size_t(T) * E);
@@ -666,21 +728,28 @@ struct EpMoeGpu::Impl {
     w.gexp.grow(std::size_t(N) * std::max(n, 1));
     w.send.grow(std::size_t(TK) * H);
     w.h_all.grow(std::size_t(N) * E);
-    if (piped) w.grow_piece_events(chunks);
-    last_T = T;
-    mark(kStart, s);
+    if (layout == EpLayout::InPlace && chunks > 1) w.grow_piece_events(chunks);
+  }
 
-    // --- route
-    stage.next("route");
-    if (T > 0) {  // the single-GPU layer's route stage (moe_router.cuh): the same kernels at every EP size
+  // The single-GPU layer's route stage (moe_router.cuh): the same kernels at every EP size.
+  void route(const bf16* d_x, int T) {
+    EpWorkspace& w = *ws;
+    if (T > 0) {
       gpu::reserve_router(w.rws, gate.get(), T, H, E);
-      gpu::route_tokens(RouterImpl::Auto, w.blas, d_x, gate.get(), T, H, E, k, router.kind, router.jitter_eps,
+      gpu::route_tokens(router_impl, w.blas, d_x, gate.get(), T, H, E, k, router.kind, router.jitter_eps,
                         w.logits.get(), ids.get(), weights.get(), w.rws, s);
     }
     mark(kRouted, s);
-    lap(t.route_ms);
+  }
 
-    // --- dispatch: plan over slots, counts, exchange
+  // Plan over slots, count exchange, send-side permute and the exchange of the rows: returns the handle.
+  EpDispatch dispatch(const bf16* d_x, int T, NvtxStages& stage) {
+    EpWorkspace& w = *ws;
+    EpDispatch h;
+    h.T = T;
+    h.TK = T * k;
+    h.piped = layout == EpLayout::InPlace && chunks > 1;
+    const int TK = h.TK;
     stage.next("plan");
     const int* plan_ids = ids.get();
     if (!identity_slots && TK > 0) {
@@ -695,7 +764,7 @@ struct EpMoeGpu::Impl {
     // remote rows only; the others: every row, into the send buffer).
     CUDA_CHECK(cudaEventRecord(w.ev_plan, s));
     CUDA_CHECK(cudaStreamWaitEvent(w.s2, w.ev_plan, 0));
-    if (!piped) {
+    if (!h.piped) {
       if (layout == EpLayout::InPlace) permute_part(d_x, TK, /*own=*/false, w.s2);
       else if (TK > 0) gpu::permute_rows(d_x, w.assign.get(), TK, k, H, w.send.get(), w.s2);
       mark(kRemotePermuted, w.s2);
@@ -715,34 +784,32 @@ struct EpMoeGpu::Impl {
     // Only Permute reads the per-row maps; building them is O(R) host work on the dispatch's critical path.
     finish_ep_plan(plan, placement, std::span<const int>(w.h_all.get(), std::size_t(N) * E),
                    layout == EpLayout::Permute ? EpRowMaps::Build : EpRowMaps::Skip);
-    const int R = plan.recv_rows();
+    h.R = plan.recv_rows();
     const std::size_t row = std::size_t(H) * sizeof(bf16);
-    w.xg.grow(std::size_t(R) * H);  // experts' input and (aliased) output
+    w.xg.grow(std::size_t(h.R) * H);  // experts' input and (aliased) output
 
     if (layout == EpLayout::InPlace) {
       // arrival buffer: own rows [0, own), then every other rank's block in rank order
       const int own = plan.recv_counts[me];
-      std::vector<dist::Transfer> sends, recvs;
       int off = own;
       for (int p = 0; p < N; ++p) {
         if (p == me) continue;
-        if (plan.send_counts[p]) sends.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
-        if (plan.recv_counts[p]) recvs.push_back({p, std::size_t(off), std::size_t(plan.recv_counts[p])});
+        if (plan.send_counts[p])
+          h.sent.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
+        if (plan.recv_counts[p]) h.arrived.push_back({p, std::size_t(off), std::size_t(plan.recv_counts[p])});
         off += plan.recv_counts[p];
       }
-      x_blocks_ = recvs;
-      own_rows_ = own;
-      if (!piped) {
+      if (!h.piped) {
         CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_remote, 0));
-        if (!sends.empty() || !recvs.empty()) comm.exchange(w.send.get(), sends, w.xg.get(), recvs, row);
+        if (!h.sent.empty() || !h.arrived.empty()) comm.exchange(w.send.get(), h.sent, w.xg.get(), h.arrived, row);
       } else {
         // Piece c of every block, sent as soon as its permute is done. Every rank posts the same C groups
         // in the same order; both sides cut a block by piece_begin, so the sizes match; empty pieces are
         // left out on both sides.
         std::vector<dist::Transfer> ps, pr;
         for (int c = 0; c < chunks; ++c) {
-          pieces_of(sends, c, chunks, ps);
-          pieces_of(recvs, c, chunks, pr);
+          pieces_of(h.sent, c, chunks, ps);
+          pieces_of(h.arrived, c, chunks, pr);
           CUDA_CHECK(cudaStreamWaitEvent(s, w.ev_piece[c], 0));
           if (!ps.empty() || !pr.empty()) comm.exchange(w.send.get(), ps, w.xg.get(), pr, row);
         }
@@ -761,8 +828,9 @@ struct EpMoeGpu::Impl {
           h_gexp.push_back(le);
         }
       }
-      require(h_goff.back() == R, "EpMoeGpu: segment table covers ", h_goff.back(), " rows, expected ", R);
+      require(h_goff.back() == h.R, "EpMoeGpu: segment table covers ", h_goff.back(), " rows, expected ", h.R);
     } else {
+      const int R = h.R;
       // Index upload, one copy: [local_offsets (n+1) | grouped_to_recv (R) | recv_to_grouped (R)]
       if (layout == EpLayout::Permute) w.recv.grow(std::size_t(R) * H);
       const std::size_t idx_n = std::size_t(n) + 1 + (layout == EpLayout::Permute ? 2 * std::size_t(R) : 0);
@@ -785,31 +853,35 @@ struct EpMoeGpu::Impl {
         mark(kDispatched, s);
       }
     }
-    lap(t.dispatch_ms);
+    return h;
+  }
 
-    // --- experts: output written over their input (grouped_experts reads all of it first)
-    stage.next("experts");
-    if (R > 0 && n > 0) {
+  // This rank's experts on the rows the dispatch put in the arrival buffer, output written over their
+  // input (grouped_experts reads all of it first).
+  void run_experts(const EpDispatch& h) {
+    EpWorkspace& w = *ws;
+    w.gws.strategy = strategy;  // the workspace is shared by the layers: set this layer's choice
+    w.gws.small_rows_max = small_rows;
+    if (h.R > 0 && n > 0) {
       if (layout == EpLayout::InPlace)
         gpu::grouped_experts_segments(w.blas, experts(), w.xg.get(), int(h_gexp.size()), w.goff.get(), h_goff.data(),
-                                      w.gexp.get(), h_gexp.data(), R, w.xg.get(), w.gws, s);
+                                      w.gexp.get(), h_gexp.data(), h.R, w.xg.get(), w.gws, s);
       else
-        gpu::grouped_experts(w.blas, experts(), w.xg.get(), w.idx.get(), plan.local_offsets.data(), R, w.xg.get(),
+        gpu::grouped_experts(w.blas, experts(), w.xg.get(), w.idx.get(), plan.local_offsets.data(), h.R, w.xg.get(),
                              w.gws, s);
     }
     mark(kExperts, s);
-    lap(t.experts_ms);
+  }
 
-    // --- combine: the rows go back to where they left the send buffer
-    stage.next("combine");
+  // The rows go back to where they left the send buffer; y[t] = Σ_j w[t,j] · row(t,j).
+  void combine_back(const EpDispatch& h, bf16* d_y) {
+    EpWorkspace& w = *ws;
+    const std::size_t row = std::size_t(H) * sizeof(bf16);
+    const int T = h.T;
     if (layout == EpLayout::InPlace) {
-      std::vector<dist::Transfer> sends, recvs;
-      for (const dist::Transfer& b : x_blocks_) sends.push_back(b);  // my expert outputs, back to their owners
-      for (int p = 0; p < N; ++p)
-        if (p != me && plan.send_counts[p])
-          recvs.push_back({p, std::size_t(plan.send_offsets[p]), std::size_t(plan.send_counts[p])});
-      if (!piped) {
-        if (!sends.empty() || !recvs.empty()) comm.exchange(w.xg.get(), sends, w.send.get(), recvs, row);
+      // my expert outputs back to their owners (the blocks that arrived), theirs into my send buffer
+      if (!h.piped) {
+        if (!h.arrived.empty() || !h.sent.empty()) comm.exchange(w.xg.get(), h.arrived, w.send.get(), h.sent, row);
         mark(kReturned, s);
         combine(d_y, T, kAllTokens, s);
       } else {
@@ -823,8 +895,8 @@ struct EpMoeGpu::Impl {
         // while piece c + 1 travels; a piece that brings nothing back here has no tokens to combine.
         std::vector<dist::Transfer> ps, pr;
         for (int c = 0; c < chunks; ++c) {
-          pieces_of(sends, c, chunks, ps);
-          pieces_of(recvs, c, chunks, pr);
+          pieces_of(h.arrived, c, chunks, ps);
+          pieces_of(h.sent, c, chunks, pr);
           if (ps.empty() && pr.empty()) continue;
           comm.exchange(w.xg.get(), ps, w.send.get(), pr, row);
           if (pr.empty()) continue;
@@ -836,6 +908,7 @@ struct EpMoeGpu::Impl {
         w.join_side();
       }
     } else {
+      const int R = h.R;
       if (layout == EpLayout::Permute) {
         if (R > 0)
           gpu::permute_rows(w.xg.get(), w.idx.get() + n + 1 + R, R, 1, H, w.recv.get(), s);  // back to arrival order
@@ -849,14 +922,62 @@ struct EpMoeGpu::Impl {
       gpu::unpermute_combine(w.send.get(), w.row_of.get(), weights.get(), T, k, H, d_y, s);
     }
     mark(kCombined, s);
-    lap(t.combine_ms);
-    if (time_stages && timeline_on) t.timeline = read_timeline();  // the stream has drained: no extra wait
+  }
+
+  // ------------------------------------------------------------ N = 1: the single-GPU layer is the data path
+  // One rank has no peers: dispatch is the local permute by expert, and the layer of moe_gpu.hpp runs the
+  // whole forward with its fast chain (the token-direct decode kernels, the padded GEMMs, CUDA graphs).
+  EpTimes forward_local(const bf16* d_x, int T, bf16* d_y, bool time_stages) {
+    plan_stale = true;
+    EpTimes t;
+    if (T == 0) return t;
+    if (!time_stages && !timeline_on) {
+      local->forward_device(d_x, T, d_y, MoePath::Grouped, s);
+      return t;
+    }
+    if (!local_events) local_events = std::make_unique<MoeStageEvents>();
+    local->forward_device_observed(d_x, T, d_y, MoePath::Grouped, s, *local_events);
+    local_timeline = timeline_on;
+    if (time_stages) {
+      const MoeTimings m = local_events->eager_split();
+      t.route_ms = m.router_ms + m.routing_ms;
+      t.dispatch_ms = m.permute_ms;
+      t.experts_ms = m.experts_ms;
+      t.combine_ms = m.combine_ms;
+      if (timeline_on) t.timeline = read_timeline();
+    }
     return t;
+  }
+
+  // The N = 1 plan, from the routing on the host (reports ask for it; the forward itself needs none).
+  void refresh_local_plan() {
+    if (!plan_stale) return;
+    const Routing r = local->last_routing(last_T);
+    std::vector<int> counts(std::size_t(E), 0);
+    for (int id : r.ids)
+      if (id >= 0 && id < E) ++counts[std::size_t(placement.slot(id))];
+    plan = make_ep_counts_plan(placement, 0, counts);
+    finish_ep_plan(plan, placement, counts, EpRowMaps::Skip);
+    plan_stale = false;
   }
 
   // The same byte counts as the last forward (self rows included, as nccl-tests counts them), as plain
   // all-to-all-v's between preallocated buffers.
   std::pair<double, double> raw_exchange_ms() {
+    if (local) {  // one rank: no exchange; the ceiling is a device copy of the same bytes each way
+      const std::size_t bytes = std::size_t(last_T) * k * H * sizeof(bf16);
+      raw_a.grow(bytes / sizeof(bf16) + 1);
+      raw_b.grow(bytes / sizeof(bf16) + 1);
+      double ms[2];
+      for (double& m : ms) {
+        comm.sync();
+        WallTimer clk;
+        CUDA_CHECK(cudaMemcpyAsync(raw_b.get(), raw_a.get(), bytes, cudaMemcpyDeviceToDevice, s));
+        comm.sync();
+        m = clk.ms();
+      }
+      return {ms[0], ms[1]};
+    }
     require(plan.finished, "EpMoeGpu::raw_exchange_ms: run forward_device first");
     EpWorkspace& w = *ws;
     const std::size_t row = std::size_t(H) * 2;
@@ -874,8 +995,6 @@ struct EpMoeGpu::Impl {
     return {t1, clk.ms()};
   }
 
-  std::vector<dist::Transfer> x_blocks_;  // InPlace: the other ranks' blocks of the arrival buffer
-  int own_rows_ = 0;
 };
 
 EpMoeGpu::EpMoeGpu(dist::Communicator& comm, const Placement& placement, const MoeLayerWeights& mine,
@@ -889,6 +1008,16 @@ EpMoeGpu::EpMoeGpu(dist::Communicator& comm, const Placement& placement, const R
     : impl_(std::make_unique<Impl>(comm, placement, spec.hidden, spec.inter, router, layout)) {
   require(spec.experts == placement.num_experts(), "EpMoeGpu: random spec has ", spec.experts,
           " experts but the placement ", placement.num_experts());
+  Impl& m = *impl_;
+  if (m.N == 1) {  // the same values as every EP size (fill_layer per expert), in the single-GPU layer
+    const std::vector<int> all = placement.experts_of(0);
+    m.local = std::make_unique<GpuMoeLayer>(spec.hidden, spec.inter, spec.experts, router.kind, router.top_k,
+                                            router.jitter_eps, [&](bf16* gate, bf16* w13, bf16* w2, cudaStream_t s) {
+                                              fill_layer(gate, w13, w2, all, spec.hidden, spec.inter, spec.experts,
+                                                         spec.seed, s);
+                                            });
+    return;
+  }
   fill_layer(impl_->gate.get(), impl_->w13.get(), impl_->w2.get(), placement.experts_of(comm.rank()), spec.hidden,
              spec.inter, spec.experts, spec.seed, impl_->s);
   CUDA_CHECK(cudaStreamSynchronize(impl_->s));
@@ -911,10 +1040,46 @@ int EpMoeGpu::chunks() const { return impl_->chunks; }
 void EpMoeGpu::set_timeline(bool on) { impl_->timeline_on = on; }
 EpTimeline EpMoeGpu::last_timeline() { return impl_->read_timeline(); }
 
-const EpPlan& EpMoeGpu::plan() const { return impl_->plan; }
+const EpPlan& EpMoeGpu::plan() const {
+  if (impl_->local) impl_->refresh_local_plan();
+  return impl_->plan;
+}
+
+void EpMoeGpu::set_expert_strategy(ExpertStrategy strategy, int small_rows_max) {
+  require(small_rows_max >= 0, "EpMoeGpu::set_expert_strategy: small_rows_max must be >= 0, got ", small_rows_max);
+  Impl& m = *impl_;
+  m.strategy = strategy;
+  m.small_rows = small_rows_max;
+  if (m.local) m.local->set_expert_strategy(strategy, small_rows_max);
+}
+ExpertStrategy EpMoeGpu::expert_strategy() const { return impl_->strategy; }
+
+void EpMoeGpu::set_router_impl(RouterImpl r) {
+  impl_->router_impl = r;
+  if (impl_->local) impl_->local->set_router_impl(r);
+}
+
+void EpMoeGpu::set_use_graphs(bool on) {
+  if (impl_->local) impl_->local->set_use_graphs(on);
+}
+
+std::uint64_t EpMoeGpu::buffers_generation() const {
+  return impl_->local ? impl_->local->buffers_generation() : 0;
+}
+
+Routing EpMoeGpu::routing(int rows) {
+  Impl& m = *impl_;
+  if (m.local) {
+    CUDA_CHECK(cudaStreamSynchronize(m.s));
+    return m.local->last_routing(rows);
+  }
+  require(rows == m.last_T, "EpMoeGpu::routing: asked for ", rows, " rows, the last forward had ", m.last_T);
+  return routing();
+}
 
 Routing EpMoeGpu::routing() {
   Impl& m = *impl_;
+  if (m.local) return routing(m.last_T);
   Routing r;
   r.tokens = m.last_T;
   r.k = m.k;

@@ -1,13 +1,22 @@
-// One expert-parallel MoE layer on one rank's GPU, device in / device out: the engine of chapter 04's GPU
-// layer and of chapter 05's multi-GPU model. NCCL between ranks (a Communicator with Memory::Device), the
-// kernels of kernels/ on this rank's GPU.
+// The MoE engine: one layer on one rank's GPU, device in / device out, at every EP size. Chapter 04's GPU
+// layer and chapter 05's model (one rank or many) run it. NCCL between ranks (a Communicator with
+// Memory::Device; the tests' loopback ranks share one GPU), the kernels of kernels/ on this rank's GPU.
+//
+// One forward is route -> dispatch -> experts -> combine. dispatch returns the forward's layout handle
+// (what went where: counts, offsets, the blocks of the arrival buffer) and combine sends the rows back by
+// it, as DeepEP's dispatch hands combine a handle.
+//
+// N = 1 (a one-rank communicator) has no peers: the dispatch is the local permute by expert, and the
+// single-GPU layer of moe_gpu.hpp (chapter 02's) runs the whole forward with its fast chain: the token-direct
+// decode kernels, the padded tensor-core GEMMs, CUDA graphs. Same kernels, same bits as chapter 02.
 //
 //   route     logits = x·gateᵀ (gate replicated on every rank) -> ids, multipliers               [T, k]
 //   dispatch  ids -> slots (rank-major expert order) -> dispatch plan on the GPU -> per-slot counts
 //             exchanged ON THE GPU (NCCL send/recv of E ints per peer, then one device->host copy of the
 //             N x E table: NCCL needs message sizes on the host) -> rows grouped by (destination rank,
 //             local expert) -> NCCL exchange
-//   experts   grouped SwiGLU experts over the received rows (only this rank's experts are on the GPU)
+//   experts   grouped SwiGLU experts over the received rows (only this rank's experts are on the GPU), by
+//             the same grouped_experts kernels as N = 1 (weight streaming for few rows, cuBLAS above)
 //   combine   the exchange reversed -> y[t] = Σ_j w[t,j] · row(t,j) on the rank that owns token t
 //
 // Layouts (EpLayout, moe/ep_plan.hpp):
@@ -63,6 +72,7 @@
 #include "moe/ep_types.hpp"
 #include "moe/placement.hpp"
 #include "moe/routing.hpp"
+#include "moe_gpu.hpp"
 
 namespace eplab {
 
@@ -103,9 +113,23 @@ class EpMoeGpu {
   EpTimeline last_timeline();
 
   // The last forward's plan (counts, traffic, segments); its per-row maps are filled for the Permute layout
-  // only (finish_ep_plan with EpRowMaps::Skip otherwise).
+  // only (finish_ep_plan with EpRowMaps::Skip otherwise). N = 1: built from the routing when asked.
   const EpPlan& plan() const;
   Routing routing();           // the last forward's routing, on the host (synchronises the stream)
+  // The same for a forward the host did not run (a CUDA graph of the caller's replayed it): rows = its T.
+  // N > 1 never runs inside a graph, so there rows must be the last forward's T.
+  Routing routing(int rows);
+
+  // The kernels' choices, the same at every N (moe_gpu.hpp explains each): what a lesson's --bench compares
+  // and the tests force (the same-bits test runs the per-row kernels: fused router, weight streaming).
+  void set_expert_strategy(ExpertStrategy s, int small_rows_max = 32);
+  ExpertStrategy expert_strategy() const;
+  void set_router_impl(RouterImpl r);
+  // N = 1: the single-GPU layer captures sync-free forwards into CUDA graphs (default on); a caller that
+  // captures whole steps itself turns that off. buffers_generation changes when a buffer moved (recapture).
+  // N > 1: nothing to capture (the count exchange waits on the host); no effect, generation 0.
+  void set_use_graphs(bool on);
+  std::uint64_t buffers_generation() const;
   int hidden() const;
   int inter() const;
   int num_local_experts() const;
@@ -114,7 +138,7 @@ class EpMoeGpu {
   std::size_t row_bytes() const;         // bytes per row on the wire, each direction (H * 2)
   // A plain all-to-all-v of exactly the last forward's byte counts (dispatch direction, then combine
   // direction), between preallocated buffers, nothing else: the ceiling dispatch and combine are compared
-  // with. Milliseconds on this rank.
+  // with. Milliseconds on this rank. N = 1: a device copy of the rows' bytes each way (nothing travels).
   std::pair<double, double> raw_exchange_ms();
 
  private:

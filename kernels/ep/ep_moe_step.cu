@@ -29,6 +29,8 @@ class EpMoeStep final : public GpuMoeStep {
       if (progress) progress("experts", l, c.num_hidden_layers);
       const MoeLayerWeights w = load_moe_layer(ckpt, l, mine);
       layers_.push_back(std::make_unique<EpMoeGpu>(comm, placement, w, router, layout));
+      // One rank: the model captures whole decode steps; the layer capturing its own graph inside would fail.
+      layers_.back()->set_use_graphs(false);
       bytes_ += layers_.back()->weight_bytes();
     }
     last_rows_.assign(layers_.size(), 0);
@@ -64,7 +66,13 @@ class EpMoeStep final : public GpuMoeStep {
     if (!sends.empty() || !recvs.empty()) comm_.exchange(d_y, sends, d_y, recvs, row);
   }
 
-  bool graph_safe() const override { return false; }  // the count exchange waits on the host
+  // One rank runs the single-GPU layer (no host wait on decode batches); more wait for the count exchange.
+  bool graph_safe() const override { return comm_.size() == 1; }
+  std::uint64_t buffers_epoch() const override {
+    std::uint64_t e = 0;
+    for (const auto& l : layers_) e = e * 0x9E3779B97F4A7C15ull + l->buffers_generation();
+    return e;
+  }
   void synchronize(CUstream_st*) override { comm_.sync(); }
   std::size_t weight_bytes() const override { return bytes_; }
   std::string describe() const override {
@@ -77,6 +85,8 @@ class EpMoeStep final : public GpuMoeStep {
   // Every row's routing: this rank's share from its EpMoeGpu, the others' over a host allgather (ids and
   // the multipliers' bits, padded to the largest share).
   Routing last_routing(int layer, int rows) override {
+    // One rank: the layer may have been replayed in the model's graph (the host saw no forward): rows says.
+    if (comm_.size() == 1) return layers_.at(std::size_t(layer))->routing(rows);
     const int R = last_rows_.at(std::size_t(layer)), N = comm_.size();
     require(rows == R, "EP MoE step: last_routing asked for ", rows, " rows, the last forward had ", R);
     const int S = (R + N - 1) / N;

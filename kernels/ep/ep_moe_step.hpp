@@ -1,4 +1,5 @@
-// The whole model's MoE step on several GPUs (chapter 05): expert parallelism inside GpuPhimoeModel.
+// The whole model's MoE step at every EP size (chapter 05): the MoE engine inside GpuPhimoeModel. One rank
+// (N = 1) is the engine's single-GPU case: every expert here, no exchange, decode steps in CUDA graphs.
 //
 // Every rank runs attention for the whole batch (replicated, like the CPU path), so every rank holds the
 // same rows h [R, H] when a layer's MoE begins. The EP step then
@@ -9,7 +10,7 @@
 //      weighted sum;
 //   3. all-gathers the shares of y (one grouped NCCL send/recv per peer), so every rank has y [R, H] again.
 // With R = 1 (decode at batch 1) rank 0 owns the row and the others send nothing: the exchange still runs,
-// since the row's experts may live anywhere.
+// since the row's experts may live anywhere. With N = 1 steps 1 and 3 are empty.
 #pragma once
 #include <memory>
 

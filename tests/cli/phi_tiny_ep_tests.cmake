@@ -67,7 +67,6 @@ _p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
 _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
 _p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
-_p5_error(bad_moe_path "--moe-path" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2 --moe-path fast)
 # Broken checkpoints from model_tests.cmake's fixtures (make_bad_checkpoint): a shard missing, and an expert
 # tensor whose shape disagrees with config.json. Expert 3 lives on rank 0 only (linear placement on 2 ranks):
 # rank 1 loads fine and must still exit non-zero with a line, not wait for rank 0.
@@ -82,8 +81,8 @@ foreach(_kind missing-shard wrong-shape)
   set_tests_properties(phi_tiny_ep_bad_checkpoint_${_kind} PROPERTIES FIXTURES_REQUIRED model_bad_${_kind})
 endforeach()
 
-# --- the GPU path: label gpu, skipped (77) without enough GPUs. -np 1: one GPU with every expert; -np 2: EP over
-#     NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
+# --- the GPU path: label gpu, skipped (77) without enough GPUs. -np 1: the engine's one-rank case (every expert
+#     on one GPU); -np 2: EP over NCCL, one GPU per rank. Each run checks every generated token against the fp32 CPU model (CHECK PASS).
 set(_p5_skip bash ${EPLAB_SOURCE_DIR}/tests/cli/ep_gpu_or_skip.sh $<TARGET_FILE:has_gpu>)
 function(_p5_gpu name np)
   eplab_pass_wrapper(wrap "CHECK PASS 05_phi_tiny_ep: N=${np} gpu" 0)
@@ -100,13 +99,10 @@ foreach(pl linear round-robin)
           --prompt-ids 7 --max-new-tokens 8)
 endforeach()
 _p5_gpu(np2_one_token 2 ${_p5} ${_p5_m} --device gpu --prompt-ids 5 --max-new-tokens 4)  # rank 1 owns no rows
-_p5_gpu(np1_ep_engine 1 ${_p5} ${_p5_m} --device gpu --moe-path ep --prompt-ids 1,450,4996,17354 --prompt-ids 7
-        --max-new-tokens 8)
 # the tokens on GPUs do not depend on the EP size or the placement either
 add_test(NAME phi_tiny_ep_gpu_same_tokens
          COMMAND ${_p5_skip} 2 ${CMAKE_COMMAND} -DMPIRUN=${MPIEXEC_EXECUTABLE} -DBIN=${_p5} -DMODEL=${EPLAB_TEST_MODEL}
                  -DTOKENIZER=${_p5_tok} -DOUT=${_p5_dir} -DDEVICE=gpu "-DRUNS=1 linear;2 linear;2 round-robin"
-                 "-DEXTRA=--moe-path;ep"
                  -P ${EPLAB_SOURCE_DIR}/tests/cli/phi_tiny_ep_same_tokens.cmake)
 set_tests_properties(phi_tiny_ep_gpu_same_tokens PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 RUN_SERIAL ON)
 _p5_props(phi_tiny_ep_gpu_same_tokens TIMEOUT 400)
