@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
 
     // The reference: fp32 everywhere, token by token (common/moe/reference.cpp).
     WallTimer ref_timer;
-    MoeRefOptions ropt{p.router, p.top_k, p.jitter_eps, /*round_h_to_bf16=*/true};
+    MoeRefOptions ropt{{p.router, p.top_k, p.jitter_eps}, /*round_h_to_bf16=*/true};
     const MoeRefResult ref = moe_layer_reference(p.weights, p.x, T, ropt);
     const double ref_ms = ref_timer.ms();
 

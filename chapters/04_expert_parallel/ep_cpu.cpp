@@ -18,14 +18,8 @@ namespace {
 
 std::vector<std::size_t> to_sizes(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
-MoeRefOptions ref_options(const RouterCfg& router) {
-  MoeRefOptions o;
-  o.router = router.kind;
-  o.top_k = router.top_k;
-  o.jitter_eps = router.jitter_eps;
-  o.round_h_to_bf16 = true;  // h is stored as bf16 before w2, as on the GPU
-  return o;
-}
+// h is stored as bf16 before w2, as on the GPU.
+MoeRefOptions ref_options(const RouterCfg& router) { return MoeRefOptions{router, /*round_h_to_bf16=*/true}; }
 
 class CpuEpLayer final : public EpLayer {
  public:

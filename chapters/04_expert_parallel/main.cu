@@ -30,6 +30,7 @@
 #include "options.hpp"
 #include "report.hpp"
 #include "util/check.hpp"
+#include "util/host_memory.hpp"
 #include "util/report.hpp"
 
 namespace eplab {

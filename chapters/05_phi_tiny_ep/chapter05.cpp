@@ -6,6 +6,7 @@
 
 #include "chapter05.hpp"
 #include "util/check.hpp"
+#include "util/host_memory.hpp"
 #include "util/report.hpp"
 
 namespace eplab {
@@ -69,14 +70,6 @@ std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids) {
 
 std::string safe_piece(const Tokenizer& t, int id) {
   return id < t.vocab_size() ? t.piece(id) : "#" + std::to_string(id);
-}
-
-double rss_bytes() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
-  return 0;
 }
 
 std::string printable(std::string_view s) {
@@ -161,7 +154,7 @@ void print_cpu_memory_per_rank(dist::Communicator& comm, const Placement& placem
   const int rank = comm.rank(), N = comm.size();
   const int L = c.num_hidden_layers, E = c.num_local_experts, H = c.hidden_size;
   const double expert_bytes_each = 3.0 * c.intermediate_size * H * 2;  // w1, w3, w2 in bf16
-  const double mem[2] = {expert_bytes_each * L * placement.num_local(rank), rss_bytes()};
+  const double mem[2] = {expert_bytes_each * L * placement.num_local(rank), process_rss_bytes()};
   std::vector<double> all_mem(rank == 0 ? 2 * N : 0);
   comm.gather(mem, sizeof mem, all_mem.data(), 0);
   if (rank == 0) {

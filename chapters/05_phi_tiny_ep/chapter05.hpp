@@ -37,7 +37,6 @@ std::string id_list(const std::vector<int>& v, std::size_t max_shown = 24);
 // is Phi's 32064): ids it does not know are shown as [#id] instead of failing.
 std::string safe_decode(const Tokenizer& t, const std::vector<int>& ids);
 std::string safe_piece(const Tokenizer& t, int id);
-double rss_bytes();  // resident memory of this process (VmRSS); 0 where /proc is not there
 
 // Text made safe to print: control bytes a model (or a hostile prompt) can decode to are shown escaped, so a
 // NUL cannot cut the line short and an ESC cannot drive the terminal. Bytes below 0x20 other than newline and

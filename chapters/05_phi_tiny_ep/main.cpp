@@ -78,7 +78,7 @@ int run(int argc, char** argv) {
   const double load_s = comm.max(load_clk.ms() / 1e3);
   auto block = std::make_unique<EpMoeCpuBlock>(
       comm, placement, model->moe_weights(),
-      MoeRefOptions{c.router, c.num_experts_per_tok, c.router_jitter_noise, false}, EpInput::Replicated);
+      MoeRefOptions{{c.router, c.num_experts_per_tok, c.router_jitter_noise}, false}, EpInput::Replicated);
   EpMoeCpuBlock* ep = block.get();
   model->set_moe_block(std::move(block));
 

@@ -111,7 +111,7 @@ MoeBlockOutput LocalMoeBlock::forward(int layer, std::span<const float> x, int T
   const MoeLayerWeights& w = (*layers_)[layer];
   MoeBlockOutput out;
   if (T == 0) {
-    out.routing = Routing{0, opt_.top_k, {}, {}};
+    out.routing = Routing{0, opt_.router.top_k, {}, {}};
     return out;
   }
   if (w.num_held() == w.num_experts) {
@@ -125,7 +125,7 @@ MoeBlockOutput LocalMoeBlock::forward(int layer, std::span<const float> x, int T
   const std::vector<float> gate = bf16_to_float(std::span<const bf16_bits>(w.gate));
   std::vector<float> logits(size_t(T) * w.num_experts);
   router_logits_cpu(x, gate, T, w.hidden, w.num_experts, logits);
-  out.routing = route(opt_.router, logits, T, w.num_experts, opt_.top_k, opt_.jitter_eps);
+  out.routing = route(opt_.router.kind, logits, T, w.num_experts, opt_.router.top_k, opt_.router.jitter_eps);
   out.y = moe_experts_reference(w, x, out.routing, opt_.round_h_to_bf16);
   out.router_logits = std::move(logits);
   return out;
@@ -209,7 +209,7 @@ PhimoeCpuModel PhimoeCpuModel::load(const Checkpoint& ckpt, const PhimoeLoadOpti
   if (c.lm_head_bias) im.lm_head.b = ckpt.read_f32(names::lm_head("bias"), {V});
   im.moe = moe;
   im.block = std::make_unique<LocalMoeBlock>(
-      im.moe, MoeRefOptions{c.router, c.num_experts_per_tok, c.router_jitter_noise, false});
+      im.moe, MoeRefOptions{{c.router, c.num_experts_per_tok, c.router_jitter_noise}, false});
   return m;
 }
 

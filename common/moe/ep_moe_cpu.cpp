@@ -76,7 +76,7 @@ EpMoeCpuBlock::EpMoeCpuBlock(dist::Communicator& comm, const Placement& placemen
 MoeBlockOutput EpMoeCpuBlock::forward(int layer, std::span<const float> x, int T) {
   require(layer >= 0 && layer < int(layers_->size()), "EpMoeCpuBlock: layer ", layer, " out of range");
   const MoeLayerWeights& w = (*layers_)[layer];
-  const int H = w.hidden, E = w.num_experts, k = opt_.top_k, N = comm_.size(), me = comm_.rank();
+  const int H = w.hidden, E = w.num_experts, k = opt_.router.top_k, N = comm_.size(), me = comm_.rank();
   require(T >= 0 && x.size() == std::size_t(T) * H, "EpMoeCpuBlock: x has ", x.size(), " values, expected T*H = ",
           std::size_t(T) * H);
   const RowRange mine = input_ == EpInput::Replicated ? rows_of(me, N, T) : RowRange{0, T};
@@ -93,7 +93,7 @@ MoeBlockOutput EpMoeCpuBlock::forward(int layer, std::span<const float> x, int T
   if (Tm > 0) {
     std::vector<float> logits(std::size_t(Tm) * E);
     router_logits_cpu(xm, gates_[layer], Tm, H, E, logits);
-    r = route(opt_.router, logits, Tm, E, k, opt_.jitter_eps);
+    r = route(opt_.router.kind, logits, Tm, E, k, opt_.router.jitter_eps);
   }
   lap(times_.route_ms);
 

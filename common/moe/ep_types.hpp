@@ -12,12 +12,6 @@
 
 namespace eplab {
 
-struct RouterCfg {
-  RouterKind kind = RouterKind::SparseMixer;
-  int top_k = 2;
-  float jitter_eps = 0.01f;
-};
-
 // Sub-stage marks of one forward: (mark, ms since the forward's start), GPU clock (CUDA events).
 using EpTimeline = std::vector<std::pair<std::string, double>>;
 

@@ -65,7 +65,7 @@ MoeRefResult moe_layer_reference(const MoeLayerWeights& w, std::span<const float
   res.logits.resize(size_t(T) * E);
   const std::vector<float> gate = bf16_to_float(std::span<const bf16_bits>(w.gate));
   router_logits_cpu(x, gate, T, H, E, res.logits);
-  res.routing = route(opt.router, res.logits, T, E, opt.top_k, opt.jitter_eps);
+  res.routing = route(opt.router.kind, res.logits, T, E, opt.router.top_k, opt.router.jitter_eps);
   res.y = moe_experts_reference(w, x, res.routing, opt.round_h_to_bf16);
   return res;
 }

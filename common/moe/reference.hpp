@@ -16,9 +16,7 @@
 namespace eplab {
 
 struct MoeRefOptions {
-  RouterKind router = RouterKind::SparseMixer;
-  int top_k = 2;
-  float jitter_eps = 0.01f;
+  RouterCfg router;
   // Round the SwiGLU output h to bf16 before w2, as the GPU path stores it. Off: pure fp32.
   bool round_h_to_bf16 = false;
 };

@@ -32,6 +32,13 @@ void router_logits_cpu(std::span<const float> x, std::span<const float> gate, in
 
 Routing route_softmax_topk(std::span<const float> logits, int T, int E, int k);
 Routing route_sparsemixer(std::span<const float> logits, int T, int E, float jitter_eps);
+// A layer's router: the rule, experts per token, and sparsemixer's jitter epsilon (the model config's fields).
+struct RouterCfg {
+  RouterKind kind = RouterKind::SparseMixer;
+  int top_k = 2;
+  float jitter_eps = 0.01f;
+};
+
 Routing route(RouterKind kind, std::span<const float> logits, int T, int E, int k, float jitter_eps);
 
 // The smallest gap, over all tokens, between a logit that decided a choice and its nearest competitor,

@@ -92,9 +92,4 @@ void require_writable_file(const std::string& flag, const std::string& path) {
             "' is not writable");
 }
 
-double host_memory_bytes() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
-}
-
 }  // namespace eplab

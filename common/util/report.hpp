@@ -24,7 +24,6 @@ class Table {
 std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 // 1536 -> "1.50 KiB", 5.5e9 -> "5.12 GiB".
 std::string human_bytes(double bytes);
-double host_memory_bytes();  // physical memory of this machine (sysconf); 0 where it cannot be read
 // 5.51e6 -> "5.51 M", 3.755e9 -> "3.755 B".
 std::string human_count(double n);
 

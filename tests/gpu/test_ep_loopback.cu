@@ -87,7 +87,7 @@ MoeRefResult reference(const std::vector<int>& T, const EpMoeGpu::RandomSpec& sp
     x.insert(x.end(), xr.begin(), xr.end());
     total += T[r];
   }
-  return moe_layer_reference(random_layer_weights(spec), x, total, {rc.kind, rc.top_k, rc.jitter_eps, true});
+  return moe_layer_reference(random_layer_weights(spec), x, total, {rc, true});
 }
 
 void check_all_variants(PlacementKind kind, const std::vector<int>& T, const RouterCfg& rc) {
@@ -204,7 +204,7 @@ TEST_CASE("Same bits at every EP size: one rank and 2, 3, 4 loopback ranks give 
           one = y;  // EP = 1, linear
           // and it is the right answer: the CPU reference on the same rows
           const MoeRefResult ref = moe_layer_reference(random_layer_weights(spec), bf16_to_float(std::span<const bf16_bits>(x)),
-                                                       600, {rc.kind, rc.top_k, rc.jitter_eps, true});
+                                                       600, {rc, true});
           const LayerCheck c = check_layer(ref, routing, bf16_to_float(std::span<const bf16_bits>(y)), spec.hidden,
                                            rc.kind, rc.jitter_eps, 1e-2);
           MESSAGE("one rank, per-row kernels vs the CPU reference: ", c.summary());

@@ -83,7 +83,7 @@ bool run_ep_vary(dist::Communicator& comm, const Checkpoint& ckpt, const LayerOp
   const int H = pa.weights.hidden, k = pa.top_k;
   const MoeLayerWeights full_a = rank == 0 ? load_moe_layer(ckpt, la) : MoeLayerWeights{};
   const MoeLayerWeights full_b = rank == 0 ? load_moe_layer(ckpt, lb) : MoeLayerWeights{};
-  const MoeRefOptions ropt{pa.router, k, pa.jitter_eps, true};
+  const MoeRefOptions ropt{{pa.router, k, pa.jitter_eps}, true};
   if (rank == 0)
     std::printf("vary: layers %d and %d share one workspace; %s layout, %d chunk(s), %s placement; %zu calls, T per "
                 "rank alternating between even and odd ranks\n",

@@ -176,7 +176,7 @@ TEST_CASE("hf fixture: router logits, sparsemixer and the MoE layer match transf
             worst_w_ours, " (our logits)");
 
     // 3. The whole layer (our logits, our routing, our experts), and the experts alone on HF's routing.
-    const MoeRefResult ref = moe_layer_reference(w, x, T, MoeRefOptions{RouterKind::SparseMixer, 2, eps, false});
+    const MoeRefResult ref = moe_layer_reference(w, x, T, MoeRefOptions{{RouterKind::SparseMixer, 2, eps}, false});
     Routing hf_routing{T, 2, std::vector<int>(std::size_t(T) * 2), hf_w};
     for (std::size_t i = 0; i < hf_ids.size(); ++i) hf_routing.ids[i] = int(hf_ids[i]);
     const std::vector<float> y_hf_routing = moe_experts_reference(w, x, hf_routing);

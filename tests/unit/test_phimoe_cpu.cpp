@@ -108,7 +108,7 @@ TEST_CASE("phimoe cpu: full forward matches HF transformers' PhimoeForCausalLM o
 
   // Spy on the MoE blocks through the plug-in interface (the local block stays the one doing the work).
   auto local = std::make_unique<LocalMoeBlock>(model.moe_weights(),
-                                               MoeRefOptions{c.router, c.num_experts_per_tok, c.router_jitter_noise, false});
+                                               MoeRefOptions{{c.router, c.num_experts_per_tok, c.router_jitter_noise}, false});
   auto spy = std::make_unique<SpyMoe>(local.get());
   SpyMoe* spy_ptr = spy.get();
   model.set_moe_block(std::move(spy));
@@ -278,7 +278,7 @@ TEST_CASE("phimoe cpu: loading a subset of experts; an MoE block built on the ha
       std::vector<float> logits(size_t(T) * E);
       router_logits_cpu(x, gate, T, H, E, logits);
       MoeBlockOutput o;
-      o.routing = route(opt.router, logits, T, E, opt.top_k, opt.jitter_eps);
+      o.routing = route(opt.router.kind, logits, T, E, opt.router.top_k, opt.router.jitter_eps);
       o.y.assign(size_t(T) * H, 0.f);
       std::vector<float> tmp(H);
       for (int t = 0; t < T; ++t)
@@ -296,7 +296,7 @@ TEST_CASE("phimoe cpu: loading a subset of experts; an MoE block built on the ha
   auto two = std::make_unique<TwoHalves>();
   two->a = lo.moe_weights();
   two->b = hi.moe_weights();
-  two->opt = MoeRefOptions{c.router, c.num_experts_per_tok, c.router_jitter_noise, false};
+  two->opt = MoeRefOptions{{c.router, c.num_experts_per_tok, c.router_jitter_noise}, false};
   lo.set_moe_block(std::move(two));
   const auto want = full.forward_full(ids);
   const auto got = lo.forward_full(ids);
@@ -390,7 +390,7 @@ std::vector<float> naive_forward(const Checkpoint& ck, const std::vector<int>& i
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     const auto h2 = ln(x, names::layer_norm(l, "post_attention", "weight"), names::layer_norm(l, "post_attention", "bias"));
     const MoeRefResult moe = moe_layer_reference(load_moe_layer(ck, l), h2, T,
-                                                 MoeRefOptions{c.router, c.num_experts_per_tok, c.router_jitter_noise, false});
+                                                 MoeRefOptions{{c.router, c.num_experts_per_tok, c.router_jitter_noise}, false});
     if (routing) routing->push_back(moe.routing);
     for (size_t i = 0; i < x.size(); ++i) x[i] += moe.y[i];
   }
@@ -413,7 +413,9 @@ TEST_CASE("phimoe cpu: sliding window (window 4) matches a naive windowed forwar
   c.vocab_size = 64;
   c.max_position_embeddings = 64;
   c.sliding_window = 4;
-  generate_model(dir.path.string(), c, GeneratorOptions{7});
+  GeneratorOptions gen;
+  gen.seed = 7;
+  generate_model(dir.path.string(), c, gen);
   const Checkpoint ck = Checkpoint::open(dir.path.string());
   REQUIRE(ck.config().sliding_window == 4);
   PhimoeCpuModel model = PhimoeCpuModel::load(ck);
