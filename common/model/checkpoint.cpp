@@ -422,4 +422,24 @@ MoeLayerWeights load_moe_layer(const Checkpoint& ckpt, int layer, std::span<cons
   return w;
 }
 
+MoeLayerWeights weights_for_slots(const MoeLayerWeights& held, std::span<const int> slot_experts) {
+  MoeLayerWeights w;
+  w.layer = held.layer;
+  w.hidden = held.hidden;
+  w.inter = held.inter;
+  w.num_experts = held.num_experts;
+  w.gate = held.gate;
+  const std::size_t per = std::size_t(held.inter) * held.hidden;
+  for (int e : slot_experts) {
+    const auto it = std::find(held.expert_ids.begin(), held.expert_ids.end(), e);
+    require(it != held.expert_ids.end(), "weights_for_slots: expert ", e, " of layer ", held.layer,
+            " is not among the ", held.num_held(), " experts loaded");
+    const std::size_t i = std::size_t(it - held.expert_ids.begin());
+    w.expert_ids.push_back(e);
+    for (auto [dst, src] : {std::pair{&w.w1, &held.w1}, std::pair{&w.w3, &held.w3}, std::pair{&w.w2, &held.w2}})
+      dst->insert(dst->end(), src->begin() + std::ptrdiff_t(i * per), src->begin() + std::ptrdiff_t((i + 1) * per));
+  }
+  return w;
+}
+
 }  // namespace eplab

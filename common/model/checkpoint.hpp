@@ -105,7 +105,7 @@ class Checkpoint {
 // One MoE layer's router and a subset of its experts, bf16, as on disk.
 struct MoeLayerWeights {
   int layer = 0, hidden = 0, inter = 0, num_experts = 0;
-  std::vector<int> expert_ids;    // the global expert ids held here, ascending
+  std::vector<int> expert_ids;    // the global expert ids held here: ascending, or a placement's slots (below)
   std::vector<bf16_bits> gate;    // [E, H] router weight (every rank keeps all of it)
   std::vector<bf16_bits> w1, w3;  // [n, I, H], n = expert_ids.size(), in expert_ids order
   std::vector<bf16_bits> w2;      // [n, H, I]
@@ -115,5 +115,9 @@ struct MoeLayerWeights {
 // Loads layer `layer`'s gate and the listed experts (empty = all). Throws on a bad id, a missing tensor
 // or a shape that disagrees with the config.
 MoeLayerWeights load_moe_layer(const Checkpoint& ckpt, int layer, std::span<const int> experts = {});
+
+// The weights of a rank's slots (placement.hpp: one copy per slot, so a replicated expert appears as often as
+// it has slots here, in slot order) from a layer that holds each of those experts. Throws when one is missing.
+MoeLayerWeights weights_for_slots(const MoeLayerWeights& held, std::span<const int> slot_experts);
 
 }  // namespace eplab

@@ -189,9 +189,11 @@ MoeBlockOutput EpMoeCpuBlock::forward(int layer, std::span<const float> x, int T
   lap(times_.gather_ms);
 
   // --- statistics (the same on every rank: built from the all-gathered counts)
-  auto& er = counts_.expert_rows[layer];
+  auto& er = counts_.expert_rows[layer];  // per logical expert: every replica's rows from every rank
+  const int slots = placement_.num_slots();
   for (int e = 0; e < E; ++e)
-    for (int s = 0; s < N; ++s) er[e] += all[std::size_t(s) * E + placement_.slot(e)];
+    for (int s = 0; s < N; ++s)
+      for (int slot : placement_.replicas(e)) er[e] += all[std::size_t(s) * slots + slot];
   auto& tr = counts_.traffic[layer];
   for (std::size_t i = 0; i < tr.size(); ++i) tr[i] += plan_.traffic[i];
   ++times_.forwards;

@@ -1,5 +1,7 @@
 #include "moe/ep_plan.hpp"
 
+#include <algorithm>
+
 #include "moe/ep_types.hpp"
 
 #include "util/check.hpp"
@@ -8,10 +10,11 @@ namespace eplab {
 
 Routing routing_in_slots(const Routing& r, const Placement& p) {
   Routing s = r;
-  for (int& id : s.ids) {
+  for (std::size_t i = 0; i < s.ids.size(); ++i) {
+    int& id = s.ids[i];
     require(id >= 0 && id < p.num_experts(), "routing names expert ", id, " but the placement has ", p.num_experts(),
             " experts");
-    id = p.slot(id);
+    id = p.slot_for(id, int(i / std::size_t(std::max(r.k, 1))));  // with replicas: by the token's index
   }
   return s;
 }
@@ -20,9 +23,9 @@ namespace {
 
 // Send counts, offsets and segments from the rows per slot alone.
 void set_send_side(EpPlan& plan, const Placement& p) {
-  const int N = p.num_ranks(), E = p.num_experts();
-  std::vector<int> slot_offsets(E + 1, 0);
-  for (int s = 0; s < E; ++s) slot_offsets[s + 1] = slot_offsets[s] + plan.slot_counts[s];
+  const int N = p.num_ranks(), S = p.num_slots();
+  std::vector<int> slot_offsets(S + 1, 0);
+  for (int s = 0; s < S; ++s) slot_offsets[s + 1] = slot_offsets[s] + plan.slot_counts[s];
   plan.send_counts.assign(N, 0);
   plan.send_offsets.assign(N + 1, 0);
   plan.send_segments.clear();
@@ -40,6 +43,7 @@ EpPlan empty_plan(const Placement& p, int rank) {
   plan.rank = rank;
   plan.ranks = p.num_ranks();
   plan.num_experts = p.num_experts();
+  plan.num_slots = p.num_slots();
   plan.num_local = p.num_local(rank);
   return plan;
 }
@@ -54,14 +58,14 @@ EpPlan make_ep_send_plan(const Routing& routing, const Placement& p, int rank) {
   plan.k = routing.k;
   // Sorting by slot = sorting by (destination rank, local expert); make_dispatch_plan's stable scatter
   // keeps token order inside each slot.
-  plan.by_slot = make_dispatch_plan(routing_in_slots(routing, p), p.num_experts());
+  plan.by_slot = make_dispatch_plan(routing_in_slots(routing, p), p.num_slots());
   plan.slot_counts = plan.by_slot.counts;
   set_send_side(plan, p);
   return plan;
 }
 
 EpPlan make_ep_counts_plan(const Placement& p, int rank, std::span<const int> slot_counts) {
-  require(slot_counts.size() == size_t(p.num_experts()), "ep plan: expected ", p.num_experts(), " slot counts, got ",
+  require(slot_counts.size() == size_t(p.num_slots()), "ep plan: expected ", p.num_slots(), " slot counts, got ",
           slot_counts.size());
   EpPlan plan = empty_plan(p, rank);
   plan.slot_counts.assign(slot_counts.begin(), slot_counts.end());
@@ -71,10 +75,10 @@ EpPlan make_ep_counts_plan(const Placement& p, int rank, std::span<const int> sl
 }
 
 void finish_ep_plan(EpPlan& plan, const Placement& p, std::span<const int> all, EpRowMaps row_maps) {
-  const int N = p.num_ranks(), E = p.num_experts(), me = plan.rank, L = plan.num_local;
-  require(plan.ranks == N && plan.num_experts == E, "ep plan: placement changed between the two steps");
+  const int N = p.num_ranks(), E = p.num_slots(), me = plan.rank, L = plan.num_local;  // E: slots here
+  require(plan.ranks == N && plan.num_slots == E, "ep plan: placement changed between the two steps");
   require(all.size() == size_t(N) * E, "ep plan: expected ", size_t(N) * E, " slot counts (", N, " ranks x ", E,
-          " experts), got ", all.size());
+          " slots), got ", all.size());
   for (int s = 0; s < E; ++s)
     require(all[size_t(me) * E + s] == plan.slot_counts[s], "ep plan: rank ", me,
             "'s own counts came back changed from the exchange (ranks out of step?)");

@@ -49,10 +49,11 @@ struct EpPlan {
   };
 
   int rank = 0, ranks = 0, tokens = 0, k = 0, num_experts = 0, num_local = 0;
+  int num_slots = 0;  // = num_experts without replicas (placement.hpp); every per-slot array has this size
 
   // --- step 1: the send side
-  DispatchPlan by_slot;            // make_dispatch_plan over slot ids (num_experts "experts" = slots)
-  std::vector<int> slot_counts;    // [E] rows this rank sends to each slot (= by_slot.counts)
+  DispatchPlan by_slot;            // make_dispatch_plan over slot ids (num_slots "experts")
+  std::vector<int> slot_counts;    // [S] rows this rank sends to each slot (= by_slot.counts)
   std::vector<int> send_counts;    // [N] rows to each rank
   std::vector<int> send_offsets;   // [N+1] exclusive prefix sum: rank d's rows are [send_offsets[d], send_offsets[d+1])
 
@@ -77,7 +78,8 @@ struct EpPlan {
   int send_token(int send_row) const { return by_slot.assignment[send_row] / k; }
 };
 
-// The routing with every expert id replaced by its slot (weights unchanged).
+// The routing with every expert id replaced by its slot (weights unchanged); with replicas, token t's
+// choice of expert e goes to placement.slot_for(e, t).
 Routing routing_in_slots(const Routing& routing, const Placement& placement);
 
 EpPlan make_ep_send_plan(const Routing& routing, const Placement& placement, int rank);
@@ -93,7 +95,7 @@ EpPlan make_ep_counts_plan(const Placement& placement, int rank, std::span<const
 // the maps cost ~0.1 ms there.)
 enum class EpRowMaps { Build, Skip };
 
-// all_slot_counts: [N * E], rank s's slot_counts at [s*E, (s+1)*E) (an allgather of slot_counts).
+// all_slot_counts: [N * S], rank s's slot_counts at [s*S, (s+1)*S) (an allgather of slot_counts).
 // Throws eplab::Error if the counts disagree with this rank's own (a sign of ranks out of step).
 void finish_ep_plan(EpPlan& plan, const Placement& placement, std::span<const int> all_slot_counts,
                     EpRowMaps row_maps = EpRowMaps::Build);

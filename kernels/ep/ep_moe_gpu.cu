@@ -90,11 +90,16 @@ namespace {
 constexpr int kCopyUnroll = 4;
 constexpr int kCombineUnroll = 2;
 
-// ids -> slots, so that build_dispatch_plan groups rows by (destination rank, local expert). The E-entry
-// table sits in L1. Skipped for the linear placement, where slot == expert.
-__global__ void ids_to_slots_kernel(const int* ids, int n, const int* slot_of, int* slots) {
+// ids -> slots, so that build_dispatch_plan groups rows by (destination rank, local expert). Row i is token
+// i / k's choice of expert e = ids[i]; e's replicas are replica_slots[e * max_rep ...] (replica_count[e] of
+// them) and the token's index picks one: placement.hpp's slot_for. The tables sit in L1. Skipped for the
+// linear placement without replicas, where slot == expert.
+__global__ void ids_to_slots_kernel(const int* ids, int n, int k, const int* replica_slots, const int* replica_count,
+                                    int max_rep, int* slots) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) slots[i] = slot_of[ids[i]];
+  if (i >= n) return;
+  const int e = ids[i], t = i / k;
+  slots[i] = replica_slots[e * max_rep + t % replica_count[e]];
 }
 
 // One row = per_row elements of V (int4 = 8 bf16, or one bf16).
@@ -142,7 +147,8 @@ __global__ void permute_piece_kernel(const V* __restrict__ x, const int* __restr
 
 // The arrival buffer of the InPlace layout: this rank's own rows first, then every other rank's block in
 // rank order; each block is ordered by local expert. Group g = (block b, local expert le) = b * n + le:
-// goff[G+1] row offsets, gexp[G] = le. One thread: G = N * n entries (about E), once per forward.
+// goff[G+1] row offsets, gexp[G] = le. all: [N, S] (S slots). One thread: G = N * n entries (about S), once
+// per forward.
 __global__ void segment_table_kernel(const int* __restrict__ all, int N, int E, int me, int my0, int n,
                                      int* __restrict__ goff, int* __restrict__ gexp) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
@@ -344,7 +350,7 @@ struct EpWorkspace {
   DeviceBuffer<float> logits;
   DeviceBuffer<int> slot_ids, counts, offsets, row_of, assign, all_counts, goff, gexp, idx;
   DeviceBuffer<bf16> send, xg, recv;
-  PinnedBuffer<int> h_all;  // [N*E]
+  PinnedBuffer<int> h_all;  // [N*S]
   PinnedBuffer<int> h_idx;  // uploads of the Permute / Direct layouts
 
   explicit EpWorkspace(cudaStream_t stream) : s(stream) {
@@ -411,6 +417,7 @@ struct EpMoeGpu::Impl {
   dist::Communicator& comm;
   Placement placement;
   int H, I, E, N, me, n, k;
+  int S;  // slots (placement.hpp): E without replicas; every per-slot array below has S entries
   RouterCfg router;
   EpLayout layout;
   std::shared_ptr<EpWorkspace> ws;
@@ -420,7 +427,8 @@ struct EpMoeGpu::Impl {
 
   // per layer: weights, slot table, the last forward's routing and plan
   DeviceBuffer<bf16> gate, w13, w2;
-  DeviceBuffer<int> slot_of;
+  DeviceBuffer<int> replica_slots, replica_count;  // [E, max_rep], [E]: placement.replicas on the GPU
+  int max_rep = 1;
   DeviceBuffer<int> ids;
   DeviceBuffer<float> weights;
   int last_T = 0;
@@ -507,6 +515,9 @@ struct EpMoeGpu::Impl {
             "EpMoeGpu needs a device-memory (NCCL) communicator; the MPI one is the CPU path's");
     require(N == comm.size(), "EpMoeGpu: the placement is for ", N, " ranks but the communicator has ", comm.size());
     require(H > 0 && I > 0 && k >= 1 && k <= E, "EpMoeGpu: bad layer shape H=", H, " I=", I, " top-k=", k, " E=", E);
+    S = placement.num_slots();
+    require(N > 1 || !placement.has_replicas(), "EpMoeGpu: replicas of experts need at least 2 ranks (one GPU "
+            "holds every expert once)");
     if (N == 1) {  // the single-GPU layer holds the weights and runs the forward (forward_local)
       s = reinterpret_cast<cudaStream_t>(comm.stream());
       return;
@@ -518,12 +529,16 @@ struct EpMoeGpu::Impl {
     gate.grow(std::size_t(E) * H);
     w13.grow(std::size_t(n) * 2 * I * H);
     w2.grow(std::size_t(n) * H * I);
-    std::vector<int> so(E);
+    max_rep = placement.max_replicas();
+    std::vector<int> table(std::size_t(E) * max_rep, 0), count(E);
     for (int e = 0; e < E; ++e) {
-      so[e] = placement.slot(e);
-      identity_slots &= so[e] == e;
+      const std::vector<int>& r = placement.replicas(e);
+      count[e] = int(r.size());
+      std::copy(r.begin(), r.end(), table.begin() + std::ptrdiff_t(e) * max_rep);
+      identity_slots &= r.size() == 1 && r[0] == e;
     }
-    slot_of = DeviceBuffer<int>(so);
+    replica_slots = DeviceBuffer<int>(table);
+    replica_count = DeviceBuffer<int>(count);
     std::vector<int> rs(N + 1);
     for (int p = 0; p <= N; ++p) rs[p] = placement.first_slot(p);
     rank_slot = DeviceBuffer<int>(rs);
@@ -562,13 +577,13 @@ struct EpMoeGpu::Impl {
 
   gpu::ExpertWeightsDevice experts() const { return {w13.get(), w2.get(), std::max(n, 1), H, I}; }
 
-  // Every rank's E slot counts into ws->all_counts [N*E] on the GPU (NCCL, self by a device copy), then
+  // Every rank's S slot counts into ws->all_counts [N*S] on the GPU (NCCL, self by a device copy), then
   // one copy to the host; the host waits for it in comm.sync().
   void exchange_counts() {
     EpWorkspace& w = *ws;
-    const std::size_t row = sizeof(int) * E;
+    const std::size_t row = sizeof(int) * S;
     CUDA_CHECK(
-        cudaMemcpyAsync(w.all_counts.get() + std::size_t(me) * E, w.counts.get(), row, cudaMemcpyDeviceToDevice, s));
+        cudaMemcpyAsync(w.all_counts.get() + std::size_t(me) * S, w.counts.get(), row, cudaMemcpyDeviceToDevice, s));
     if (N > 1) {
       std::vector<dist::Transfer> sends, recvs;
       for (int p = 0; p < N; ++p)
@@ -580,7 +595,7 @@ struct EpMoeGpu::Impl {
     }
     mark(kCounts, s);
     if (layout == EpLayout::InPlace && n > 0)
-      segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts.get(), N, E, me, placement.first_slot(me), n, w.goff.get(),
+      segment_table_kernel<<<1, 32, 0, s>>>(w.all_counts.get(), N, S, me, placement.first_slot(me), n, w.goff.get(),
                                             w.gexp.get());
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemcpyAsync(w.h_all.get(), w.all_counts.get(), row * N, cudaMemcpyDeviceToHost, s));
@@ -719,15 +734,15 @@ struct EpMoeGpu::Impl {
     weights.grow(std::size_t(TK));
     w.logits.grow(std::size_t(T) * E);
     w.slot_ids.grow(std::size_t(TK));
-    w.counts.grow(std::size_t(E));
-    w.offsets.grow(std::size_t(E) + 1);
+    w.counts.grow(std::size_t(S));
+    w.offsets.grow(std::size_t(S) + 1);
     w.row_of.grow(std::size_t(TK));
     w.assign.grow(std::size_t(TK));
-    w.all_counts.grow(std::size_t(N) * E);
+    w.all_counts.grow(std::size_t(N) * S);
     w.goff.grow(std::size_t(N) * std::max(n, 1) + 1);
     w.gexp.grow(std::size_t(N) * std::max(n, 1));
     w.send.grow(std::size_t(TK) * H);
-    w.h_all.grow(std::size_t(N) * E);
+    w.h_all.grow(std::size_t(N) * S);
     if (layout == EpLayout::InPlace && chunks > 1) w.grow_piece_events(chunks);
   }
 
@@ -753,11 +768,12 @@ struct EpMoeGpu::Impl {
     stage.next("plan");
     const int* plan_ids = ids.get();
     if (!identity_slots && TK > 0) {
-      ids_to_slots_kernel<<<(TK + 255) / 256, 256, 0, s>>>(ids.get(), TK, slot_of.get(), w.slot_ids.get());
+      ids_to_slots_kernel<<<(TK + 255) / 256, 256, 0, s>>>(ids.get(), TK, k, replica_slots.get(), replica_count.get(),
+                                                           max_rep, w.slot_ids.get());
       CUDA_CHECK_LAUNCH();
       plan_ids = w.slot_ids.get();
     }
-    gpu::build_dispatch_plan(plan_ids, T, k, E, w.counts.get(), w.offsets.get(), w.row_of.get(), w.assign.get(), s);
+    gpu::build_dispatch_plan(plan_ids, T, k, S, w.counts.get(), w.offsets.get(), w.row_of.get(), w.assign.get(), s);
     mark(kPlan, s);
     stage.next("dispatch");
     // The send-side permute on the side stream, while the counts travel and the host plans (InPlace: the
@@ -780,9 +796,9 @@ struct EpMoeGpu::Impl {
     }
     comm.sync();  // the count table is on the host (and the watchdog knows we are alive)
     mark(kHostCounts, s);
-    plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all.get() + std::size_t(me) * E, E));
+    plan = make_ep_counts_plan(placement, me, std::span<const int>(w.h_all.get() + std::size_t(me) * S, S));
     // Only Permute reads the per-row maps; building them is O(R) host work on the dispatch's critical path.
-    finish_ep_plan(plan, placement, std::span<const int>(w.h_all.get(), std::size_t(N) * E),
+    finish_ep_plan(plan, placement, std::span<const int>(w.h_all.get(), std::size_t(N) * S),
                    layout == EpLayout::Permute ? EpRowMaps::Build : EpRowMaps::Skip);
     h.R = plan.recv_rows();
     const std::size_t row = std::size_t(H) * sizeof(bf16);
@@ -824,7 +840,7 @@ struct EpMoeGpu::Impl {
       for (int b = 0; b < N && n > 0; ++b) {
         const int src = b == 0 ? me : (b <= me ? b - 1 : b);
         for (int le = 0; le < n; ++le) {
-          h_goff.push_back(h_goff.back() + w.h_all.get()[std::size_t(src) * E + lo_slot + le]);
+          h_goff.push_back(h_goff.back() + w.h_all.get()[std::size_t(src) * S + lo_slot + le]);
           h_gexp.push_back(le);
         }
       }

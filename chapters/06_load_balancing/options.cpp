@@ -1,0 +1,54 @@
+#include "options.hpp"
+
+#include <iostream>
+
+#include "util/check.hpp"
+
+namespace eplab {
+
+std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** argv, Ep06Options& o) {
+  CLI::App app{"Chapter 06: load balancing - measured expert load, EPLB with redundant experts, before and after "
+               "(mpirun -np N; NCCL on GPUs, MPI on the CPU)"};
+  add_common_options(app, o.common);
+  add_layer_options(app, o.layer);
+  app.get_option("--tokens")->description("tokens per rank and step");
+  app.add_option("--steps", o.steps, "forwards in the load window (the balancer sees their summed load)")
+      ->capture_default_str();
+  app.add_option("--placement", o.placement, "the expert map before balancing: linear or round-robin")
+      ->check(CLI::IsMember({"linear", "round-robin"}))
+      ->capture_default_str();
+  app.add_option("--redundant", o.redundant,
+                 "extra physical expert slots for replicas of hot experts (default: one per rank); experts + "
+                 "redundant must split evenly over the ranks");
+  app.add_option("--groups", o.groups, "expert groups (EPLB's hierarchical policy packs groups onto nodes)")
+      ->capture_default_str();
+  app.add_option("--nodes", o.nodes, "nodes the ranks are spread over (hierarchical when groups % nodes == 0)")
+      ->capture_default_str();
+  app.add_option("--hot", o.hot, "experts the tokens are pushed towards (0: no skew)")->capture_default_str();
+  app.add_option("--skew", o.skew, "how hard tokens are pushed towards the hot experts (0: uniform routing)")
+      ->capture_default_str();
+  app.add_option("--iters", o.iters, "timed forwards per step (medians)")->capture_default_str();
+
+  std::optional<int> early;
+  dist::all_or_none(mpi, [&] {
+    if (mpi.rank() != 0) std::cout.setstate(std::ios::failbit);  // --help: printed once, by rank 0
+    early = parse_cli(app, argc, argv);
+    std::cout.clear();
+    if (early) return;
+    const int N = mpi.size();
+    require(N >= 2, "load balancing spreads experts over ranks: run with mpirun -np 2 or more (CPU ranks work on "
+            "any machine: --device cpu)");
+    require(o.layer.tokens >= 1, "--tokens must be >= 1, got ", o.layer.tokens);
+    require(o.steps >= 1, "--steps must be >= 1, got ", o.steps);
+    require(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
+    require(o.redundant >= -1, "--redundant must be >= 0, got ", o.redundant);
+    require(o.groups >= 1 && o.nodes >= 1, "--groups and --nodes must be >= 1");
+    require(N % o.nodes == 0, N, " ranks do not split evenly over --nodes ", o.nodes);
+    require(o.hot >= 0, "--hot must be >= 0, got ", o.hot);
+    require(o.skew >= 0, "--skew must be >= 0, got ", o.skew);
+    if (o.redundant < 0) o.redundant = N;
+  });
+  return early;
+}
+
+}  // namespace eplab
