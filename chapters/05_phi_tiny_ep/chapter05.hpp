@@ -28,6 +28,7 @@ struct Options {
   bool chat = false, ignore_eos = false;
   int max_new_tokens = 32;
   bool bench = false;  // GPU: the speed table (prefill 2048 tokens, decode at batch 1 and 16)
+  std::string peer_json;  // --bench: HF measured in the same session (scripts/hf_model_bench.py --json)
 };
 
 std::uint64_t fnv1a(const std::vector<std::vector<int>>& seqs);   // checksum of generated tokens

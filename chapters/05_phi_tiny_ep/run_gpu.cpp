@@ -23,6 +23,7 @@
 
 #include "chapter05.hpp"
 #include "device.hpp"
+#include "bench_peer.hpp"
 #include "ep_moe_step.hpp"
 #include "model/phimoe_cpu.hpp"
 #include "moe/cost_model.hpp"
@@ -350,11 +351,16 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
     const double d1 = bench_decode(*model, rng, 1), d16 = bench_decode(*model, rng, 16);
     const double dec1 = -mpi.max(-d1), dec16 = -mpi.max(-d16);  // the slowest rank's rate
     if (rank == 0) {
-      const double hf1 = 12.9, hf16 = 180.0;  // the peer: HF generate() on one H200, same shape
-      Table t({"measurement", "tokens/s", "HF peer", "vs HF"});
-      t.add_row({strf("prefill, one %d-token prompt", kBenchPrefill), strf("%.0f", prefill_tps), "-", "-"});
-      t.add_row({"decode, batch 1", strf("%.1f", dec1), strf("%.1f", hf1), strf("%.1fx", dec1 / hf1)});
-      t.add_row({"decode, batch 16", strf("%.1f", dec16), strf("%.1f", hf16), strf("%.1fx", dec16 / hf16)});
+      // The peer, measured in this machine session (--peer-json), or nothing: no quoted numbers.
+      const ModelPeer peer = load_model_peer(o.peer_json);
+      Table t({"measurement", "tokens/s", "HF peer (best impl)", "vs HF"});
+      auto row = [&](const std::string& what, double ours, double hf, const std::string& impl, const char* fmt) {
+        t.add_row({what, strf(fmt, ours), peer.present ? strf(fmt, hf) + " (" + impl + ")" : "-",
+                   peer.present ? strf("%.2fx", ours / hf) : "-"});
+      };
+      row(strf("prefill, one %d-token prompt", kBenchPrefill), prefill_tps, peer.prefill, peer.prefill_impl, "%.0f");
+      row("decode, batch 1", dec1, peer.decode_b1, peer.decode_b1_impl, "%.1f");
+      row("decode, batch 16", dec16, peer.decode_b16, peer.decode_b16_impl, "%.1f");
       std::printf("\nspeed, EP = %d (%s; decode: %d steps after %d warm-up steps, %d-token context%s):\n%s", N,
                   gpu_name.c_str(), kBenchSteps, kBenchWarmup, kBenchContext,
                   model->graphs_captured() ? ", CUDA graphs" : ", no CUDA graphs", t.str().c_str());
@@ -369,6 +375,10 @@ int run_gpu(const Options& o, dist::Communicator& mpi, const Checkpoint& ckpt, c
                                    {"prefill_tokens_per_s", prefill_tps},
                                    {"decode_batch1_tokens_per_s", dec1},
                                    {"decode_batch16_tokens_per_s", dec16},
+                                   {"peer", peer.present ? nlohmann::json{{"prefill_tokens_per_s", peer.prefill},
+                                                                          {"decode_batch1_tokens_per_s", peer.decode_b1},
+                                                                          {"decode_batch16_tokens_per_s", peer.decode_b16}}
+                                                         : nlohmann::json(nullptr)},
                                    {"graphs", model->graphs_captured()}});
       std::printf("CHECK PASS 05_phi_tiny_ep --bench: EP=%d\n", N);
     }

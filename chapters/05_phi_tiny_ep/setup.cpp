@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "bench_peer.hpp"
 #include "device.hpp"
 #include "model/phimoe_cpu.hpp"
 #include "util/check.hpp"
@@ -30,6 +31,8 @@ std::optional<int> setup_ch05(dist::Communicator& comm, int argc, char** argv, O
       ->capture_default_str();
   app.add_option("--trace", o.trace, "write the routing of every step and layer as JSON lines (for the visualizer)");
   app.add_flag("--ignore-eos", o.ignore_eos, "do not stop at the tokenizer's end tokens");
+  app.add_option("--peer-json", o.peer_json, "with --bench: HF transformers at the same shapes, measured in the same "
+                 "session (scripts/hf_model_bench.py --json FILE); the table shows the measured ratios");
   app.add_flag("--bench", o.bench, "GPU speed table: prefill of 2048 tokens, decode tokens/s at batch 1 and 16 "
                "(random token ids; no prompt needed)");
 
@@ -47,6 +50,8 @@ std::optional<int> setup_ch05(dist::Communicator& comm, int argc, char** argv, O
     std::cout.clear();
     if (early) return;
     require(!o.bench || o.common.device == "gpu", "--bench measures the GPU path: add --device gpu");
+    require(o.peer_json.empty() || o.bench, "--peer-json goes with --bench");
+    (void)load_model_peer(o.peer_json);  // a bad file is one line now, before any model is loaded
     if (o.common.device == "gpu") {  // one line, not a crash, when there is no GPU; no CUDA context here:
       std::string why;                // with N ranks each would open one on GPU 0 (NCCL picks the GPUs later)
       require(gpu_count(&why) > 0, "--device gpu: no usable GPU (", why, ")");

@@ -67,6 +67,10 @@ _p5_error(no_prompt "no prompt" -np 2 ${_p5} ${_p5_m})
 _p5_error(bad_ids "not a token id" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,x)
 _p5_error(id_outside_vocab "outside the model's vocabulary" -np 2 ${_p5} ${_p5_m} --prompt-ids 1,99999)
 _p5_error(bench_needs_gpu "--bench measures the GPU path" -np 1 ${_p5} ${_p5_m} --bench --device cpu)
+_p5_error(peer_json_missing "--peer-json: cannot open" -np 1 ${_p5} ${_p5_m} --device gpu --bench
+          --peer-json ${_p5_dir}/no-such-peer.json)
+_p5_error(peer_json_without_bench "--peer-json goes with --bench" -np 1 ${_p5} ${_p5_m} --prompt-ids 1,2
+          --peer-json ${_p5_dir}/no-such-peer.json)
 # Broken checkpoints from model_tests.cmake's fixtures (make_bad_checkpoint): a shard missing, and an expert
 # tensor whose shape disagrees with config.json. Expert 3 lives on rank 0 only (linear placement on 2 ranks):
 # rank 1 loads fine and must still exit non-zero with a line, not wait for rank 0.

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <doctest/doctest.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -150,16 +151,20 @@ namespace {
 // Every rank's output for the given per-rank token blocks, with the per-row kernels forced: the fused router
 // (one block per token) and weight-streaming experts (each row's dot products in a fixed order, whatever the
 // other rows). rows[r]: rank r's tokens [T_r, H].
-std::vector<bf16_bits> run_per_row_kernels(const std::vector<std::vector<bf16_bits>>& rows,
-                                           const EpMoeGpu::RandomSpec& spec, const RouterCfg& rc, PlacementKind kind,
-                                           Routing* routing_of_rank0 = nullptr) {
+// placement: the map for N ranks; per_row: force the per-row kernels (else the default choices).
+std::vector<bf16_bits> run_engine_rows(const std::vector<std::vector<bf16_bits>>& rows, const EpMoeGpu::RandomSpec& spec,
+                                       const RouterCfg& rc, const std::function<Placement(int)>& placement,
+                                       bool per_row, Routing* routing_all = nullptr) {
   const int N = int(rows.size()), H = spec.hidden;
   std::vector<std::vector<bf16_bits>> y(N);
+  std::vector<Routing> routing(N);
   testing::run_loopback_ranks(N, [&](dist::Communicator& comm) {
     const int r = comm.rank(), T = int(rows[r].size() / H);
-    EpMoeGpu layer(comm, Placement(kind, spec.experts, N), spec, rc);
-    layer.set_router_impl(RouterImpl::Fused);
-    layer.set_expert_strategy(ExpertStrategy::WeightStream);
+    EpMoeGpu layer(comm, placement(N), spec, rc);
+    if (per_row) {
+      layer.set_router_impl(RouterImpl::Fused);
+      layer.set_expert_strategy(ExpertStrategy::WeightStream);
+    }
     test::DevBuf<bf16_bits> d_x(std::max<std::size_t>(rows[r].size(), 1)), d_y(std::max<std::size_t>(rows[r].size(), 1));
     if (T > 0) CUDA_CHECK(cudaMemcpy(d_x.get(), rows[r].data(), rows[r].size() * 2, cudaMemcpyHostToDevice));
     d_y.poison();
@@ -167,11 +172,37 @@ std::vector<bf16_bits> run_per_row_kernels(const std::vector<std::vector<bf16_bi
     comm.sync();
     y[r] = d_y.download();
     y[r].resize(rows[r].size());
-    if (r == 0 && routing_of_rank0) *routing_of_rank0 = layer.routing();
+    routing[r] = layer.routing();
   });
+  if (routing_all) {  // every rank's routing, rank after rank (the order of the rows)
+    *routing_all = Routing{0, rc.top_k, {}, {}};
+    for (const Routing& q : routing) {
+      routing_all->tokens += q.tokens;
+      routing_all->ids.insert(routing_all->ids.end(), q.ids.begin(), q.ids.end());
+      routing_all->weights.insert(routing_all->weights.end(), q.weights.begin(), q.weights.end());
+    }
+  }
   std::vector<bf16_bits> all;
   for (const auto& v : y) all.insert(all.end(), v.begin(), v.end());
   return all;
+}
+
+std::vector<bf16_bits> run_per_row_kernels(const std::vector<std::vector<bf16_bits>>& rows,
+                                           const EpMoeGpu::RandomSpec& spec, const RouterCfg& rc, PlacementKind kind,
+                                           Routing* routing_all = nullptr) {
+  return run_engine_rows(
+      rows, spec, rc, [&](int N) { return Placement(kind, spec.experts, N); }, true, routing_all);
+}
+
+// Cut x [sum T, H] into the ranks' blocks.
+std::vector<std::vector<bf16_bits>> split_rows(const std::vector<bf16_bits>& x, const std::vector<int>& T, int H) {
+  std::vector<std::vector<bf16_bits>> rows;
+  std::size_t at = 0;
+  for (int t : T) {
+    rows.emplace_back(x.begin() + std::ptrdiff_t(at), x.begin() + std::ptrdiff_t(at + std::size_t(t) * H));
+    at += std::size_t(t) * H;
+  }
+  return rows;
 }
 
 }  // namespace
@@ -217,5 +248,47 @@ TEST_CASE("Same bits at every EP size: one rank and 2, 3, 4 loopback ranks give 
                       " of ", y.size(), " output values differ from one rank");
       }
     }
+  }
+}
+
+TEST_CASE("EP engine with replicas (EPLB's physical slots): the reference, and the same bits as without replicas") {
+  // 16 experts, 3 and 4 replicas of the hottest; every (token, choice) goes to one replica by its index. A
+  // replica is a copy of its expert's weights, so with the per-row kernels the output must not change at all,
+  // and with the default kernels it must match the CPU reference.
+  EpMoeGpu::RandomSpec spec;
+  spec.hidden = 256;
+  spec.inter = 128;
+  spec.experts = 16;
+  spec.seed = 5;
+  const RouterCfg rc;
+  const std::vector<bf16_bits> x = random_tokens(spec, 0, 400);
+  const MoeRefResult ref = moe_layer_reference(random_layer_weights(spec), bf16_to_float(std::span<const bf16_bits>(x)),
+                                               400, {rc, true});
+  struct Case {
+    std::vector<int> T, phy2log;
+  };
+  const Case cases[] = {
+      // 2 ranks, 20 slots: expert 3 three times (twice on rank 0), expert 9 twice
+      {{250, 150}, {0, 1, 2, 3, 4, 5, 6, 7, 3, 3, 8, 9, 10, 11, 12, 13, 14, 15, 9, 2}},
+      // 4 ranks, 24 slots (6 each), a rank with no tokens; expert 0 on every rank
+      {{120, 0, 200, 80}, {0, 1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 10, 0, 11, 12, 13, 14, 15, 0, 4, 4, 7, 8, 15}},
+  };
+  for (const Case& c : cases) {
+    const int N = int(c.T.size());
+    CAPTURE(N);
+    const auto rows = split_rows(x, c.T, spec.hidden);
+    const auto with_replicas = [&](int n) { return Placement::from_slots(c.phy2log, spec.experts, n); };
+    const auto linear = [&](int n) { return Placement(PlacementKind::Linear, spec.experts, n); };
+    const std::vector<bf16_bits> plain = run_engine_rows(rows, spec, rc, linear, true);
+    const std::vector<bf16_bits> replicated = run_engine_rows(rows, spec, rc, with_replicas, true);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < plain.size(); ++i) differ += plain[i] != replicated[i];
+    CHECK_MESSAGE(differ == 0, differ, " of ", plain.size(), " values differ with replicas (per-row kernels)");
+    Routing routing;
+    const std::vector<bf16_bits> dflt = run_engine_rows(rows, spec, rc, with_replicas, false, &routing);
+    const LayerCheck chk = check_layer(ref, routing, bf16_to_float(std::span<const bf16_bits>(dflt)), spec.hidden,
+                                       rc.kind, rc.jitter_eps, 1e-2);
+    MESSAGE(N, " ranks with replicas, default kernels vs the CPU reference: ", chk.summary());
+    CHECK(chk.pass);
   }
 }
