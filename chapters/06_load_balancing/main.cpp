@@ -17,6 +17,7 @@
 // Run: mpirun -np 4 06_load_balancing --device cpu                        laptop: MPI ranks stand in for GPUs
 //      mpirun -np 4 06_load_balancing --device cpu --skew 0               uniform routing: little to fix
 //      mpirun -np 2 06_load_balancing --device gpu --model data/phi-tiny-moe-instruct --tokens 4096
+//      06_load_balancing --trace run.jsonl --gpus 4                      a real run's load (chapter 05 --trace)
 #include <algorithm>
 #include <cstdio>
 #include <optional>
@@ -28,11 +29,33 @@
 #include "options.hpp"
 #include "report.hpp"
 #include "skewed_tokens.hpp"
+#include "trace_load.hpp"
 #include "util/check.hpp"
 #include "util/report.hpp"
 
 namespace eplab {
 namespace {
+
+// --trace: a real run's load (chapter 05 --trace), planned for every layer on rank 0; no layer is run.
+int plan_from_trace(dist::Communicator& mpi, Ep06Options& o) {
+  nlohmann::json j;
+  dist::all_or_none(mpi, [&] {
+    if (mpi.rank() != 0) return;
+    const TraceLoad load = read_trace_load(o.trace);
+    const int gpus = o.gpus > 0 ? o.gpus : load.ep_size > 1 ? load.ep_size : 4;
+    require(load.experts % gpus == 0, "--gpus ", gpus, " must divide the trace's ", load.experts,
+            " experts (the 'before' map gives every GPU the same number)");
+    const int redundant = o.redundant >= 0 ? o.redundant : gpus, slots = load.experts + redundant;
+    require(slots % gpus == 0, load.experts, " experts + --redundant ", redundant, " = ", slots,
+            " slots do not split evenly over ", gpus, " GPUs");
+    j = report_trace_balance(load, gpus, slots, o.groups, o.nodes);
+    j["chapter"] = "06_load_balancing";
+    j["trace"] = o.trace;
+    if (!o.common.json.empty()) write_json(o.common.json, j);
+    std::printf("CHECK PASS 06_load_balancing --trace: %d layers planned\n", int(j["layers"].size()));
+  });
+  return 0;
+}
 
 int run(int argc, char** argv) {
   auto mpi = dist::make_mpi_communicator();
@@ -42,6 +65,8 @@ int run(int argc, char** argv) {
   };
   Ep06Options o;
   if (auto early = parse_ep06_options(*mpi, argc, argv, o)) return *early;
+  if (!o.trace.empty()) return plan_from_trace(*mpi, o);
+  if (o.redundant < 0) o.redundant = N;  // default: one replica per rank
   const bool gpu = choose_ep_gpu(*mpi, o.common.device);
   std::unique_ptr<dist::Communicator> nccl;
   if (gpu) nccl = dist::make_nccl_communicator();

@@ -28,6 +28,10 @@ std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** 
   app.add_option("--skew", o.skew, "how hard tokens are pushed towards the hot experts (0: uniform routing)")
       ->capture_default_str();
   app.add_option("--iters", o.iters, "timed forwards per step (medians)")->capture_default_str();
+  app.add_option("--trace", o.trace,
+                 "instead of running the layer: the load of a real run, from chapter 05's --trace file, and what "
+                 "EPLB makes of it for every layer (any -np; rank 0 does the work)");
+  app.add_option("--gpus", o.gpus, "with --trace: GPUs to plan for (default: the traced run's ranks, or 4)");
 
   std::optional<int> early;
   dist::all_or_none(mpi, [&] {
@@ -36,17 +40,19 @@ std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** 
     std::cout.clear();
     if (early) return;
     const int N = mpi.size();
-    require(N >= 2, "load balancing spreads experts over ranks: run with mpirun -np 2 or more (CPU ranks work on "
-            "any machine: --device cpu)");
+    require(N >= 2 || !o.trace.empty(), "load balancing spreads experts over ranks: run with mpirun -np 2 or more "
+            "(CPU ranks work on any machine: --device cpu)");
+    require(o.gpus >= 0, "--gpus must be >= 1, got ", o.gpus);
+    require(o.gpus == 0 || !o.trace.empty(), "--gpus goes with --trace (otherwise the ranks are the GPUs)");
     require(o.layer.tokens >= 1, "--tokens must be >= 1, got ", o.layer.tokens);
     require(o.steps >= 1, "--steps must be >= 1, got ", o.steps);
     require(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
     require(o.redundant >= -1, "--redundant must be >= 0, got ", o.redundant);
     require(o.groups >= 1 && o.nodes >= 1, "--groups and --nodes must be >= 1");
-    require(N % o.nodes == 0, N, " ranks do not split evenly over --nodes ", o.nodes);
+    require(!o.trace.empty() || N % o.nodes == 0, N, " ranks do not split evenly over --nodes ", o.nodes);
     require(o.hot >= 0, "--hot must be >= 0, got ", o.hot);
     require(o.skew >= 0, "--skew must be >= 0, got ", o.skew);
-    if (o.redundant < 0) o.redundant = N;
+
   });
   return early;
 }

@@ -19,6 +19,8 @@ struct Ep06Options {
   int hot = 2;                       // experts the tokens are pushed towards (skewed_tokens.hpp)
   double skew = 0.5;                 // how hard (0: plain random activations)
   int iters = 3;                     // timed forwards per step (medians)
+  std::string trace;                 // chapter 05's --trace: plan from a real run's load instead (host only)
+  int gpus = 0;                      // with --trace: GPUs to plan for (0: the traced run's ranks, else 4)
 };
 
 // Parses and checks the options on every rank (all or none); num_experts is checked later (it needs the model).
