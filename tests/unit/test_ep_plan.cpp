@@ -333,3 +333,31 @@ TEST_CASE("ep plan: EpRowMaps::Skip leaves out the per-row maps and nothing else
       }
     }
 }
+
+TEST_CASE("ep plan: a replicated expert's rows go to slot_for(e, t), alternating by token") {
+  // 3 experts, 2 ranks, 4 slots: rank 0 {0, 1}, rank 1 {0, 2}; expert 0 has slots 0 and 2.
+  const Placement p = Placement::from_slots({0, 1, 0, 2}, 3, 2);
+  REQUIRE(p.replicas(0) == std::vector<int>{0, 2});
+  Routing r;
+  r.tokens = 4;
+  r.k = 2;
+  r.ids = {0, 1, 0, 2, 0, 1, 1, 0};  // expert 0 in every token, as choice 0 or 1
+  r.weights = {1, 1, 1, 1, 1, 1, 1, 1};
+  // t even -> slot 0 (rank 0), t odd -> slot 2 (rank 1); the token index decides, not the choice index
+  for (int t = 0; t < 4; ++t) CHECK(p.slot_for(0, t) == (t % 2 ? 2 : 0));
+  CHECK(routing_in_slots(r, p).ids == std::vector<int>{0, 1, 2, 3, 0, 1, 1, 2});
+  EpPlan pl = make_ep_send_plan(r, p, 0);
+  CHECK(pl.num_slots == 4);
+  CHECK(pl.slot_counts == std::vector<int>{2, 3, 2, 1});  // expert 0: tokens 0, 2 | 1, 3
+  CHECK(pl.send_counts == std::vector<int>{5, 3});
+  // slot 2's rows are tokens 1 and 3 (choice 0 of token 1, choice 1 of token 3), in token order
+  CHECK(pl.send_token(5) == 1);
+  CHECK(pl.send_token(6) == 3);
+  CHECK(pl.returned_row(1, 0) == 5);
+  CHECK(pl.returned_row(3, 1) == 6);
+  // rank 1 sends nothing: rank 0 receives its own 5 rows, 2 for its copy of expert 0 and 3 for expert 1
+  finish_ep_plan(pl, p, std::vector<int>{2, 3, 2, 1, 0, 0, 0, 0});
+  CHECK(pl.recv_counts == std::vector<int>{5, 0});
+  CHECK(pl.local_counts == std::vector<int>{2, 3});
+  CHECK(pl.traffic == std::vector<int>{5, 3, 0, 0});
+}
