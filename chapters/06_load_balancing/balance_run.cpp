@@ -7,10 +7,9 @@
 
 namespace eplab {
 
-PhaseResult run_phase(dist::Communicator& comm, bool gpu, const Placement& placement, const MoeLayerWeights& full,
+PhaseResult run_phase(dist::Communicator& comm, bool gpu, const Placement& placement, const MoeLayerWeights& mine,
                       const RouterCfg& router, const std::vector<std::vector<bf16_bits>>& x_steps, int T, int iters) {
-  const int N = comm.size(), rank = comm.rank(), E = full.num_experts, H = full.hidden;
-  const MoeLayerWeights mine = weights_for_slots(full, placement.experts_of(rank));
+  const int N = comm.size(), rank = comm.rank(), E = mine.num_experts, H = mine.hidden;
   PhaseResult out;
   out.expert_tokens.assign(E, 0.0);
   out.rank_rows.assign(N, 0.0);

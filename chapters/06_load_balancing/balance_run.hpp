@@ -19,9 +19,9 @@ struct PhaseResult {
   std::vector<Routing> routing;         // rank 0: every step's routing, all ranks' tokens
 };
 
-// x_steps[s]: this rank's T tokens of step s. full: every expert of the layer (each rank takes its slots'
-// copies with weights_for_slots). GPU: the NCCL engine (inplace layout); CPU: the MPI block.
-PhaseResult run_phase(dist::Communicator& comm, bool gpu, const Placement& placement, const MoeLayerWeights& full,
+// x_steps[s]: this rank's T tokens of step s. mine: this rank's slots' weights (placement.experts_of(rank)
+// order). GPU: the NCCL engine (inplace layout); CPU: the MPI block.
+PhaseResult run_phase(dist::Communicator& comm, bool gpu, const Placement& placement, const MoeLayerWeights& mine,
                       const RouterCfg& router, const std::vector<std::vector<bf16_bits>>& x_steps, int T, int iters);
 
 }  // namespace eplab

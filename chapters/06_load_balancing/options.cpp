@@ -14,6 +14,10 @@ std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** 
   app.get_option("--tokens")->description("tokens per rank and step");
   app.add_option("--steps", o.steps, "forwards in the load window (the balancer sees their summed load)")
       ->capture_default_str();
+  app.add_option("--windows", o.windows,
+                 "windows of --steps forwards; after each but the last, EPLB on its load and the expert weights "
+                 "move to the new map (2: before and after)")
+      ->capture_default_str();
   app.add_option("--placement", o.placement, "the expert map before balancing: linear or round-robin")
       ->check(CLI::IsMember({"linear", "round-robin"}))
       ->capture_default_str();
@@ -46,8 +50,10 @@ std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** 
     require(o.gpus == 0 || !o.trace.empty(), "--gpus goes with --trace (otherwise the ranks are the GPUs)");
     require(o.layer.tokens >= 1, "--tokens must be >= 1, got ", o.layer.tokens);
     require(o.steps >= 1, "--steps must be >= 1, got ", o.steps);
+    require(o.windows >= 2, "--windows must be >= 2 (a window to measure, one to run the balanced map), got ",
+            o.windows);
     require(o.iters >= 1, "--iters must be >= 1, got ", o.iters);
-    require(o.redundant >= -1, "--redundant must be >= 0, got ", o.redundant);
+    require(app.count("--redundant") == 0 || o.redundant >= 0, "--redundant must be >= 0, got ", o.redundant);
     require(o.groups >= 1 && o.nodes >= 1, "--groups and --nodes must be >= 1");
     require(!o.trace.empty() || N % o.nodes == 0, N, " ranks do not split evenly over --nodes ", o.nodes);
     require(o.hot >= 0, "--hot must be >= 0, got ", o.hot);

@@ -14,6 +14,7 @@ struct Ep06Options {
   LayerOptions layer;
   std::string placement = "linear";  // the map before balancing
   int steps = 4;                     // the window: forwards whose load the balancer sees
+  int windows = 2;                   // windows to run; EPLB and a weight move after each but the last
   int redundant = -1;                // extra physical slots (replicas); -1: one per rank
   int groups = 1, nodes = 1;         // EPLB's expert groups and nodes (hierarchical when groups % nodes == 0)
   int hot = 2;                       // experts the tokens are pushed towards (skewed_tokens.hpp)

@@ -63,12 +63,48 @@ eplab_expect_error(NAME load_balancing_unknown_flag REGEX "--frobnicate.*\\[on a
                    COMMAND ${_mpirun} -np 4 ${_lb} ${_lbm} --frobnicate)
 eplab_expect_error(NAME load_balancing_missing_model REGEX "does not exist.*\\[on all 2 ranks\\]"
                    COMMAND ${_mpirun} -np 2 ${_lb} --model ${CMAKE_CURRENT_BINARY_DIR}/no-such-model --device cpu)
-# More hot experts than the layer has: pick_hot_experts names the limit, but main.cpp clamps --hot to E
-# first (std::min), so today the run passes with every expert "hot". Disabled until the chapter decides.
+# more hot experts than the layer has, a negative replica count
 eplab_expect_error(NAME load_balancing_too_many_hot REGEX "--hot 99 must be between 0 and the number of experts"
                    COMMAND ${_mpirun} -np 4 ${_lb} ${_lbm} --hot 99)
-set_tests_properties(load_balancing_too_many_hot PROPERTIES DISABLED TRUE)
+eplab_expect_error(NAME load_balancing_negative_redundant REGEX "--redundant must be >= 0, got -1"
+                   COMMAND ${_mpirun} -np 2 ${_lb} ${_lbm} --redundant -1)
 foreach(t one_rank redundant_uneven bad_groups bad_nodes negative_skew zero_steps zero_tokens unknown_flag
-        missing_model too_many_hot)
+        missing_model too_many_hot negative_redundant)
+  _ep_props(load_balancing_${t} TIMEOUT 60)
+endforeach()
+
+# --- rebalancing while running: three windows, a weight move after each of the first two (the second finds
+#     the map already balanced and moves nothing); the outputs of every window must agree
+eplab_expect_pass(NAME load_balancing_three_windows
+                  REGEX "window 0: .*weights moved in .*window 1: .*0 experts sent between ranks.*outputs bit-identical in every window.*CHECK PASS 06_load_balancing: N=4"
+                  COMMAND ${_mpirun} -np 4 ${_lb} ${_lbm} --windows 3)
+_ep_props(load_balancing_three_windows TIMEOUT 120)
+
+# --- a real run's load: chapter 05 writes a trace on CPU ranks, chapter 06 plans every layer from it
+if(TARGET 05_phi_tiny_ep)
+  set(_lb_trace ${CMAKE_CURRENT_BINARY_DIR}/load_balancing_trace.jsonl)
+  add_test(NAME load_balancing_make_trace
+           COMMAND ${_mpirun} -np 2 $<TARGET_FILE:05_phi_tiny_ep> --model ${EPLAB_TEST_MODEL} --device cpu
+                   --prompt-ids 1,450,4996,17354 --prompt-ids 7,8,9 --max-new-tokens 6 --trace ${_lb_trace})
+  set_tests_properties(load_balancing_make_trace PROPERTIES FIXTURES_SETUP lb_trace)
+  _ep_props(load_balancing_make_trace TIMEOUT 120)
+  eplab_expect_pass(NAME load_balancing_from_trace
+                    REGEX "load from the trace: 6 steps, [0-9]+ layers, 16 experts; 2 GPUs, 18 slots.*CHECK PASS 06_load_balancing --trace"
+                    COMMAND ${_mpirun} -np 1 ${_lb} --trace ${_lb_trace})
+  eplab_expect_pass(NAME load_balancing_from_trace_4gpus
+                    REGEX "4 GPUs, 24 slots \\(8 redundant\\).*CHECK PASS 06_load_balancing --trace"
+                    COMMAND ${_mpirun} -np 1 ${_lb} --trace ${_lb_trace} --gpus 4 --redundant 8)
+  eplab_expect_error(NAME load_balancing_trace_gpus_uneven REGEX "--gpus 3 must divide the trace's 16 experts"
+                     COMMAND ${_mpirun} -np 1 ${_lb} --trace ${_lb_trace} --gpus 3)
+  foreach(t from_trace from_trace_4gpus trace_gpus_uneven)
+    set_tests_properties(load_balancing_${t} PROPERTIES FIXTURES_REQUIRED lb_trace)
+    _ep_props(load_balancing_${t} TIMEOUT 60)
+  endforeach()
+endif()
+eplab_expect_error(NAME load_balancing_trace_missing REGEX "--trace .*no-such-trace.jsonl: cannot open the file"
+                   COMMAND ${_mpirun} -np 1 ${_lb} --trace ${CMAKE_CURRENT_BINARY_DIR}/no-such-trace.jsonl)
+eplab_expect_error(NAME load_balancing_gpus_without_trace REGEX "--gpus goes with --trace"
+                   COMMAND ${_mpirun} -np 2 ${_lb} ${_lbm} --gpus 4)
+foreach(t trace_missing gpus_without_trace)
   _ep_props(load_balancing_${t} TIMEOUT 60)
 endforeach()
