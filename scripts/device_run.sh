@@ -5,6 +5,7 @@
 #   build      configure + build everything in build-device, make the mini model
 #   fixture    regenerate the HF fixture (scripts/hf_moe_fixture.py) and run unit_tests on it
 #   hfbench    the HF peer for chapter 02 (scripts/hf_moe_bench.py -> hf_moe_bench.json, used by bench02)
+#   hfbench05  the HF peer for chapter 05 (scripts/hf_model_bench.py -> hf_model_bench.json, used by bench05)
 #   gputests   gpu_tests with a summary of failures and key measurements
 #   ctestgpu   ctest -L gpu without the 2-GPU tests         ep        the 2-GPU tests (ep_*, 03_*, np2)
 #   viz        the visualizer's GPU routing tests           sanitizer compute-sanitizer on chapters 01/02
@@ -99,8 +100,12 @@ fi
 if has phi; then
   [ -d /tmp/phi ] || $B/tools/make_model --preset phi-tiny --out /tmp/phi --seed 3 > "$OUT/phi_gen.log" 2>&1
 fi
+if has hfbench05; then
+  log hfbench05; python3 scripts/hf_model_bench.py --json "$OUT/hf_model_bench.json" > "$OUT/hf_model_bench.log" 2>&1; tail -14 "$OUT/hf_model_bench.log"
+fi
 if has bench05; then
-  log bench05; "${mpirun_[@]}" -np 1 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --bench --json "$OUT/bench05_np1.json" > "$OUT/bench05_np1.log" 2>&1
+  peer05=(); [ -f "$OUT/hf_model_bench.json" ] && peer05=(--peer-json "$OUT/hf_model_bench.json")
+  log bench05; "${mpirun_[@]}" -np 1 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --bench "${peer05[@]}" --json "$OUT/bench05_np1.json" > "$OUT/bench05_np1.log" 2>&1
   tail -22 "$OUT/bench05_np1.log"
   "${mpirun_[@]}" -np 1 $B/chapters/05_phi_tiny_ep/05_phi_tiny_ep --model /tmp/phi --device gpu --prompt-ids 1,450,4996,338,263 --max-new-tokens 32 --ignore-eos > "$OUT/ch05_phi_np1.log" 2>&1
   tail -12 "$OUT/ch05_phi_np1.log"
