@@ -44,11 +44,9 @@
 //   ids_to_slots_kernel    ids -> slots (rank-major expert order), for non-linear placements
 //   permute_part_kernel    send-side permute of the remote rows (-> send buffer) or the own rows (-> arrival)
 //   segment_table_kernel   the (source, local expert) segment offsets of the arrival buffer, from the count table
-//   combine_part_kernel    y[t] = Σ_j w[t,j] · row(t,j), own rows read from the expert output, others from
-//                          the returned rows (unpermute_combine with two sources)
+//   (the combine: combine.cuh's combine_rows, own rows read from the expert output, the others from the
+//    returned rows; combine_rows_class for the chunked pipeline's classes of tokens)
 //   permute_piece_kernel   (chunked) piece c of the remote rows of every peer -> send buffer
-//   combine_class_kernel   (chunked) combine_part_kernel for one class of tokens: those whose rows all stayed
-//                          here, or those whose last remote row came back in return piece c; a block per token
 #include "ep_moe_gpu.hpp"
 
 #include <cuda_runtime.h>
@@ -59,7 +57,6 @@
 #include <map>
 #include <mutex>
 
-#include "bf16_accum.cuh"
 #include "combine.cuh"
 #include "cuda_check.hpp"
 #include "device_buffer.hpp"
@@ -85,10 +82,8 @@ namespace {
 
 // ---------------------------------------------------------------- kernels
 
-// Vectors in flight per thread (kernels/grid_stride.cuh): the permutes copy 4 at a time; the combine
-// loads k rows for each of 2 tokens.
+// Vectors in flight per thread (kernels/grid_stride.cuh): the permutes copy 4 at a time.
 constexpr int kCopyUnroll = 4;
-constexpr int kCombineUnroll = 2;
 
 // ids -> slots, so that build_dispatch_plan groups rows by (destination rank, local expert). Row i is token
 // i / k's choice of expert e = ids[i]; e's replicas are replica_slots[e * max_rep ...] (replica_count[e] of
@@ -161,138 +156,6 @@ __global__ void segment_table_kernel(const int* __restrict__ all, int N, int E, 
       gexp[g] = le;
       goff[g + 1] = off;
     }
-  }
-}
-
-// accumulate() / store(): bf16_accum.cuh, shared with chapter 02's combine.
-using gpu::accumulate;
-using gpu::store;
-
-// Vector v of token t's combined row, Σ_j w[t,j] · row(row_of[t*k+j]), in two phases so that a thread can
-// have several tokens' loads in flight (kernels/grid_stride.cuh): combine_load reads the k rows and
-// weights, combine_sum adds them in fp32 in the order j = 0..k-1 and rounds once. Rows in [lo, hi) are
-// this rank's own (read from `own`), the others came back (`returned`); invalid rows add nothing.
-// K = top-k when the host knows it at compile time (2 for Phi-tiny); K = 0 for any other k: then
-// combine_load only notes (t, v) and combine_sum loads and adds one row after the other. Both do the same
-// arithmetic in the same order, so every K gives the same bits.
-struct CombineArgs {
-  const int* row_of;
-  const float* weights;
-  int k, per_row, lo, hi, rows;
-};
-
-template <typename V, int K>
-struct CombineLoads {
-  V q[K > 0 ? K : 1];
-  float w[K > 0 ? K : 1];
-  unsigned valid;  // K > 0: bit j set when row j exists
-  int t, v;        // K == 0: which vector combine_sum works on
-};
-
-template <typename V>
-__device__ __forceinline__ bool combine_row(const V* __restrict__ own, const V* __restrict__ returned,
-                                            const CombineArgs& a, int t, int v, int j, V& q, float& w) {
-  const int r = a.row_of[std::size_t(t) * a.k + j];
-  w = a.weights[std::size_t(t) * a.k + j];
-  if (r < 0 || r >= a.rows) return false;
-  q = (r >= a.lo && r < a.hi) ? own[std::size_t(r - a.lo) * a.per_row + v] : returned[std::size_t(r) * a.per_row + v];
-  return true;
-}
-
-template <int K, typename V>
-__device__ __forceinline__ void combine_load(const V* __restrict__ own, const V* __restrict__ returned,
-                                             const CombineArgs& a, int t, int v, CombineLoads<V, K>& c) {
-  c.t = t;
-  c.v = v;
-  c.valid = 0;
-  if constexpr (K > 0) {
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (combine_row(own, returned, a, t, v, j, c.q[j], c.w[j])) c.valid |= 1u << j;
-  }
-}
-
-template <int K, typename V, int kElems>
-__device__ __forceinline__ V combine_sum(const V* __restrict__ own, const V* __restrict__ returned,
-                                         const CombineArgs& a, const CombineLoads<V, K>& c) {
-  float acc[kElems];
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
-  if constexpr (K > 0) {
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (c.valid >> j & 1u) accumulate(c.q[j], c.w[j], acc);
-  } else {
-    for (int j = 0; j < a.k; ++j) {
-      V q;
-      float w;
-      if (combine_row(own, returned, a, c.t, c.v, j, q, w)) accumulate(q, w, acc);
-    }
-  }
-  V out;
-  store(out, acc);
-  return out;
-}
-
-// y[t] = Σ_j w[t,j] · row(row_of[t*k+j]), fp32 in the order j = 0..k-1, one rounding: exactly
-// unpermute_combine, except that a row r in [lo, hi) (this rank's own, never sent) is read from
-// own[r - lo] and every other row from returned[r]. Two tokens' vectors in flight per thread.
-template <int K, typename V, int kElems>
-__global__ void combine_part_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
-                                    const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
-                                    V* __restrict__ y) {
-  a.lo = offsets[lo_slot];
-  a.hi = offsets[hi_slot];
-  gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
-      std::size_t(T) * a.per_row, gpu::grid_first(), gpu::grid_stride(),
-      [&](std::size_t i, CombineLoads<V, K>& c) {
-        const int t = int(i / a.per_row), v = int(i - std::size_t(t) * a.per_row);
-        combine_load<K>(own, returned, a, t, v, c);
-      },
-      [&](std::size_t i, const CombineLoads<V, K>& c) { y[i] = combine_sum<K, V, kElems>(own, returned, a, c); });
-}
-
-// The chunked pipeline's class of token t: -1 when none of its rows left this rank (own or invalid rows
-// only: it needs nothing from the return exchange), else the last return piece it waits for: the largest
-// piece_containing() over its rows that went to peers (a row r in peer p's block [a, a + cnt) of the send
-// buffer, a = offsets[rank_slot[p]], comes back in piece piece_containing(cnt, r - a, C)).
-__device__ __forceinline__ int combine_class(const CombineArgs& a, int t, const int* __restrict__ offsets,
-                                             const int* __restrict__ rank_slot, int N, int C) {
-  int last = -1;
-  for (int j = 0; j < a.k; ++j) {
-    const int r = a.row_of[std::size_t(t) * a.k + j];
-    if (r < 0 || r >= a.rows || (r >= a.lo && r < a.hi)) continue;
-    for (int p = 0; p < N; ++p) {
-      const int b0 = offsets[rank_slot[p]], b1 = offsets[rank_slot[p + 1]];
-      if (r < b0 || r >= b1) continue;  // (this rank's own block [lo, hi) was skipped above)
-      last = max(last, piece_containing(b1 - b0, r - b0, C));
-      break;
-    }
-  }
-  return last;
-}
-
-// combine_part_kernel for one class of tokens (the chunked pipeline's combine, combine_class above):
-// cls = -1, the tokens that need nothing from the return exchange (combined while it runs); cls = c, the
-// tokens whose last remote row comes back in return piece c (combined while piece c + 1 travels). A block
-// per token (grid-stride over tokens), its threads over the row's vectors, so the class test is a few
-// reads per token. The per-element arithmetic is combine_part_kernel's (combine_load / combine_sum): the
-// same bits.
-template <int K, typename V, int kElems>
-__global__ void combine_class_kernel(const V* __restrict__ own, const V* __restrict__ returned, CombineArgs a,
-                                     const int* __restrict__ offsets, int lo_slot, int hi_slot, int T,
-                                     const int* __restrict__ rank_slot, int N, int C, int cls,
-                                     V* __restrict__ y) {
-  a.lo = offsets[lo_slot];
-  a.hi = offsets[hi_slot];
-  for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    if (combine_class(a, t, offsets, rank_slot, N, C) != cls) continue;
-    gpu::grid_stride_unrolled<kCombineUnroll, CombineLoads<V, K>>(
-        std::size_t(a.per_row), threadIdx.x, blockDim.x,
-        [&](std::size_t v, CombineLoads<V, K>& c) { combine_load<K>(own, returned, a, t, int(v), c); },
-        [&](std::size_t v, const CombineLoads<V, K>& c) {
-          y[std::size_t(t) * a.per_row + v] = combine_sum<K, V, kElems>(own, returned, a, c);
-        });
   }
 }
 
@@ -633,35 +496,19 @@ struct EpMoeGpu::Impl {
     CUDA_CHECK_LAUNCH();
   }
 
-  // The combine on stream st: every token (cls = kAllTokens: combine_part_kernel), or one class of tokens
-  // of the chunked pipeline (cls = -1 or a return piece: combine_class_kernel). K = 2 (Phi-tiny's top-k) is
-  // compiled with its loads independent; any other k takes the general path (the same bits, kernels above).
+  // The combine on stream st (combine.cuh): every token (cls = kAllTokens), or one class of tokens of the chunked
+  // pipeline (cls = -1: all rows stayed here; c: the last remote row came back in return piece c). Own rows are
+  // read from the arrival buffer's front, the others from where they left the send buffer.
   static constexpr int kAllTokens = -2;
   void combine(bf16* d_y, int T, int cls, cudaStream_t st) {
     EpWorkspace& w = *ws;
-    if (T == 0) return;
-    const bool vec = H % 8 == 0 && aligned16(d_y);  // int4 = 8 bf16 per load, when the rows allow it
-    const CombineArgs a{w.row_of.get(), weights.get(), k, vec ? H / 8 : H, 0, 0, T * k};
-    if (vec && k == 2) launch_combine<2, int4, 8>(a, T, cls, d_y, st);
-    else if (vec) launch_combine<0, int4, 8>(a, T, cls, d_y, st);
-    else if (k == 2) launch_combine<2, bf16, 1>(a, T, cls, d_y, st);
-    else launch_combine<0, bf16, 1>(a, T, cls, d_y, st);
-    CUDA_CHECK_LAUNCH();
-  }
-  template <int K, typename V, int kElems>
-  void launch_combine(const CombineArgs& a, int T, int cls, bf16* d_y, cudaStream_t st) {
-    EpWorkspace& w = *ws;
-    const V* own = reinterpret_cast<const V*>(w.xg.get());
-    const V* returned = reinterpret_cast<const V*>(w.send.get());
-    V* y = reinterpret_cast<V*>(d_y);
-    if (cls == kAllTokens) {
-      combine_part_kernel<K, V, kElems><<<w.grid(std::size_t(T) * a.per_row / kCombineUnroll), 256, 0, st>>>(
-          own, returned, a, w.offsets.get(), lo_slot, hi_slot, T, y);
-    } else {
-      const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, std::size_t(w.sms) * 4)));
-      combine_class_kernel<K, V, kElems><<<blocks, 256, 0, st>>>(own, returned, a, w.offsets.get(), lo_slot, hi_slot, T,
-                                                                  rank_slot.get(), N, chunks, cls, y);
-    }
+    const gpu::CombineSources src{w.send.get(), w.xg.get(), w.offsets.get(), lo_slot, hi_slot};
+    const unsigned cap = unsigned(w.sms) * 4;  // leave SMs for NCCL's kernels, which run at the same time
+    if (cls == kAllTokens)
+      gpu::combine_rows(src, w.row_of.get(), weights.get(), T, k, H, d_y, st, cap);
+    else
+      gpu::combine_rows_class(src, w.row_of.get(), weights.get(), T, k, H, d_y, {cls, rank_slot.get(), N, chunks}, st,
+                              cap);
   }
 
   // Piece c of C of one message (a peer's whole block), by piece_begin: what both sides post.
