@@ -16,6 +16,7 @@
 //
 // Run: 00_model_tour [--model DIR] [--ep-sizes 1,2,4,8,16] [--json FILE]
 //      00_model_tour --model data/phi-tiny-moe
+#include <algorithm>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -117,17 +118,23 @@ void print_params(const ParamCounts& a, const ParamCounts& b) {
 }
 
 nlohmann::json print_memory(const ModelConfig& c, const std::vector<int>& ep_sizes, bool print = true) {
-  Table t({"EP size", "experts/layer per GPU", "expert weights per GPU", "replicated per GPU", "total per GPU"});
+  // The last column: chapter 06's load balancing adds redundant expert slots (replicas of hot experts); one
+  // more slot per GPU costs one expert in every layer.
+  Table t({"EP size", "experts/layer per GPU", "expert weights per GPU", "replicated per GPU", "total per GPU",
+           "+1 redundant slot/GPU"});
   nlohmann::json rows = nlohmann::json::array();
+  const EpMemory one = ep_memory(c, 1);
+  const double expert_all_layers = one.expert_bytes_per_gpu / std::max(1, one.experts_per_gpu_max);
   for (int n : ep_sizes) {
     const EpMemory m = ep_memory(c, n);
     const std::string per = m.even ? std::to_string(m.experts_per_gpu_max)
                                    : strf("%d (busiest; others %d)", m.experts_per_gpu_max, m.experts_per_gpu_min);
     t.add_row({std::to_string(n), per, human_bytes(m.expert_bytes_per_gpu), human_bytes(m.replicated_bytes),
-               human_bytes(m.total_bytes_per_gpu)});
+               human_bytes(m.total_bytes_per_gpu), human_bytes(m.total_bytes_per_gpu + expert_all_layers)});
     rows.push_back({{"ep_size", n}, {"experts_per_gpu_max", m.experts_per_gpu_max}, {"even", m.even},
                     {"expert_bytes_per_gpu", m.expert_bytes_per_gpu}, {"replicated_bytes", m.replicated_bytes},
-                    {"total_bytes_per_gpu", m.total_bytes_per_gpu}});
+                    {"total_bytes_per_gpu", m.total_bytes_per_gpu},
+                    {"total_bytes_per_gpu_one_redundant", m.total_bytes_per_gpu + expert_all_layers}});
   }
   if (print) t.print();
   return rows;

@@ -108,3 +108,8 @@ eplab_expect_error(NAME load_balancing_gpus_without_trace REGEX "--gpus goes wit
 foreach(t trace_missing gpus_without_trace)
   _ep_props(load_balancing_${t} TIMEOUT 60)
 endforeach()
+
+# --- GPU: NCCL ranks, the engine with replicas (label gpu; skipped, exit 77, on a machine with fewer than 2 GPUs;
+#     tests/gpu/test_ep_loopback.cu runs the engine with replicas on loopback ranks on one GPU)
+_ep_gpu(load_balancing_gpu_np2 2 "CHECK PASS 06_load_balancing: N=2 GPU/NCCL"
+        ${_mpirun} -np 2 ${_lb} --model ${EPLAB_TEST_MODEL} --device gpu --tokens 256 --steps 2)
