@@ -86,8 +86,8 @@ if(TARGET 05_phi_tiny_ep)
   add_test(NAME load_balancing_make_trace
            COMMAND ${_mpirun} -np 2 $<TARGET_FILE:05_phi_tiny_ep> --model ${EPLAB_TEST_MODEL} --device cpu
                    --prompt-ids 1,450,4996,17354 --prompt-ids 7,8,9 --max-new-tokens 6 --trace ${_lb_trace})
-  set_tests_properties(load_balancing_make_trace PROPERTIES FIXTURES_SETUP lb_trace)
-  _ep_props(load_balancing_make_trace TIMEOUT 120)
+  # (_ep_props sets FIXTURES_REQUIRED to the mini model: the trace fixture is added after it, not before)
+  _ep_props(load_balancing_make_trace TIMEOUT 120 FIXTURES_SETUP lb_trace)
   eplab_expect_pass(NAME load_balancing_from_trace
                     REGEX "load from the trace: 6 steps, [0-9]+ layers, 16 experts; 2 GPUs, 18 slots.*CHECK PASS 06_load_balancing --trace"
                     COMMAND ${_mpirun} -np 1 ${_lb} --trace ${_lb_trace})
@@ -97,8 +97,8 @@ if(TARGET 05_phi_tiny_ep)
   eplab_expect_error(NAME load_balancing_trace_gpus_uneven REGEX "--gpus 3 must divide the trace's 16 experts"
                      COMMAND ${_mpirun} -np 1 ${_lb} --trace ${_lb_trace} --gpus 3)
   foreach(t from_trace from_trace_4gpus trace_gpus_uneven)
-    set_tests_properties(load_balancing_${t} PROPERTIES FIXTURES_REQUIRED lb_trace)
-    _ep_props(load_balancing_${t} TIMEOUT 60)
+    _ep_props(load_balancing_${t} TIMEOUT 60)  # the mini-model fixture; then the trace's, with it
+    set_tests_properties(load_balancing_${t} PROPERTIES FIXTURES_REQUIRED "eplab_mini_model;lb_trace")
   endforeach()
 endif()
 eplab_expect_error(NAME load_balancing_trace_missing REGEX "--trace .*no-such-trace.jsonl: cannot open the file"
