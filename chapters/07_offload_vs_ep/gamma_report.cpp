@@ -75,7 +75,8 @@ nlohmann::json overview(const std::vector<MoeCard>& cards, double act_bytes) {
       s.act_bytes = act_bytes;
       const GammaPoint g1 = gamma_point(c, s, 1), g4k = gamma_point(c, s, 4096);
       const double x = crossover_tokens(c, s);
-      t.add_row({c.name, sy.name, strf("%.0f", g1.gamma), strf("%.3g", g4k.gamma), tokens_str(x)});
+      t.add_row({c.name, sy.name, strf("%.0f", g1.gamma), strf(g4k.gamma >= 100 ? "%.0f" : "%.3g", g4k.gamma),
+                 tokens_str(x)});
       out.push_back({{"card", c.name}, {"network", sy.name}, {"b_net", sy.net}, {"gamma_1", g1.gamma},
                      {"gamma_4096", g4k.gamma}, {"crossover_tokens", x}});
     }

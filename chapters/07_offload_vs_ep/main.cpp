@@ -36,7 +36,7 @@ struct Options {
 };
 
 // Each layer's expert ids, in row order over the whole trace (prefill rows, then every decode step's).
-std::vector<std::vector<int>> trace_ids(const std::string& path, int& k) {
+std::vector<std::vector<int>> trace_ids(const std::string& path, const MoeCard& card, int& k) {
   std::ifstream f(path);
   require(bool(f), "--trace ", path, ": cannot open the file");
   std::vector<std::vector<int>> ids;
@@ -49,6 +49,11 @@ std::vector<std::vector<int>> trace_ids(const std::string& path, int& k) {
     } catch (const std::exception& e) {
       fail("--trace ", path, " line ", n, ": ", e.what());
     }
+    // a trace of another model would give another model's N_ue
+    require(r.num_experts == card.experts && (r.hidden == 0 || r.hidden == card.hidden) && r.layer < card.moe_layers,
+            "--trace ", path, " line ", n, ": layer ", r.layer, " of a model with ", r.num_experts, " experts and hidden ",
+            r.hidden, ", not ", card.name, " (", card.experts, " experts, hidden ", card.hidden, ", ", card.moe_layers,
+            " MoE layers)");
     if (r.layer >= int(ids.size())) ids.resize(std::size_t(r.layer) + 1);
     k = r.routing.k;
     ids[std::size_t(r.layer)].insert(ids[std::size_t(r.layer)].end(), r.routing.ids.begin(), r.routing.ids.end());
@@ -77,6 +82,11 @@ int run(int argc, char** argv) {
   app.add_option("--hbm-gbps", o.hbm_gbps, "GPU memory bandwidth for T_B, GB/s (chapter 02 measures it)");
   app.add_option("--json", o.json, "write the inputs and every row here");
   if (auto early = parse_cli(app, argc, argv)) return *early;
+  if (o.card.empty() && o.model.empty())  // the overview uses the stated systems and N_t = 1 and 4096
+    for (const char* f : {"--tokens", "--b-pcie", "--b-net", "--pcie-latency-us", "--net-latency-us", "--peak-tflops",
+                          "--hbm-gbps", "--trace"})
+      require(app.count(f) == 0, f, " goes with --card or --model (without them: the overview at the stated "
+              "bandwidths)");
 
   require(o.card.empty() || o.model.empty(), "--card and --model: give one of them");
   require(o.trace.empty() || !o.model.empty(), "--trace goes with --model (the model the trace was made with)");
@@ -126,7 +136,7 @@ int run(int argc, char** argv) {
   std::vector<double> measured(o.tokens.size(), -1);
   if (!o.trace.empty()) {
     int k = 0;
-    const std::vector<std::vector<int>> ids = trace_ids(o.trace, k);
+    const std::vector<std::vector<int>> ids = trace_ids(o.trace, card, k);
     require(k == card.top_k, "--trace ", o.trace, ": routes top-", k, " but the model's top-k is ", card.top_k);
     std::size_t rows = ids[0].size() / std::size_t(k);
     for (const auto& l : ids) rows = std::min(rows, l.size() / std::size_t(k));

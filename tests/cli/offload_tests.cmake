@@ -37,3 +37,16 @@ eplab_expect_error(NAME offload_no_data REGEX "model card deepseek-r1: cannot op
                    COMMAND ${_of} --data ${CMAKE_CURRENT_BINARY_DIR}/no-such-data --card deepseek-r1)
 eplab_expect_error(NAME offload_model_without_config REGEX "no config.json there"
                    COMMAND ${_of} --model ${CMAKE_CURRENT_BINARY_DIR}/no-such-model)
+eplab_expect_error(NAME offload_overview_flags REGEX "--b-pcie goes with --card or --model"
+                   COMMAND ${_of} ${_ofd} --b-pcie 32e9)
+# the measured N_ue from chapter 05's routing: the trace load_balancing_tests.cmake makes (fixture lb_trace) on
+# the test model; a model the trace does not belong to is refused
+if(TEST load_balancing_make_trace)
+  set(_of_trace ${CMAKE_CURRENT_BINARY_DIR}/load_balancing_trace.jsonl)
+  eplab_expect_pass(NAME offload_measured_used_experts REGEX "N_ue \\(measured\\).*\n1 +2 +2\\.0 .*CHECK PASS"
+                    COMMAND ${_of} --model ${EPLAB_TEST_MODEL} --trace ${_of_trace} --tokens 1,4)
+  eplab_expect_error(NAME offload_trace_of_another_model REGEX "not .*phi-tiny-moe \\(16 experts, hidden 4096"
+                     COMMAND ${_of} --model ${EPLAB_SOURCE_DIR}/data/phi-tiny-moe --trace ${_of_trace})
+  set_tests_properties(offload_measured_used_experts offload_trace_of_another_model
+                       PROPERTIES FIXTURES_REQUIRED "eplab_mini_model;lb_trace")
+endif()
