@@ -157,8 +157,9 @@ void launch(const CombineSources& src, const CombineArgs& a, int T, const Combin
   if (!cls) {
     const std::size_t work = (std::size_t(T) * a.per_row + kCombineUnroll - 1) / kCombineUnroll;
     const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>((work + 255) / 256, cap)));
-    combine_part_kernel<K, V, kElems><<<blocks, 256, 0, s>>>(own, returned, a, src.d_offsets, src.lo_slot, src.hi_slot,
-                                                             T, y);
+    // without own rows there is no own range, whatever the offsets say (the kernel reads none then)
+    combine_part_kernel<K, V, kElems><<<blocks, 256, 0, s>>>(own, returned, a, src.own ? src.d_offsets : nullptr,
+                                                             src.lo_slot, src.hi_slot, T, y);
   } else {
     const unsigned blocks = unsigned(std::max<std::size_t>(1, std::min<std::size_t>(T, cap)));
     combine_class_kernel<K, V, kElems><<<blocks, 256, 0, s>>>(own, returned, a, src.d_offsets, src.lo_slot, src.hi_slot,
@@ -191,8 +192,8 @@ void combine_rows(const CombineSources& src, const int* d_row_of, const float* d
 
 void combine_rows_class(const CombineSources& src, const int* d_row_of, const float* d_weights, int T, int k, int H,
                         bf16* d_y, const CombineClass& cls, cudaStream_t s, unsigned max_blocks) {
-  require(cls.d_rank_slot && src.d_offsets && cls.ranks >= 1 && cls.pieces >= 1,
-          "combine_rows_class: the pipeline needs the rank blocks (rank_slot, offsets), ranks >= 1 and pieces >= 1");
+  require(cls.d_rank_slot && src.d_offsets && src.own && cls.ranks >= 1 && cls.pieces >= 1,
+          "combine_rows_class: the pipeline needs the rank blocks (rank_slot, offsets), own rows, ranks >= 1 and pieces >= 1");
   combine_any(src, d_row_of, d_weights, T, k, H, d_y, &cls, s, max_blocks);
 }
 

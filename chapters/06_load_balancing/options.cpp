@@ -46,7 +46,7 @@ std::optional<int> parse_ep06_options(dist::Communicator& mpi, int argc, char** 
     const int N = mpi.size();
     require(N >= 2 || !o.trace.empty(), "load balancing spreads experts over ranks: run with mpirun -np 2 or more "
             "(CPU ranks work on any machine: --device cpu)");
-    require(o.gpus >= 0, "--gpus must be >= 1, got ", o.gpus);
+    require(o.gpus >= 0, "--gpus must be >= 1 (0: the traced run's ranks), got ", o.gpus);
     require(o.gpus == 0 || !o.trace.empty(), "--gpus goes with --trace (otherwise the ranks are the GPUs)");
     require(o.layer.tokens >= 1, "--tokens must be >= 1, got ", o.layer.tokens);
     require(o.steps >= 1, "--steps must be >= 1, got ", o.steps);

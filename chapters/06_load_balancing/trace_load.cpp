@@ -27,6 +27,7 @@ TraceLoad read_trace_load(const std::string& path) {
     } catch (const std::exception& e) {
       fail("--trace ", path, " line ", lineno, ": ", e.what());
     }
+    if (r.T() == 0) continue;  // a step with no tokens: no load, and maybe no expert count to check
     if (load.experts == 0) load.experts = r.num_experts;
     require(r.num_experts == load.experts, "--trace ", path, " line ", lineno, ": ", r.num_experts,
             " experts, earlier lines ", load.experts);

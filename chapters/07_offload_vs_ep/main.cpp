@@ -49,6 +49,7 @@ std::vector<std::vector<int>> trace_ids(const std::string& path, const MoeCard& 
     } catch (const std::exception& e) {
       fail("--trace ", path, " line ", n, ": ", e.what());
     }
+    if (r.T() == 0) continue;  // a step with no tokens routes nothing
     // a trace of another model would give another model's N_ue
     require(r.num_experts == card.experts && (r.hidden == 0 || r.hidden == card.hidden) && r.layer < card.moe_layers,
             "--trace ", path, " line ", n, ": layer ", r.layer, " of a model with ", r.num_experts, " experts and hidden ",

@@ -39,12 +39,22 @@ MoeCard card_from_config(const nlohmann::json& c, const std::string& name) {
   // MoE layers: DeepSeek's first_k_dense_replace layers are dense; Qwen3 lists dense layers in mlp_only_layers
   // and puts an MoE block every decoder_sparse_step layers
   m.moe_layers = m.layers;
-  if (c.contains("first_k_dense_replace")) m.moe_layers -= c["first_k_dense_replace"].get<int>();
+  if (c.contains("first_k_dense_replace")) {
+    const nlohmann::json& f = c["first_k_dense_replace"];
+    require(f.is_number_integer() && f.get<long long>() >= 0 && f.get<long long>() < m.layers, "model card ", name,
+            ": first_k_dense_replace must be an integer in [0, ", m.layers, ")");
+    m.moe_layers -= f.get<int>();
+  }
   if (c.contains("decoder_sparse_step") || c.contains("mlp_only_layers")) {
     const int step = c.contains("decoder_sparse_step") ? field_int(c, "decoder_sparse_step", name) : 1;
     std::set<int> dense;
-    if (c.contains("mlp_only_layers"))
-      for (const auto& l : c["mlp_only_layers"]) dense.insert(l.get<int>());
+    if (c.contains("mlp_only_layers")) {
+      require(c["mlp_only_layers"].is_array(), "model card ", name, ": mlp_only_layers must be a list of layers");
+      for (const auto& l : c["mlp_only_layers"]) {
+        require(l.is_number_integer(), "model card ", name, ": mlp_only_layers holds a non-integer");
+        dense.insert(l.get<int>());
+      }
+    }
     m.moe_layers = 0;
     for (int l = 0; l < m.layers; ++l) m.moe_layers += !dense.count(l) && (l + 1) % step == 0;
   }

@@ -17,8 +17,10 @@
 // Replicas (load balancing, chapter 06): a third kind is built from an explicit physical -> logical map
 // (EPLB's phy2log): S >= E physical slots, S / N on each rank in order, slot s holding a copy of logical
 // expert phy2log[s]; a hot expert may have several slots. A row routed to expert e then goes to one of
-// its replicas, slot_for(e, t) = replicas(e)[t mod count] (the token index spreads e's tokens evenly, as
-// vLLM does), and everything downstream (plan, dispatch, experts, combine) works on slots. Without
+// its replicas, slot_for(e, t) = replicas(e)[t mod count], t the token's index on its rank (vLLM uses the
+// flat (token, choice) position instead; both need no state), and everything downstream (plan, dispatch,
+// experts, combine) works on slots. With few tokens per rank the spread is uneven: a rank with one token
+// always picks the first replica. Without
 // replicas S = E and every expert has exactly one slot.
 #pragma once
 #include <string>

@@ -381,6 +381,10 @@ struct EpMoeGpu::Impl {
     S = placement.num_slots();
     require(N > 1 || !placement.has_replicas(), "EpMoeGpu: replicas of experts need at least 2 ranks (one GPU "
             "holds every expert once)");
+    if (N == 1)  // the single-GPU layer stores expert e at index e
+      for (int e = 0; e < E; ++e)
+        require(placement.experts_of(0)[std::size_t(e)] == e, "EpMoeGpu: one rank holds the experts in id order; "
+                "this map puts expert ", placement.experts_of(0)[std::size_t(e)], " in slot ", e);
     if (N == 1) {  // the single-GPU layer holds the weights and runs the forward (forward_local)
       s = reinterpret_cast<cudaStream_t>(comm.stream());
       return;

@@ -76,7 +76,7 @@ endforeach()
 # --- rebalancing while running: three windows, a weight move after each of the first two (the second finds
 #     the map already balanced and moves nothing); the outputs of every window must agree
 eplab_expect_pass(NAME load_balancing_three_windows
-                  REGEX "window 0: .*weights moved in .*window 1: .*0 experts sent between ranks.*outputs bit-identical in every window.*CHECK PASS 06_load_balancing: N=4"
+                  REGEX "window 0: .*weights moved in .*window 1: [^\n]*slowest rank\\): 0 experts sent between ranks.*outputs bit-identical in every window.*CHECK PASS 06_load_balancing: N=4"
                   COMMAND ${_mpirun} -np 4 ${_lb} ${_lbm} --windows 3)
 _ep_props(load_balancing_three_windows TIMEOUT 120)
 
@@ -113,3 +113,9 @@ endforeach()
 #     tests/gpu/test_ep_loopback.cu runs the engine with replicas on loopback ranks on one GPU)
 _ep_gpu(load_balancing_gpu_np2 2 "CHECK PASS 06_load_balancing: N=2 GPU/NCCL"
         ${_mpirun} -np 2 ${_lb} --model ${EPLAB_TEST_MODEL} --device gpu --tokens 256 --steps 2)
+# a trace whose first line routed nothing (and says no expert count): planned from the lines that did
+eplab_expect_pass(NAME load_balancing_trace_first_step_empty
+                  REGEX "load from the trace: 1 steps, 2 layers, 8 experts; 2 GPUs.*CHECK PASS 06_load_balancing --trace"
+                  COMMAND ${_mpirun} -np 1 ${_lb} --trace ${EPLAB_SOURCE_DIR}/tests/data/traces/first_step_empty.jsonl
+                          --gpus 2)
+_ep_props(load_balancing_trace_first_step_empty TIMEOUT 60)
