@@ -106,13 +106,15 @@ int run(int argc, char** argv) {
   const double tp_total = median_max(*comm, tp_ms), tp_ar = median_max(*comm, tp_ar_ms);
   const double ep_total = median_max(*comm, ep_ms), ep_x = median_max(*comm, ep_x_ms);
 
-  // --- what moved, per rank: TP's all-reduce sends (N-1)/N of [NT, H] twice; EP the rows that left the rank
+  // --- what moved, per rank, as it goes on the wire: TP's all-reduce sends (N-1)/N of [NT, H] fp32 partials
+  // twice; EP the rows that left the rank, bf16 out (dispatch) and fp32 back (combine) on this CPU path
   const EpPlan& plan = ep->plan();
-  const double row = double(H) * sizeof(float);  // both move fp32 rows on the CPU path
+  const double row = double(H) * sizeof(float);
+  const double ep_row = double(ep->dispatch_row_bytes() + ep->combine_row_bytes());  // one row out and back
   int ep_rows_out = 0, ep_msgs = 0;
   for (int q = 0; q < N; ++q)
     if (q != rank && plan.send_counts[q]) ep_rows_out += plan.send_counts[q], ++ep_msgs;
-  const double ep_bytes = 2.0 * ep_rows_out * row, tp_bytes = 2.0 * (NT - rows_of(rank, N, NT).count) * row;
+  const double ep_bytes = ep_rows_out * ep_row, tp_bytes = 2.0 * (NT - rows_of(rank, N, NT).count) * row;
   const double ep_bytes_mean = comm->sum(ep_bytes) / N, tp_bytes_mean = comm->sum(tp_bytes) / N;
   const double ep_msgs_mean = comm->sum(2.0 * ep_msgs) / N;
 
@@ -135,12 +137,14 @@ int run(int argc, char** argv) {
                human_bytes(2.0 * (N - 1) / N * NT * row) + " = 2 (N-1)/N NT H 4", std::to_string(2 * (N - 1)),
                strf("%.3f", tp_ar), strf("%.3f", tp_total)});
     t.add_row({"EP (all-to-all-v)", human_bytes(w_bytes), human_bytes(ep_bytes_mean),
-               human_bytes(2.0 * T * k * (N - 1) / N * row) + " = 2 T k (N-1)/N H 4 (uniform)",
+               human_bytes(double(T) * k * (N - 1) / N * ep_row) +
+                   strf(" = T k (N-1)/N H (%d + %d) (uniform)", int(ep->dispatch_row_bytes() / H),
+                        int(ep->combine_row_bytes() / H)),
                strf("%.1f", ep_msgs_mean), strf("%.3f", ep_x), strf("%.3f", ep_total)});
     std::printf("\nper rank and layer (CPU ranks: times are the CPU's, the bytes and messages are the lesson):\n");
     t.print();
-    std::printf("TP sends %.2fx EP's bytes here: TP moves every token's output to every rank, EP only the k copies "
-                "of the rows whose experts live elsewhere\n",
+    std::printf("TP sends %.2fx EP's bytes here: TP moves every token's partial output to every rank, EP only the k "
+                "copies of the rows whose experts live elsewhere (and sends them out in bf16)\n",
                 ep_bytes_mean > 0 ? tp_bytes_mean / ep_bytes_mean : 0.0);
     std::printf("TP check: %s\nEP check: %s\n", ctp.summary().c_str(), cep.summary().c_str());
     pass = ctp.pass && cep.pass;
