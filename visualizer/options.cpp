@@ -1,5 +1,8 @@
 #include "options.hpp"
 
+#include <cctype>
+#include <string>
+
 #include "util/check.hpp"
 #include "util/cli.hpp"
 
@@ -32,6 +35,11 @@ std::optional<int> parse_options(int argc, char** argv, Options& o) {
   require(o.width >= 320 && o.height >= 240 && o.width <= 8192 && o.height <= 8192,
           "--width/--height must be 320x240 .. 8192x8192");
   require(o.placement != "trace" || !o.trace.empty(), "--placement trace needs --trace FILE");
+  // the screenshot is always PNG bytes: a .jpg name would give a file no viewer reads as its name says
+  std::string ext = o.screenshot.size() >= 4 ? o.screenshot.substr(o.screenshot.size() - 4) : "";
+  for (char& c : ext) c = char(std::tolower(static_cast<unsigned char>(c)));
+  require(o.screenshot.empty() || ext == ".png", "--screenshot ", o.screenshot,
+          ": the file is written as PNG, so give it a .png name");
   return std::nullopt;
 }
 

@@ -76,6 +76,8 @@ set(_viz $<TARGET_FILE:visualizer>)
 
 eplab_expect_pass(NAME viz_help REGEX "--screenshot" LABELS visualizer COMMAND ${_viz} --help)
 eplab_expect_error(NAME viz_bad_placement REGEX "--placement" LABELS visualizer COMMAND ${_viz} --placement diagonal)
+eplab_expect_error(NAME viz_screenshot_not_png REGEX "--screenshot .*shot.jpg: the file is written as PNG" LABELS visualizer
+                   COMMAND ${_viz} --screenshot ${CMAKE_CURRENT_BINARY_DIR}/shot.jpg)
 
 # The app's own --print-routing (no window, no xvfb): the CPU routing, and byte for byte viz_routing's output.
 eplab_expect_pass(NAME viz_print_routing_cpu REGEX "${_routing_re}" LABELS visualizer
