@@ -68,14 +68,7 @@ struct PeerTimes {
 PeerTimes load_peer(const std::string& path) {
   PeerTimes p;
   if (path.empty()) return p;
-  std::ifstream f(path);
-  require(bool(f), "--peer-json: cannot open ", path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    fail("--peer-json ", path, ": not valid JSON (", e.what(), ")");
-  }
+  const nlohmann::json j = read_json(path, "--peer-json");
   // scripts/hf_moe_bench.py writes {"best": {"<T>": {"ms": .., "impl": ..}}, "device": ..}
   require(j.contains("best") && j["best"].is_object(), "--peer-json ", path, ": no 'best' object");
   for (auto& [t, v] : j["best"].items()) p.ms[std::stoi(t)] = v.is_object() ? v.value("ms", 0.0) : v.get<double>();

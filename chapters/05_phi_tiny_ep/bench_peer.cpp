@@ -1,23 +1,16 @@
 #include "bench_peer.hpp"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "util/check.hpp"
+#include "util/report.hpp"
 
 namespace eplab {
 
 ModelPeer load_model_peer(const std::string& path) {
   ModelPeer p;
   if (path.empty()) return p;
-  std::ifstream f(path);
-  require(bool(f), "--peer-json: cannot open ", path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    fail("--peer-json ", path, ": not valid JSON (", e.what(), ")");
-  }
+  const nlohmann::json j = read_json(path, "--peer-json");
   require(j.contains("best") && j["best"].is_object(), "--peer-json ", path,
           ": no 'best' object (write it with scripts/hf_model_bench.py --json)");
   auto take = [&](const char* key, double& value, std::string& impl) {

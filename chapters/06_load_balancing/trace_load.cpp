@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <numeric>
 
 #include "moe/eplb.hpp"
@@ -13,21 +12,10 @@
 namespace eplab {
 
 TraceLoad read_trace_load(const std::string& path) {
-  std::ifstream f(path);
-  require(bool(f), "--trace ", path, ": cannot open the file");
   TraceLoad load;
-  std::string line;
-  int lineno = 0, last_step = -1;
-  while (std::getline(f, line)) {
-    ++lineno;
-    if (line.empty()) continue;
-    TraceRecord r;
-    try {
-      r = parse_trace_line(line);
-    } catch (const std::exception& e) {
-      fail("--trace ", path, " line ", lineno, ": ", e.what());
-    }
-    if (r.T() == 0) continue;  // a step with no tokens: no load, and maybe no expert count to check
+  int last_step = -1;
+  read_trace_file(path, "--trace", [&](const TraceRecord& r, int lineno) {
+    if (r.T() == 0) return;  // a step with no tokens: no load, and maybe no expert count to check
     if (load.experts == 0) load.experts = r.num_experts;
     require(r.num_experts == load.experts, "--trace ", path, " line ", lineno, ": ", r.num_experts,
             " experts, earlier lines ", load.experts);
@@ -39,7 +27,7 @@ TraceLoad read_trace_load(const std::string& path) {
     for (int id : r.routing.ids)
       if (id >= 0 && id < load.experts) load.tokens[std::size_t(r.layer)][std::size_t(id)] += 1;
     if (r.step != last_step) ++load.steps, last_step = r.step;
-  }
+  });
   require(load.layers > 0 && load.experts > 0, "--trace ", path, ": no routing in the file");
   return load;
 }

@@ -37,19 +37,9 @@ struct Options {
 
 // Each layer's expert ids, in row order over the whole trace (prefill rows, then every decode step's).
 std::vector<std::vector<int>> trace_ids(const std::string& path, const MoeCard& card, int& k) {
-  std::ifstream f(path);
-  require(bool(f), "--trace ", path, ": cannot open the file");
   std::vector<std::vector<int>> ids;
-  std::string line;
-  for (int n = 1; std::getline(f, line); ++n) {
-    if (line.empty()) continue;
-    TraceRecord r;
-    try {
-      r = parse_trace_line(line);
-    } catch (const std::exception& e) {
-      fail("--trace ", path, " line ", n, ": ", e.what());
-    }
-    if (r.T() == 0) continue;  // a step with no tokens routes nothing
+  read_trace_file(path, "--trace", [&](const TraceRecord& r, int n) {
+    if (r.T() == 0) return;  // a step with no tokens routes nothing
     // a trace of another model would give another model's N_ue
     require(r.num_experts == card.experts && (r.hidden == 0 || r.hidden == card.hidden) && r.layer < card.moe_layers,
             "--trace ", path, " line ", n, ": layer ", r.layer, " of a model with ", r.num_experts, " experts and hidden ",
@@ -58,7 +48,7 @@ std::vector<std::vector<int>> trace_ids(const std::string& path, const MoeCard& 
     if (r.layer >= int(ids.size())) ids.resize(std::size_t(r.layer) + 1);
     k = r.routing.k;
     ids[std::size_t(r.layer)].insert(ids[std::size_t(r.layer)].end(), r.routing.ids.begin(), r.routing.ids.end());
-  }
+  });
   require(!ids.empty() && k > 0, "--trace ", path, ": no routing in the file");
   return ids;
 }
@@ -114,15 +104,8 @@ int run(int argc, char** argv) {
     card = load_card(o.card, o.data);
   } else {
     const std::string path = o.model + "/config.json";
-    std::ifstream f(path);
-    require(bool(f), "--model ", o.model, ": no config.json there");
-    nlohmann::json cfg;
-    try {
-      cfg = nlohmann::json::parse(f);
-    } catch (const std::exception& e) {
-      fail("--model ", path, ": not valid JSON (", e.what(), ")");
-    }
-    card = card_from_config(cfg, o.model);
+    require(std::ifstream(path).good(), "--model ", o.model, ": no config.json there");
+    card = card_from_config(read_json(path, "--model"), o.model);
   }
   SystemSpec s;
   s.b_pcie = o.b_pcie;

@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <set>
 
 #include "util/check.hpp"
+#include "util/report.hpp"
 
 namespace eplab {
 namespace {
@@ -78,15 +78,7 @@ MoeCard load_card(const std::string& name, const std::string& data_dir) {
   }
   const std::filesystem::path path = name == "phi-tiny-moe" ? std::filesystem::path(data_dir) / "phi-tiny-moe" / "config.json"
                                                             : std::filesystem::path(data_dir) / "model-cards" / (name + ".json");
-  std::ifstream f(path);
-  require(bool(f), "model card ", name, ": cannot open ", path.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    fail("model card ", path.string(), ": not valid JSON (", e.what(), ")");
-  }
-  return card_from_config(j, name);
+  return card_from_config(read_json(path.string(), "model card " + name), name);
 }
 
 double worst_case_used_experts(const MoeCard& c, double tokens) {

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 
 #include <nlohmann/json.hpp>
 
@@ -201,6 +202,23 @@ TraceRecord parse_trace_line(const std::string& line, int fallback_experts, int 
   }
   check_trace_record(r);
   return r;
+}
+
+void read_trace_file(const std::string& path, const std::string& what,
+                     const std::function<void(const TraceRecord&, int line)>& fn) {
+  std::ifstream f(path);
+  require(bool(f), what, " ", path, ": cannot open the file");
+  std::string line;
+  for (int n = 1; std::getline(f, line); ++n) {
+    if (line.empty()) continue;
+    TraceRecord r;
+    try {
+      r = parse_trace_line(line);
+    } catch (const std::exception& e) {
+      fail(what, " ", path, " line ", n, ": ", e.what());
+    }
+    fn(r, n);
+  }
 }
 
 TraceWriter::~TraceWriter() {

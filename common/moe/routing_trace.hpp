@@ -16,6 +16,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,12 @@ std::string to_trace_line(const TraceRecord& r);
 // loaded model's shape; 0 = unknown). num_experts is otherwise rank_of_expert's length, else the largest id + 1.
 // Missing pieces stay empty.
 TraceRecord parse_trace_line(const std::string& line, int fallback_experts = 0, int fallback_hidden = 0);
+
+// Every line of a whole trace file in order (empty lines skipped), parsed, handed to fn with its line number.
+// Throws eplab::Error (one line) "<what> <path>: cannot open the file" or "<what> <path> line N: <reason>";
+// what names the flag, e.g. "--trace". (The visualizer's follower reads a growing file its own way.)
+void read_trace_file(const std::string& path, const std::string& what,
+                     const std::function<void(const TraceRecord&, int line)>& fn);
 
 class TraceWriter {
  public:

@@ -69,6 +69,16 @@ std::string human_count(double n) {
   return strf("%.0f", n);
 }
 
+nlohmann::json read_json(const std::string& path, const std::string& what) {
+  std::ifstream f(path);
+  require(bool(f), what, ": cannot open ", path);
+  try {
+    return nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    fail(what, " ", path, ": not valid JSON (", e.what(), ")");
+  }
+}
+
 void write_json(const std::string& path, const nlohmann::json& j) {
   std::ofstream f(path);
   require(bool(f), "cannot write JSON to ", path);

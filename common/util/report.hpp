@@ -29,6 +29,9 @@ std::string human_count(double n);
 
 // Writes json to path (pretty-printed); throws eplab::Error if the file cannot be written.
 void write_json(const std::string& path, const nlohmann::json& j);
+// Reads a JSON file. Throws eplab::Error (one line) "<what>: cannot open <path>" or "<what> <path>: not valid
+// JSON (...)"; what names the flag or thing, e.g. "--peer-json".
+nlohmann::json read_json(const std::string& path, const std::string& what);
 
 // Throws eplab::Error (one line naming `flag` and the path) unless a file can be written at path: its folder
 // exists and is writable, and path is not a folder or a read-only file. Checked before a run, so that a
